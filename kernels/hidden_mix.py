@@ -1,0 +1,52 @@
+"""Hidden mix: `out = x + sum_i a_i * (y_i - x)` for k adapter outputs.
+
+Used after the CLM layer in `hidden` mode (x: layer input, y_i: each adapter's layer output) and at the LM
+head in `logits` mode (x: the unaligned path, y_i: the aligned paths). `a_i` is a number or one value per
+batch row. Accumulates in float32 and casts back to the dtype of `x`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from .dispatch import kernel_backend
+
+Alpha = Union[float, torch.Tensor]
+
+
+def _row_factor(a: Alpha, x: torch.Tensor) -> Union[float, torch.Tensor]:
+    if isinstance(a, torch.Tensor):
+        if a.dim() != 1 or a.shape[0] != x.shape[0]:
+            raise ValueError(f"a per-row alpha needs shape ({x.shape[0]},), got {tuple(a.shape)}.")
+        return a.to(device=x.device, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
+    return float(a)
+
+
+def hidden_mix_reference(x: torch.Tensor, ys: Sequence[torch.Tensor], alphas: Sequence[Alpha]) -> torch.Tensor:
+    """Plain-torch reference of [`hidden_mix`]; differentiable through torch autograd."""
+    if len(ys) != len(alphas):
+        raise ValueError(f"{len(ys)} outputs but {len(alphas)} alphas.")
+    x32 = x.float()
+    out = x32
+    for y, a in zip(ys, alphas):
+        if y.shape != x.shape:
+            raise ValueError(f"output shape {tuple(y.shape)} differs from input shape {tuple(x.shape)}.")
+        out = out + _row_factor(a, x) * (y.float() - x32)
+    return out.to(x.dtype)
+
+
+def hidden_mix(x: torch.Tensor, ys: Sequence[torch.Tensor], alphas: Sequence[Alpha]) -> torch.Tensor:
+    """`x + sum_i alphas[i] * (ys[i] - x)`, alphas[i] a number or a tensor with one value per row of `x`.
+
+    Example:
+        ```py
+        >>> out = hidden_mix(x, [y], [0.5])  # halfway between x and y
+        ```
+    """
+    if kernel_backend(x, *ys) == "triton":
+        from .hidden_mix_triton import hidden_mix_triton
+
+        return hidden_mix_triton(x, ys, alphas)
+    return hidden_mix_reference(x, ys, alphas)

@@ -1,0 +1,71 @@
+"""Configuration of a CLM adapter (controllable-alignment layer)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+INTERPOLATIONS = ("logits", "hidden", "weights")
+
+
+@dataclass
+class ClmConfig(PeftConfig):
+    """Configuration of a [`ClmModel`]: one identity-initialised decoder layer inserted before a decoder layer.
+
+    Only the inserted layer is trained; at inference `alpha` dials the learned alignment: 0 is the base model,
+    1 the aligned model, values between interpolate and values outside extrapolate.
+
+    Args:
+        interpolation: How alpha mixes the aligned and the unaligned model.
+            `"logits"` (paper-exact): `(1-a) * logits(base) + a * logits(aligned)`, both paths in one batched pass.
+            `"hidden"`: `x + a * (layer(x) - x)` right after the new layer, one pass.
+            `"weights"`: the new layer runs with parameters `w0 + a * (w - w0)`, `w0` being its identity
+            initialisation; zero overhead and mergeable at any alpha.
+            The mode is an inference choice: the weights are the same in every mode.
+        alpha: The default strength of this adapter.
+        layer_index: The new layer is inserted before decoder layer `layer_index` and initialised from it.
+        init_weights: `True` (default): a copy of decoder layer `layer_index` whose attention output projection
+            and MLP down projection are zeroed, so with the residual stream it is exactly the identity.
+            `False`: the same copy with small random output projections, a non-identity layer for tests.
+        zero_modules: Names, inside the decoder layer, of the attention output projection and MLP down projection.
+            Inferred for known architectures; set it to use CLM with another architecture.
+
+    Example:
+        ```py
+        >>> import peft_clm
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_clm.ClmConfig(interpolation="hidden"))
+        >>> model.set_alpha(0.5)
+        ```
+    """
+
+    interpolation: Literal["logits", "hidden", "weights"] = field(
+        default="logits", metadata={"help": "How alpha mixes: 'logits', 'hidden' or 'weights'."}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Default alignment strength of this adapter."})
+    layer_index: int = field(default=0, metadata={"help": "Insert the new layer before this decoder layer."})
+    init_weights: bool = field(default=True, metadata={"help": "True: exact identity init; False: random outputs."})
+    zero_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Attention-output and MLP-down projection names inside a decoder layer (auto for known models)."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Set automatically to the decoder layer at `layer_index`; leave unset."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.CLM
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}.")
+        self.alpha = float(self.alpha)
+        if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int) or self.layer_index < 0:
+            raise ValueError(f"layer_index must be a non-negative int, got {self.layer_index!r}.")
+        if self.zero_modules is not None:
+            self.zero_modules = list(self.zero_modules)

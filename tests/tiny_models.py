@@ -1,0 +1,45 @@
+"""Tiny random models of several architectures, the unit-test workhorses (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", num_key_value_heads=2, **COMMON),
+    "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=None, **COMMON),
+    "qwen2": dict(model_type="qwen2", num_key_value_heads=2, **COMMON),
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=8, **COMMON),
+    "gemma2": dict(
+        model_type="gemma2", num_key_value_heads=2, head_dim=8, sliding_window=4, final_logit_softcapping=3.0,
+        attn_logit_softcapping=20.0, query_pre_attn_scalar=8, **COMMON,
+    ),
+    "phi3": dict(model_type="phi3", num_key_value_heads=2, pad_token_id=0, **COMMON),
+    "gpt_neox": dict(model_type="gpt_neox", rotary_pct=0.5, **COMMON),
+    "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_inner=64, n_positions=128),
+}
+ARCHS = list(TINY_CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    kwargs = dict(TINY_CONFIGS[arch])
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.pad_token_id = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    model.eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model
+
+
+def inputs(batch: int = 2, length: int = 7, vocab: int = 97, seed: int = 1, left_pad: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        ids[0, :left_pad] = 0
+        mask[0, :left_pad] = 0
+    return ids, mask
