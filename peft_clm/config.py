@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -69,3 +70,34 @@ class ClmConfig(PeftConfig):
             raise ValueError(f"layer_index must be a non-negative int, got {self.layer_index!r}.")
         if self.zero_modules is not None:
             self.zero_modules = list(self.zero_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config, and check the adapter's weights file before anything is injected into a model.
+
+        `PeftModel.from_pretrained` injects the adapter before it reads the weights; checking the file here first
+        means a missing or corrupt file leaves the base model exactly as it was.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(directory):
+            check_adapter_weights(directory)
+        return config
+
+
+def check_adapter_weights(directory: str) -> None:
+    """Raise a clear error unless `directory` holds a readable `adapter_model.safetensors` with CLM tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        others = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(directory, f))]
+        hint = f" (found {others[0]}: only safetensors are read)" if others else ""
+        raise FileNotFoundError(f"No adapter_model.safetensors in {directory}{hint}.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-save the adapter.") from e
+    if not any(".clm_layers." in k for k in keys):
+        raise ValueError(f"{path} holds no CLM layer tensors; it is not a CLM adapter.")

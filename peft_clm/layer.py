@@ -278,7 +278,14 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         params = self.mixed_parameters(names, alphas) if needs_grad else self._mixed_for_inference(names, alphas)
         template = self.clm_layers[names[0]]
         self._ensure_cache_slots(find_cache(args, kwargs), names[:1])
-        out = torch.func.functional_call(template, params, (x, *args), kwargs)
+        # Activation checkpointing would recompute the layer in backward outside functional_call, i.e. with the
+        # adapter's own weights instead of the mix: run this one layer without it.
+        checkpointing = getattr(template, "gradient_checkpointing", False)
+        template.gradient_checkpointing = False
+        try:
+            out = torch.func.functional_call(template, params, (x, *args), kwargs)
+        finally:
+            template.gradient_checkpointing = checkpointing
         return out[0] if isinstance(out, tuple) else out
 
     def _forward_logits(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
