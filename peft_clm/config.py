@@ -61,6 +61,8 @@ class ClmConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.CLM
+        if self.task_type is None:  # CLM is for causal LMs; this gives PeftModelForCausalLM (generate, labels)
+            self.task_type = "CAUSAL_LM"
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):

@@ -265,7 +265,10 @@ class ClmModel(BaseTuner):
         """
         if clm_alpha is not None:
             gen_config = kwargs.get("generation_config") or self.model.generation_config
-            repeats = int(kwargs.get("num_beams", gen_config.num_beams) or 1) * int(
+            # generate() repeats each sequence in place: num_beams times in beam search (the returned sequences are
+            # picked among the beams), else num_return_sequences times.
+            num_beams = int(kwargs.get("num_beams", gen_config.num_beams) or 1)
+            repeats = num_beams if num_beams > 1 else int(
                 kwargs.get("num_return_sequences", gen_config.num_return_sequences) or 1
             )
             clm_alpha = self._repeat_rows(clm_alpha, repeats)
