@@ -1,0 +1,194 @@
+"""Generation cost of peft-clm against the base model and the alternatives, measured side by side in one run.
+
+Each method runs in a fresh subprocess (so its peak memory is its own): load, prefill a context, then decode
+token by token with the KV cache (greedy). Prints a table and writes JSON rows with `method`, `mode`, `batch`,
+`prefill_tok_s`, `decode_tok_s`, `ttft_s`, `ratio_vs_base`, `peak_mem_mb`.
+
+    python benchmarks/bench_generate.py                      # SmolLM2-135M on this machine
+    python benchmarks/bench_generate.py --quick --json out.json  # tiny random model, < 2 min (CI checks the schema)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = {
+    # name: (description, mode, alpha)
+    "base": ("the base model", None, None),
+    "clm_weights": ("CLM, weights mode", "weights", 0.5),
+    "clm_hidden": ("CLM, hidden mode", "hidden", 0.5),
+    "clm_logits": ("CLM, logits mode (paths batched)", "logits", 0.5),
+    "clm_logits_a0": ("CLM, logits mode at alpha 0", "logits", 0.0),
+    "clm_hidden_a0": ("CLM, hidden mode at alpha 0", "hidden", 0.0),
+    "clm_weights_a0": ("CLM, weights mode at alpha 0", "weights", 0.0),
+    "clm_two_adapters_logits": ("CLM, two adapters, logits mode", "logits", 0.5),
+    "sequential_paths": ("both paths one after the other (the authors' serving code)", "sequential", 0.5),
+    "two_model_mix": ("base + a separately merged aligned copy, logits mixed (DeRa-style)", "two_models", 0.5),
+    "instruction_prompt": ("base model with the preference written as a system prompt", "prompt", None),
+}
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer concisely: use as few words as possible, no preamble, no lists unless "
+    "asked, and never repeat the question. Prefer one short sentence. Keep a formal, neutral tone throughout."
+)
+
+
+def _build(method: str, quick: bool):
+    import torch
+    from peft import get_peft_model
+
+    import peft_clm
+    from peft_clm import ClmConfig
+
+    if quick:
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from tiny_models import tiny_model
+
+        load = lambda: (tiny_model("llama"), None)  # noqa: E731
+    else:
+        from peft_clm.models import load_model
+
+        load = lambda: load_model("smollm2")  # noqa: E731
+    model, tokenizer = load()
+    _, mode, alpha = METHODS[method]
+    g = torch.Generator().manual_seed(0)
+
+    def trained(peft_model, name="default"):
+        for p in peft_model.base_model.clm_layer().clm_layers[name].parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.01)
+
+    if mode in ("weights", "hidden", "logits"):
+        model = get_peft_model(model, ClmConfig(interpolation=mode, alpha=alpha))
+        trained(model)
+        if method == "clm_two_adapters_logits":
+            model.add_adapter("b", ClmConfig(interpolation=mode, alpha=alpha))
+            trained(model, "b")
+            model.base_model.set_adapter(["default", "b"])
+            model.set_alpha({"default": 0.5, "b": 0.3})
+        return model, tokenizer, None
+    if mode == "sequential":
+        model = get_peft_model(model, ClmConfig(interpolation="hidden", alpha=1.0))
+        trained(model)
+        return model, tokenizer, "sequential"
+    if mode == "two_models":
+        aligned = get_peft_model(load()[0], ClmConfig(interpolation="hidden", alpha=1.0))
+        trained(aligned)
+        return model, tokenizer, aligned.merge_and_unload()
+    return model, tokenizer, None
+
+
+def _measure(method: str, quick: bool, batch: int, context: int, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    model, tokenizer, extra = _build(method, quick)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ctx = context
+    if METHODS[method][1] == "prompt":
+        extra_tokens = len(tokenizer(SYSTEM_PROMPT)["input_ids"]) if tokenizer is not None else 40
+        ctx = context + extra_tokens
+    ids = torch.randint(10, vocab - 1, (batch, ctx), generator=g)
+
+    def forward(x, past):
+        if extra == "sequential":  # the two paths one after the other, each with its own cache
+            pb, pa = past if past is not None else (None, None)
+            with model.disable_adapter():
+                ob = model(input_ids=x, past_key_values=pb, use_cache=True)
+            oa = model(input_ids=x, past_key_values=pa, use_cache=True)
+            return 0.5 * ob.logits[:, -1] + 0.5 * oa.logits[:, -1], (ob.past_key_values, oa.past_key_values)
+        if extra is not None:  # two models, logits mixed
+            pb, pa = past if past is not None else (None, None)
+            ob = model(input_ids=x, past_key_values=pb, use_cache=True)
+            oa = extra(input_ids=x, past_key_values=pa, use_cache=True)
+            return 0.5 * ob.logits[:, -1] + 0.5 * oa.logits[:, -1], (ob.past_key_values, oa.past_key_values)
+        out = model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+    best = None
+    with torch.inference_mode():
+        forward(ids[:, :8], None)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            logits, past = forward(ids, None)
+            t1 = time.perf_counter()
+            token = logits.argmax(-1, keepdim=True)
+            for _ in range(new_tokens):
+                logits, past = forward(token, past)
+                token = logits.argmax(-1, keepdim=True)
+            t2 = time.perf_counter()
+            run = dict(prefill_s=t1 - t0, decode_s=t2 - t1)
+            if best is None or run["decode_s"] < best["decode_s"]:
+                best = run
+    return dict(
+        method=method,
+        description=METHODS[method][0],
+        mode=METHODS[method][1] or "none",
+        alpha=METHODS[method][2],
+        batch=batch,
+        context=ctx,
+        new_tokens=new_tokens,
+        prefill_tok_s=batch * ctx / best["prefill_s"],
+        ttft_s=best["prefill_s"],
+        decode_tok_s=batch * new_tokens / best["decode_s"],
+        peak_mem_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, a few tokens (schema check)")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.context, args.new_tokens, args.repeats, args.batches = 32, 8, 1, "1"
+    if args._one:
+        method, batch = args._one.split(":")
+        print(json.dumps(_measure(method, args.quick, int(batch), args.context, args.new_tokens, args.repeats)))
+        return
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for method in methods:
+            cmd = [sys.executable, __file__, "--_one", f"{method}:{batch}", "--context", str(args.context),
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{method} (batch {batch}) failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for batch in {r["batch"] for r in rows}:
+        base = next((r for r in rows if r["method"] == "base" and r["batch"] == batch), None)
+        for r in rows:
+            if r["batch"] == batch:
+                r["ratio_vs_base"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+                r["mem_ratio_vs_base"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
+    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={os.environ.get('BENCH_THREADS', os.cpu_count())}"
+    print(f"# bench_generate — {'tiny llama (quick)' if args.quick else 'SmolLM2-135M-Instruct fp32'}, context "
+          f"{args.context}, {args.new_tokens} new tokens, best of {args.repeats}; {machine}")
+    print(f"{'method':<26}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ratio':>8}{'TTFT s':>9}{'peak MB':>9}{'mem ratio':>10}")
+    for r in rows:
+        print(f"{r['method']:<26}{r['batch']:>6}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}"
+              f"{(r['ratio_vs_base'] or 0):>8.3f}{r['ttft_s']:>9.3f}{r['peak_mem_mb']:>9.0f}{(r['mem_ratio_vs_base'] or 0):>10.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

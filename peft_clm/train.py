@@ -1,0 +1,159 @@
+"""Training the CLM layer with TRL's DPOTrainer or SFTTrainer: a thin layer over TRL and transformers."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ClmConfig
+from .data import read_jsonl
+
+
+@dataclass
+class TrainResult:
+    """What a training run did."""
+
+    out_dir: str
+    method: str
+    steps: int
+    seconds: float
+    seconds_per_step: float
+    trainable_params: int
+    total_params: int
+    final_loss: Optional[float]
+    first_loss: Optional[float]
+    reward_accuracy: Optional[float]
+    peak_rss_mb: float
+    log_history: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        lines = [
+            f"trained {self.method.upper()} for {self.steps} steps in {self.seconds:.1f} s ({self.seconds_per_step:.2f} s/step)",
+            f"trainable params: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_params / self.total_params:.2f}%)",
+            f"loss: {self.first_loss:.4f} -> {self.final_loss:.4f}" if self.final_loss is not None else "loss: n/a",
+        ]
+        if self.reward_accuracy is not None:
+            lines.append(f"reward accuracy (last logged steps): {self.reward_accuracy:.3f}")
+        lines.append(f"peak memory (RSS): {self.peak_rss_mb:.0f} MB")
+        lines.append(f"adapter saved to {self.out_dir}")
+        return "\n".join(lines)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(
+    model: str,
+    data: str,
+    out: str,
+    method: str = "dpo",
+    interpolation: str = "logits",
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    lr: float = 5e-4,
+    beta: float = 0.1,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    seed: int = 0,
+    max_length: int = 256,
+    gradient_checkpointing: bool = False,
+    bf16: bool = False,
+    resume: Optional[str] = None,
+    logging_steps: int = 1,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a CLM adapter on `data` (JSONL) and save it to `out`.
+
+    `model` is a local HF directory, a `.gguf` file or `smollm2`. `method` is "dpo" (prompt/chosen/rejected) or
+    "sft" (prompt/completion or messages). The reference policy of DPO is the same model with the adapter off.
+    `resume` is a checkpoint directory under `out`, or "last".
+
+    Example:
+        ```py
+        >>> result = train("smollm2", "pairs.jsonl", "adapter", method="dpo", max_steps=50)
+        >>> print(result.summary())
+        ```
+    """
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from .models import load_model
+
+    rows = read_jsonl(data, method)  # checked in full before anything loads
+    set_seed(seed)
+    random.seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base, tokenizer = load_model(model, dtype=dtype)
+    dataset = Dataset.from_list(rows)
+    peft_config = ClmConfig(interpolation=interpolation, alpha=1.0)
+    common = dict(
+        output_dir=out,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=logging_steps,
+        save_strategy="steps",
+        save_steps=max(1, max_steps // 2) if max_steps > 0 else 500,
+        save_total_limit=1,
+        report_to=[],
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress,
+        max_length=max_length,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+    )
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=beta, **common)
+        trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common)
+        trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
+    if resume == "last":
+        checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        resume = str(checkpoints[-1]) if checkpoints else None
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    accuracies = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
+    tail = accuracies[-max(1, len(accuracies) // 4):]
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    steps = output.global_step
+    return TrainResult(
+        out_dir=out,
+        method=method,
+        steps=steps,
+        seconds=seconds,
+        seconds_per_step=seconds / max(1, steps),
+        trainable_params=trainable,
+        total_params=total,
+        final_loss=history[-1]["loss"] if history else None,
+        first_loss=history[0]["loss"] if history else None,
+        reward_accuracy=sum(tail) / len(tail) if tail else None,
+        peak_rss_mb=_peak_rss_mb(),
+        log_history=trainer.state.log_history,
+    )
