@@ -130,6 +130,10 @@ def train(
         args = SFTConfig(**common)
         trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config)
+    if not progress:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     if resume == "last":
         checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         resume = str(checkpoints[-1]) if checkpoints else None

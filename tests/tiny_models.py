@@ -43,3 +43,55 @@ def inputs(batch: int = 2, length: int = 7, vocab: int = 97, seed: int = 1, left
         ids[0, :left_pad] = 0
         mask[0, :left_pad] = 0
     return ids, mask
+
+
+WORDS = (
+    "the a an sea sky sun moon tree river cat dog bird answer question short long yes no please thank you very much "
+    "indeed certainly perhaps maybe well so because and or but with without good bad fine great hello hi dear sir "
+    "madam friend what why how when where who is are was were be do does did can could will would should tell me "
+    "about one two three four five word words sentence sentences reply replies formal casual concise verbose"
+).split()
+
+
+def tiny_tokenizer():
+    """A small word-level tokenizer built in memory (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for w in WORDS + [".", ",", "?", "!", ":"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny_model_dir(path, arch: str = "llama", seed: int = 0) -> None:
+    """A tiny random model with a tokenizer, saved as a local HF directory (for CLI and training tests)."""
+    tokenizer = tiny_tokenizer()
+    kwargs = dict(TINY_CONFIGS[arch])
+    model_type = kwargs.pop("model_type")
+    kwargs["vocab_size"] = len(tokenizer)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def preference_rows(n: int = 24, seed: int = 0):
+    """Synthetic preference pairs: concise (chosen) against verbose (rejected) replies."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(["sea", "sky", "sun", "moon", "tree", "river", "cat", "dog", "bird"])
+        rows.append({
+            "prompt": f"tell me about the {topic} ?",
+            "chosen": f"the {topic} is fine .",
+            "rejected": f"well , so , perhaps the {topic} is very very good and great and fine indeed , thank you .",
+        })
+    return rows

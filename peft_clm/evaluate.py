@@ -1,0 +1,86 @@
+"""Preference metrics of a CLM model on prompt/chosen/rejected pairs: DPO loss, reward accuracy, margins.
+
+The implicit reward of a completion is `beta * (log p_alpha(y|x) - log p_0(y|x))`; the reference p_0 is the same
+model at alpha 0 (adapter off), as in training.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_text(tokenizer, prompt, completion) -> tuple[str, str]:
+    if isinstance(prompt, list):  # conversational
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        completion_text = completion[-1]["content"] if isinstance(completion, list) else completion
+        return prompt_text, completion_text
+    return prompt, completion
+
+
+def _pair_ids(tokenizer, prompt, completion, max_length: int) -> tuple[list[int], int]:
+    p, c = _as_text(tokenizer, prompt, completion)
+    p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        c_ids = c_ids + [tokenizer.eos_token_id]
+    ids = (p_ids + c_ids)[-max_length:]
+    return ids, min(len(c_ids), len(ids))
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence, batch_size: int = 8,
+                      max_length: int = 256, alpha=None) -> torch.Tensor:
+    """Sum of log p(completion | prompt) per pair, under `model` (at `alpha` if given, for a CLM model)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        items = [_pair_ids(tokenizer, p, c, max_length) for p, c in
+                 zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
+        width = max(len(ids) for ids, _ in items)
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (seq, n_completion) in enumerate(items):  # right padding
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            target[i, len(seq) - n_completion : len(seq)] = True
+        ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+        kwargs = {} if alpha is None else {"clm_alpha": alpha}
+        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out.append((logp * target[:, 1:]).sum(-1).cpu())
+    return torch.cat(out)
+
+
+def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1, alpha: float = 1.0,
+                       batch_size: int = 8, max_length: int = 256) -> dict:
+    """DPO loss, reward accuracy and mean reward margin of a CLM model at `alpha` against alpha 0.
+
+    Example:
+        ```py
+        >>> preference_metrics(model, tokenizer, heldout_rows)["reward_accuracy"]
+        ```
+    """
+    prompts = [r["prompt"] for r in rows]
+    chosen = [r["chosen"] for r in rows]
+    rejected = [r["rejected"] for r in rows]
+    kw = dict(batch_size=batch_size, max_length=max_length)
+    policy_c = sequence_logprobs(model, tokenizer, prompts, chosen, alpha=alpha, **kw)
+    policy_r = sequence_logprobs(model, tokenizer, prompts, rejected, alpha=alpha, **kw)
+    ref_c = sequence_logprobs(model, tokenizer, prompts, chosen, alpha=0.0, **kw)
+    ref_r = sequence_logprobs(model, tokenizer, prompts, rejected, alpha=0.0, **kw)
+    reward_c = beta * (policy_c - ref_c)
+    reward_r = beta * (policy_r - ref_r)
+    margin = reward_c - reward_r
+    return {
+        "dpo_loss": float(-F.logsigmoid(margin).mean()),
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "mean_margin": float(margin.mean()),
+        "mean_reward_chosen": float(reward_c.mean()),
+        "mean_reward_rejected": float(reward_r.mean()),
+        "n": len(rows),
+    }

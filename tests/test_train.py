@@ -1,0 +1,121 @@
+"""Training the CLM layer through the CLI and TRL on a tiny random model."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from tiny_models import preference_rows, save_tiny_model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peft_clm import ClmConfig
+from peft_clm.cli import main
+from peft_clm.data import DataError, read_jsonl
+from peft_clm.evaluate import preference_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_model_dir(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_dpo_trains_only_the_layer_and_lowers_the_loss(tiny_dir, tmp_path, capsys):
+    rows = preference_rows(16)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "adapter"
+    code = main(["train", "--model", str(tiny_dir), "--data", str(data), "--method", "dpo", "--out", str(out),
+                 "--max-steps", "12", "--batch-size", "4", "--lr", "5e-3", "--beta", "0.5", "--seed", "0", "--quiet"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "trained DPO for 12 steps" in summary and "trainable params" in summary and "reward accuracy" in summary
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = PeftModel.from_pretrained(base, out)
+    for name, p in model.named_parameters():
+        if ".clm_layers." not in name:
+            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            assert torch.equal(p, original[key]), name  # the base is bit-identical
+    layer = model.base_model.clm_layer()
+    identity = layer.identity_parameters()
+    changed = [n for n, p in layer.adapter_parameters("default").items() if not torch.equal(p, identity[n])]
+    assert changed  # the identity layer moved
+    before = preference_metrics(model, tokenizer, rows, beta=0.5, alpha=0.0)
+    after = preference_metrics(model, tokenizer, rows, beta=0.5, alpha=1.0)
+    assert before["dpo_loss"] == pytest.approx(0.6931, abs=1e-4)  # alpha 0 is the reference itself
+    assert after["dpo_loss"] < before["dpo_loss"] - 0.05
+    assert after["reward_accuracy"] > 0.5
+
+
+def test_training_with_trl_both_paths(tiny_dir, tmp_path):
+    """DPOTrainer given a peft_config, and given an already-wrapped CLM model (TRL then adds a `ref` copy)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    dataset = Dataset.from_list(preference_rows(8))
+    args = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                learning_rate=5e-3, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    trainer = DPOTrainer(model=base, args=DPOConfig(**args), train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=ClmConfig(interpolation="hidden"))
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), ClmConfig(interpolation="logits"))
+    trainer = DPOTrainer(model=wrapped, args=DPOConfig(**args), train_dataset=dataset, processing_class=tokenizer)
+    assert "ref" in wrapped.peft_config
+    trainer.train()
+    layer = wrapped.base_model.clm_layer()
+    identity = layer.identity_parameters()
+    ref = layer.adapter_parameters("ref")
+    assert all(torch.equal(ref[n], identity[n]) for n in ref)  # the frozen reference copy did not move
+    assert any(not torch.equal(p, identity[n]) for n, p in layer.adapter_parameters("default").items())
+
+
+def test_cli_sft(tiny_dir, tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in preference_rows(8)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    out = tmp_path / "sft_adapter"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--method", "sft", "--out", str(out),
+                 "--max-steps", "3", "--batch-size", "4", "--quiet"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_bad_rows_are_reported_with_line_numbers(tmp_path, tiny_dir, capsys):
+    good = json.dumps(preference_rows(1)[0])
+    lines = [good, "{not json", json.dumps({"prompt": "x", "chosen": "y"}), json.dumps({"prompt": "x", "chosen": " ",
+             "rejected": "z"}), "", good]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        read_jsonl(path, "dpo")
+    msg = str(err.value)
+    assert "3 bad row(s)" in msg and "line 2: not JSON" in msg and "line 3: missing" in msg and "line 4:" in msg
+    out = tmp_path / "never"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert not out.exists()  # nothing trains on a half-read file
+
+
+def test_resume_is_deterministic(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(16))
+    common = ["train", "--model", str(tiny_dir), "--data", str(data), "--batch-size", "4", "--lr", "5e-3",
+              "--seed", "3", "--quiet", "--max-steps", "4"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--out", str(tmp_path / "b")]) == 0
+    a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()  # same seed, same adapter
+    assert (tmp_path / "a" / "checkpoint-4").is_dir()
+    # stopping after 2 steps and resuming to 4 gives the straight 4-step run, exactly
+    two = common[:-1] + ["2"]
+    assert main(two + ["--out", str(tmp_path / "r")]) == 0
+    assert main(common + ["--out", str(tmp_path / "r"), "--resume", "last"]) == 0
+    assert (tmp_path / "r" / "adapter_model.safetensors").read_bytes() == a
