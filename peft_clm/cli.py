@@ -21,6 +21,65 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_clm(args: argparse.Namespace):
+    from peft import PeftModel
+
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    adapters = args.adapter if isinstance(args.adapter, list) else [args.adapter]
+    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        peft_model.load_adapter(path, adapter_name=f"a{i}")
+    if len(adapters) > 1:
+        peft_model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    if args.interpolation:
+        peft_model.set_interpolation(args.interpolation)
+    return peft_model.eval(), tokenizer
+
+
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError as e:
+        raise ValueError(f"--alphas must be comma-separated numbers, got {text!r}.") from e
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .sweep import generate_answers, read_prompts
+
+    if not args.prompt and not args.prompts:
+        raise ValueError("give a prompt, or --prompts FILE.")
+    prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)[0]
+    model, tokenizer = _load_clm(args)
+    alphas = args.alpha or [1.0]
+    answers = generate_answers(model, tokenizer, prompts, alphas, args.max_new_tokens, args.batch_size)
+    for i, prompt in enumerate(prompts):
+        print(f"### {prompt if isinstance(prompt, str) else prompt[-1]['content']}")
+        for j, a in enumerate(alphas):
+            print(f"[alpha={a:g}] {answers[j][i]}")
+        print()
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from .sweep import format_table, read_prompts, sweep
+
+    prompts, pairs = read_prompts(args.prompts)
+    if args.max_prompts:
+        prompts, pairs = prompts[: args.max_prompts], pairs[: args.max_prompts]
+    reference = json.loads(open(args.reference).read()) if args.reference else None
+    model, tokenizer = _load_clm(args)
+    result = sweep(model, tokenizer, _parse_alphas(args.alphas), prompts, args.out, metric=args.metric, pairs=pairs,
+                   beta=args.beta, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   reference=reference, title=f"{args.metric} vs alpha ({model.base_model.clm_layer().interpolation})")
+    print(format_table(result))
+    print(f"wrote {args.out}/sweep.json, sweep.csv, sweep.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-clm", description="Controllable-alignment layers (CLM) for LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,11 +102,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="checkpoint directory, or 'last'")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="answer prompts at one or several alphas, side by side")
+    g.add_argument("--model", required=True)
+    g.add_argument("--adapter", required=True, action="append", help="adapter directory (repeat for several)")
+    g.add_argument("--alpha", type=float, action="append", help="repeat for several alphas")
+    g.add_argument("--interpolation", choices=["logits", "hidden", "weights"])
+    g.add_argument("--prompts", help="file of prompts (JSONL with 'prompt', or text lines)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("prompt", nargs="?")
+    g.set_defaults(func=_generate)
+
+    w = sub.add_parser("sweep", help="generate at each alpha, score, write table/JSON/CSV/plot")
+    w.add_argument("--model", required=True)
+    w.add_argument("--adapter", required=True, action="append")
+    w.add_argument("--alphas", default="-0.5,0,0.25,0.5,0.75,1,1.5,2")
+    w.add_argument("--prompts", required=True, help="JSONL (held-out pairs give preference metrics too) or text")
+    w.add_argument("--metric", default="words", choices=["words", "casualness"])
+    w.add_argument("--out", required=True)
+    w.add_argument("--interpolation", choices=["logits", "hidden", "weights"])
+    w.add_argument("--reference", help="JSON of a full-DPO run to draw as a line")
+    w.add_argument("--max-prompts", type=int)
+    w.add_argument("--max-new-tokens", type=int, default=48)
+    w.add_argument("--batch-size", type=int, default=32)
+    w.add_argument("--beta", type=float, default=0.1)
+    w.set_defaults(func=_sweep)
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    # `--alphas -0.5,0,1` and `--alpha -1`: argparse would read a value starting with '-' as an option.
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--alphas", "--alpha") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_join_negative_values(argv))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback

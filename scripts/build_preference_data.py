@@ -75,9 +75,9 @@ def answer(model, tokenizer, system: str, questions: list[str], max_new_tokens: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data")
-    parser.add_argument("--n-prompts", type=int, default=280)
+    parser.add_argument("--n-prompts", type=int, default=240)
     parser.add_argument("--heldout", type=float, default=0.2)
-    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--dimensions", default="concise,formal")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -88,9 +88,9 @@ def main() -> None:
         chosen_instr, rejected_instr = INSTRUCTIONS[dim]
         t0 = time.time()
         print(f"{dim}: chosen side", flush=True)
-        chosen = answer(model, tokenizer, chosen_instr, questions, 48 if dim == "concise" else 64, args.batch_size)
+        chosen = answer(model, tokenizer, chosen_instr, questions, 40 if dim == "concise" else 48, args.batch_size)
         print(f"{dim}: rejected side", flush=True)
-        rejected = answer(model, tokenizer, rejected_instr, questions, 96 if dim == "concise" else 64, args.batch_size)
+        rejected = answer(model, tokenizer, rejected_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
         rows = [
             {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]}

@@ -1,0 +1,210 @@
+"""Generating at several alphas, scoring, and the alpha sweep (table, CSV, JSON, plot)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .evaluate import preference_metrics
+from .metrics import METRICS
+
+
+def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
+    """Prompts from a file: JSONL rows with a "prompt" (string or messages), or plain text, one prompt a line.
+
+    Returns (prompts, preference rows): rows that also carry chosen/rejected are kept for preference metrics.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No prompts file at {path}.")
+    prompts, pairs = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}).") from e
+            if "prompt" not in row:
+                raise ValueError(f"{path} line {lineno}: no 'prompt' field.")
+            prompts.append(row["prompt"])
+            if "chosen" in row and "rejected" in row:
+                pairs.append(row)
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts.")
+    return prompts, pairs
+
+
+def _chat_text(tokenizer, prompt) -> str:
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages[-1]["content"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence, alphas: Sequence, max_new_tokens: int = 64,
+                     batch_size: int = 16, per_sequence: Optional[bool] = None) -> dict:
+    """Greedy answers to every prompt at every alpha: {alpha: [answer, ...]}.
+
+    In hidden and logits modes the (prompt, alpha) pairs share batches, each row with its own alpha.
+    An alpha is a number, or a dict {adapter: number} for several active adapters.
+    """
+    tokenizer.padding_side = "left"
+    mode = model.base_model.clm_layer().interpolation
+    per_sequence = mode != "weights" if per_sequence is None else per_sequence
+    texts = [_chat_text(tokenizer, p) for p in prompts]
+    jobs = [(j, i) for j in range(len(alphas)) for i in range(len(texts))]
+    answers = {j: [None] * len(texts) for j in range(len(alphas))}
+    groups = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)] if per_sequence else [
+        [(j, i) for i in range(s, min(s + batch_size, len(texts)))] for j in range(len(alphas))
+        for s in range(0, len(texts), batch_size)]
+    for group in groups:
+        batch = tokenizer([texts[i] for _, i in group], return_tensors="pt", padding=True).to(model.device)
+        if per_sequence:
+            first = alphas[group[0][0]]
+            if isinstance(first, dict):
+                clm_alpha = {k: [alphas[j][k] for j, _ in group] for k in first}
+            else:
+                clm_alpha = [alphas[j] for j, _ in group]
+        else:
+            clm_alpha = alphas[group[0][0]]
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, clm_alpha=clm_alpha,
+                             pad_token_id=tokenizer.pad_token_id)
+        for (j, i), seq in zip(group, out):
+            answers[j][i] = tokenizer.decode(seq[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return {j: answers[j] for j in answers}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def _write_table(rows: list[dict], out: Path) -> None:
+    keys = list(rows[0])
+    with (out / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
+               reference: Optional[dict] = None, title: str = "") -> None:
+    """Metric and held-out reward accuracy against alpha, with the base (and a full-DPO reference) as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [r["alpha"] for r in rows]
+    fig, axes = plt.subplots(1, 2 if "reward_accuracy" in rows[0] else 1, figsize=(10, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(alphas, [r[f"{metric}_mean"] for r in rows], "o-", label="CLM")
+    ax.axhline(base_value, color="gray", ls="--", label="base model")
+    if reference and reference.get(f"{metric}_mean") is not None:
+        ax.axhline(reference[f"{metric}_mean"], color="tab:red", ls=":", label=reference.get("label", "full DPO"))
+    ax.axvline(1.0, color="k", lw=0.5, alpha=0.3)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel(f"{metric} (mean over prompts)")
+    ax.legend()
+    if "reward_accuracy" in rows[0]:
+        ax2 = axes[0][1]
+        ax2.plot(alphas, [r["reward_accuracy"] for r in rows], "s-", color="tab:green", label="CLM")
+        if reference and reference.get("reward_accuracy") is not None:
+            ax2.axhline(reference["reward_accuracy"], color="tab:red", ls=":", label=reference.get("label", "full DPO"))
+        ax2.axhline(0.5, color="gray", ls="--", label="chance")
+        ax2.set_xlabel("alpha")
+        ax2.set_ylabel("held-out reward accuracy")
+        ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Union[str, Path], metric: str = "words",
+          pairs: Sequence[dict] = (), beta: float = 0.1, max_new_tokens: int = 64, batch_size: int = 16,
+          reference: Optional[dict] = None, title: str = "") -> dict:
+    """Generate at each alpha, score with `metric` and (given pairs) held-out preference metrics; write
+    sweep.json, sweep.csv and sweep.png to `out`; return the result.
+
+    Example:
+        ```py
+        >>> result = sweep(model, tokenizer, [0, 0.5, 1, 1.5], prompts, "out", metric="words")
+        >>> result["spearman_rho"]
+        ```
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
+    alphas = [float(a) for a in alphas]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    answers = generate_answers(model, tokenizer, prompts, alphas, max_new_tokens, batch_size)
+    gen_s = time.perf_counter() - t0
+    score = METRICS[metric]
+    rows = []
+    for j, a in enumerate(alphas):
+        values = [score(ans) for ans in answers[j]]
+        row = {"alpha": a, f"{metric}_mean": sum(values) / len(values), "n_prompts": len(values)}
+        if pairs:
+            pm = preference_metrics(model, tokenizer, pairs, beta=beta, alpha=a, batch_size=batch_size)
+            row.update(reward_accuracy=pm["reward_accuracy"], mean_margin=pm["mean_margin"], dpo_loss=pm["dpo_loss"])
+        rows.append(row)
+    means = [r[f"{metric}_mean"] for r in rows]
+    base_value = means[alphas.index(0.0)] if 0.0 in alphas else None
+    result = {
+        "metric": metric,
+        "alphas": alphas,
+        "rows": rows,
+        "spearman_rho": spearman(alphas, means),
+        "monotone": all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
+        "interpolation": model.base_model.clm_layer().interpolation,
+        "generation_seconds": gen_s,
+        "examples": {str(a): answers[j][:3] for j, a in enumerate(alphas)},
+    }
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    _write_table(rows, out)
+    plot_sweep(rows, metric, out / "sweep.png", base_value if base_value is not None else means[0], reference, title)
+    return result
+
+
+def format_table(result: dict) -> str:
+    metric = result["metric"]
+    keys = list(result["rows"][0])
+    lines = ["  ".join(f"{k:>16}" for k in keys)]
+    for r in result["rows"]:
+        lines.append("  ".join(f"{r[k]:>16.4f}" if isinstance(r[k], float) else f"{r[k]:>16}" for k in keys))
+    lines.append(f"Spearman rho(alpha, {metric}) = {result['spearman_rho']:.3f}; monotone: {result['monotone']}")
+    return "\n".join(lines)

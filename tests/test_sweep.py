@@ -1,0 +1,80 @@
+"""The generate and sweep commands on a tiny random model: tables, JSON, CSV and a valid PNG."""
+
+import csv
+import json
+
+import pytest
+from conftest import perturb
+from peft import get_peft_model
+from tiny_models import preference_rows, save_tiny_model_dir
+from transformers import AutoModelForCausalLM
+
+from peft_clm import ClmConfig
+from peft_clm.cli import main
+from peft_clm.metrics import casualness, word_count
+from peft_clm.sweep import spearman
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    save_tiny_model_dir(root / "model")
+    for name, seed in (("adapter", 0), ("adapter2", 1)):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "model"), ClmConfig(interpolation="logits"))
+        perturb(model, seed=seed, scale=0.3)
+        model.save_pretrained(root / name)
+    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(6)))
+    return root
+
+
+@pytest.mark.parametrize("mode", ["logits", "hidden", "weights"])
+def test_sweep_writes_table_json_csv_and_png(tiny, tmp_path, capsys, mode):
+    alphas = [-0.5, 0.0, 0.5, 1.0, 2.0]
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alphas",
+                 ",".join(map(str, alphas)), "--prompts", str(tiny / "heldout.jsonl"), "--out", str(out),
+                 "--interpolation", mode, "--max-new-tokens", "6", "--metric", "words"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Spearman rho" in printed
+    result = json.loads((out / "sweep.json").read_text())
+    assert [r["alpha"] for r in result["rows"]] == alphas and result["interpolation"] == mode
+    assert all(0.0 <= r["reward_accuracy"] <= 1.0 for r in result["rows"])
+    zero = next(r for r in result["rows"] if r["alpha"] == 0.0)
+    assert zero["dpo_loss"] == pytest.approx(0.6931, abs=1e-4)  # alpha 0 is the reference itself
+    with (out / "sweep.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(alphas)
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "sweep.png").shape[0] > 100
+
+
+def test_generate_prints_answers_side_by_side(tiny, capsys):
+    assert main(["generate", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alpha", "0",
+                 "--alpha", "1.5", "--max-new-tokens", "4", "tell me about the sea ?"]) == 0
+    out = capsys.readouterr().out
+    assert "[alpha=0]" in out and "[alpha=1.5]" in out
+
+
+def test_two_adapters_generate(tiny, capsys):
+    assert main(["generate", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--adapter",
+                 str(tiny / "adapter2"), "--alpha", "0.5", "--max-new-tokens", "4", "hello"]) == 0
+    assert "[alpha=0.5]" in capsys.readouterr().out
+
+
+def test_metrics_and_spearman():
+    assert word_count("One two, three.") == 3
+    assert casualness("Hey, that's awesome!") > 0 > casualness("Therefore, the result is significant.")
+    assert spearman([0, 1, 2, 3], [1, 2, 3, 5]) == pytest.approx(1.0)
+    assert spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([0, 1, 2], [1, 1, 2]) == pytest.approx(0.8660, abs=1e-3)
+
+
+def test_bad_sweep_input_is_one_clear_error(tiny, tmp_path, capsys):
+    assert main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alphas", "0,x",
+                 "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "--alphas" in capsys.readouterr().err
+    assert main(["sweep", "--model", str(tiny / "nope"), "--adapter", str(tiny / "adapter"),
+                 "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]) == 2
