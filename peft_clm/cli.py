@@ -80,6 +80,40 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_vector(text: str) -> tuple[str, float]:
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path:
+        raise ValueError(f"--vector takes PATH:SCALE, got {text!r}.")
+    try:
+        value = float(scale)
+    except ValueError as e:
+        raise ValueError(f"--vector {text!r}: the scale {scale!r} is not a number.") from e
+    return path, value
+
+
+def _vectors(args: argparse.Namespace) -> int:
+    import json
+
+    from . import vectors
+
+    if args.action == "extract":
+        meta = vectors.extract(args.base, args.aligned, args.out)
+        print(f"wrote {args.out}: {meta['n_tensors_differ']} of {meta['n_tensors_total']} tensors differ, "
+              f"total norm {float(meta['total_norm']):.4g}")
+    elif args.action == "apply":
+        pairs = [_parse_vector(v) for v in args.vector]
+        out = vectors.apply_to_checkpoint(args.base, pairs, args.out)
+        print(f"wrote {out} = {args.base} + " + " + ".join(f"{s:g} * {p}" for p, s in pairs))
+    else:
+        meta = vectors.inspect_vector(args.path)
+        norms = meta.pop("norms")
+        tensors = meta.pop("tensors")
+        print(json.dumps(meta, indent=1))
+        for name, norm in sorted(norms.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"{norm:12.5g}  {name}  {tensors.get(name, {}).get('shape')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-clm", description="Controllable-alignment layers (CLM) for LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=int, default=32)
     w.add_argument("--beta", type=float, default=0.1)
     w.set_defaults(func=_sweep)
+
+    v = sub.add_parser("vectors", help="alignment vectors: extract, apply, inspect")
+    vsub = v.add_subparsers(dest="action", required=True)
+    ve = vsub.add_parser("extract", help="vector = aligned - base (streamed, tensor by tensor)")
+    ve.add_argument("--base", required=True)
+    ve.add_argument("--aligned", required=True)
+    ve.add_argument("--out", required=True, help="V.safetensors")
+    va = vsub.add_parser("apply", help="base + sum scale * vector, to a new checkpoint directory")
+    va.add_argument("--base", required=True)
+    va.add_argument("--vector", required=True, action="append", help="V.safetensors:SCALE (repeatable)")
+    va.add_argument("--out", required=True)
+    vi = vsub.add_parser("inspect", help="metadata and the largest tensor norms of a vector")
+    vi.add_argument("path")
+    vi.add_argument("--top", type=int, default=10)
+    v.set_defaults(func=_vectors)
     return parser
 
 
