@@ -5,10 +5,15 @@ available and the reference elsewhere. `PEFT_CLM_KERNELS=torch|triton` forces on
 """
 
 from .dispatch import kernel_backend
+from .dual_norm_mix import NormSpec, dual_norm_mix, dual_norm_mix_reference, norm_spec
 from .hidden_mix import hidden_mix, hidden_mix_reference
 from .weight_mix import weight_mix, weight_mix_reference
 
 __all__ = [
+    "NormSpec",
+    "dual_norm_mix",
+    "dual_norm_mix_reference",
+    "norm_spec",
     "hidden_mix",
     "hidden_mix_reference",
     "kernel_backend",

@@ -39,7 +39,7 @@ def weight_mix(
         >>> mixed = weight_mix(w0, [w], [0.5])
         ```
     """
-    if out is not None and kernel_backend(w0, *ws, out) == "triton":
+    if out is not None and len(ws) <= 4 and kernel_backend(w0, *ws, out) == "triton":
         from .weight_mix_triton import weight_mix_triton
 
         return weight_mix_triton(w0, ws, alphas, out)

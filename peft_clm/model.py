@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import INTERPOLATIONS, ClmConfig
-from .kernels import hidden_mix
+from .kernels import dual_norm_mix, hidden_mix
 from contextvars import ContextVar
 
 from .layer import _CALL_ALPHA, _PLAN, AlphaValue, ClmLayer, find_cache
@@ -32,6 +32,10 @@ TRANSFORMERS_MODELS_TO_CLM_ZERO_MODULES: dict[str, list[str]] = {
     "gpt_neox": ["attention.dense", "mlp.dense_4h_to_h"],
     "gpt2": ["attn.c_proj", "mlp.c_proj"],
 }
+
+# Where the decoder's final norm output goes straight out (no reshape by batch size after it), the logits-mode
+# paths are mixed right at the final norm, with the fused norm+mix kernel; elsewhere at the LM head's input.
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_norm")
 
 # Inputs of the decoder stack with one row per sequence: in logits mode they are repeated once per path.
 _BATCHED_MODEL_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
@@ -299,11 +303,30 @@ class ClmModel(BaseTuner):
             decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True),
             head.register_forward_pre_hook(self._head_pre_hook),
         ]
+        norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)), None)
+        if norm is not None and self._softcap is None:
+            self._clm_final_norm = [norm]  # a list, so that the norm is not registered twice
+            norm.forward = self._final_norm_forward(norm, norm.forward)
+
+    def _final_norm_forward(self, norm: nn.Module, original):
+        def forward(hidden_states, *args, **kwargs):
+            layer = self.clm_layer()
+            plan = layer.current_plan() if layer is not None else None
+            if args or kwargs or plan is None or plan.num_paths == 1 or hidden_states.shape[0] != plan.num_paths * plan.batch:
+                return original(hidden_states, *args, **kwargs)
+            # Norm every path and mix them in one pass; the LM head then runs on B rows. Exact: the head is
+            # affine and the mixing weights sum to one.
+            return dual_norm_mix(hidden_states, norm, plan.alphas, plan.num_paths, norm_forward=original)
+
+        return forward
 
     def _remove_hooks(self) -> None:
         for handle in self._clm_hooks:
             handle.remove()
         self._clm_hooks = []
+        for norm in getattr(self, "_clm_final_norm", []):
+            del norm.forward  # back to the class's forward
+        self._clm_final_norm = []
 
     @property
     def _softcap(self) -> Optional[float]:
