@@ -56,25 +56,19 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence
     return torch.cat(out)
 
 
-def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1, alpha: float = 1.0,
-                       batch_size: int = 8, max_length: int = 256) -> dict:
-    """DPO loss, reward accuracy and mean reward margin of a CLM model at `alpha` against alpha 0.
-
-    Example:
-        ```py
-        >>> preference_metrics(model, tokenizer, heldout_rows)["reward_accuracy"]
-        ```
-    """
+def preference_logprobs(model, tokenizer, rows: Sequence[dict], alpha=1.0, batch_size: int = 8,
+                        max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(chosen|prompt), log p(rejected|prompt)) per pair at `alpha`."""
     prompts = [r["prompt"] for r in rows]
-    chosen = [r["chosen"] for r in rows]
-    rejected = [r["rejected"] for r in rows]
-    kw = dict(batch_size=batch_size, max_length=max_length)
-    policy_c = sequence_logprobs(model, tokenizer, prompts, chosen, alpha=alpha, **kw)
-    policy_r = sequence_logprobs(model, tokenizer, prompts, rejected, alpha=alpha, **kw)
-    ref_c = sequence_logprobs(model, tokenizer, prompts, chosen, alpha=0.0, **kw)
-    ref_r = sequence_logprobs(model, tokenizer, prompts, rejected, alpha=0.0, **kw)
-    reward_c = beta * (policy_c - ref_c)
-    reward_r = beta * (policy_r - ref_r)
+    kw = dict(batch_size=batch_size, max_length=max_length, alpha=alpha)
+    return (sequence_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows], **kw),
+            sequence_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows], **kw))
+
+
+def metrics_from_logprobs(policy: tuple, reference: tuple, beta: float = 0.1) -> dict:
+    """DPO loss, reward accuracy and margins from policy and reference log-probs of (chosen, rejected)."""
+    reward_c = beta * (policy[0] - reference[0])
+    reward_r = beta * (policy[1] - reference[1])
     margin = reward_c - reward_r
     return {
         "dpo_loss": float(-F.logsigmoid(margin).mean()),
@@ -82,5 +76,23 @@ def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1
         "mean_margin": float(margin.mean()),
         "mean_reward_chosen": float(reward_c.mean()),
         "mean_reward_rejected": float(reward_r.mean()),
-        "n": len(rows),
+        "n": int(margin.numel()),
     }
+
+
+def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1, alpha: float = 1.0,
+                       batch_size: int = 8, max_length: int = 256, reference: Optional[tuple] = None) -> dict:
+    """DPO loss, reward accuracy and mean reward margin of a CLM model at `alpha` against alpha 0.
+
+    `reference` (log-probs at alpha 0 from `preference_logprobs`) saves recomputing them across alphas.
+
+    Example:
+        ```py
+        >>> preference_metrics(model, tokenizer, heldout_rows)["reward_accuracy"]
+        ```
+    """
+    kw = dict(batch_size=batch_size, max_length=max_length)
+    if reference is None:
+        reference = preference_logprobs(model, tokenizer, rows, alpha=0.0, **kw)
+    policy = reference if alpha == 0 else preference_logprobs(model, tokenizer, rows, alpha=alpha, **kw)
+    return metrics_from_logprobs(policy, reference, beta)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .evaluate import preference_metrics
+from .evaluate import preference_logprobs, preference_metrics
 from .metrics import METRICS
 
 
@@ -174,12 +174,14 @@ def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Uni
     answers = generate_answers(model, tokenizer, prompts, alphas, max_new_tokens, batch_size)
     gen_s = time.perf_counter() - t0
     score = METRICS[metric]
+    reference = preference_logprobs(model, tokenizer, pairs, alpha=0.0, batch_size=batch_size) if pairs else None
     rows = []
     for j, a in enumerate(alphas):
         values = [score(ans) for ans in answers[j]]
         row = {"alpha": a, f"{metric}_mean": sum(values) / len(values), "n_prompts": len(values)}
         if pairs:
-            pm = preference_metrics(model, tokenizer, pairs, beta=beta, alpha=a, batch_size=batch_size)
+            pm = preference_metrics(model, tokenizer, pairs, beta=beta, alpha=a, batch_size=batch_size,
+                                    reference=reference)
             row.update(reward_accuracy=pm["reward_accuracy"], mean_margin=pm["mean_margin"], dpo_loss=pm["dpo_loss"])
         rows.append(row)
     means = [r[f"{metric}_mean"] for r in rows]

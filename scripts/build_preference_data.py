@@ -9,7 +9,7 @@ prompt:
 - formal: "formal, professional register" (chosen) vs "casual, chatty register" (rejected); metric:
   `peft_clm.metrics.casualness` (transparent marker counts), which training never sees.
 
-    python scripts/build_preference_data.py --out data        # ~10 min on 2 CPU cores
+    python scripts/build_preference_data.py --out data        # ~8 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
         chosen_instr, rejected_instr = INSTRUCTIONS[dim]
         t0 = time.time()
         print(f"{dim}: chosen side", flush=True)
-        chosen = answer(model, tokenizer, chosen_instr, questions, 40 if dim == "concise" else 48, args.batch_size)
+        chosen = answer(model, tokenizer, chosen_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
         print(f"{dim}: rejected side", flush=True)
         rejected = answer(model, tokenizer, rejected_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
         rows = [

@@ -175,3 +175,32 @@ def test_alpha_changed_mid_cache_is_a_clear_error():
     model.set_alpha(1.0)
     with pytest.raises(ValueError, match="alpha changed"):
         model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])
+def test_alpha_one_equals_the_merged_hidden_model(arch):
+    ids, mask = inputs(batch=2, left_pad=1)
+    model = clm_model(arch, alpha=1.0)
+    got = logits(model, ids, mask)
+    model.set_interpolation("hidden")
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(got, logits(merged, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_text_iterator_streamer_in_a_thread():
+    from tiny_models import tiny_tokenizer
+    from transformers import TextIteratorStreamer
+
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_model("llama"), ClmConfig(alpha=0.5))
+    model.base_model.model.resize_token_embeddings(len(tokenizer))
+    perturb(model, scale=0.2)
+    batch = tokenizer(["tell me about the sea ?"], return_tensors="pt")
+    expected = model.generate(**batch, max_new_tokens=6, do_sample=False, clm_alpha=0.7)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(**batch, max_new_tokens=6, do_sample=False,
+                                                                 clm_alpha=0.7, streamer=streamer))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text.strip() == tokenizer.decode(expected[0, batch["input_ids"].shape[1]:]).strip()
