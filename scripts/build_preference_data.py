@@ -5,7 +5,8 @@ any instruction, preferred answer, other answer) teaches the CLM layer to intern
 alignment knob replaces a long instruction prompt. Two independent dimensions, each split into train/held-out by
 prompt:
 
-- concise: "answer in one short sentence" (chosen) vs "answer in detail" (rejected); metric: words per answer.
+- concise: "answer in one short sentence" (chosen, cut after its first sentence, which is what the instruction
+  asks and what the 135M model does not always stop at) vs "answer in detail" (rejected); metric: words per answer.
 - formal: "formal, professional register" (chosen) vs "casual, chatty register" (rejected); metric:
   `peft_clm.metrics.casualness` (transparent marker counts), which training never sees.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -72,6 +74,12 @@ def answer(model, tokenizer, system: str, questions: list[str], max_new_tokens: 
     return out
 
 
+def first_sentence(text: str) -> str:
+    """The text up to the end of its first sentence (all of it when no sentence ends)."""
+    match = re.search(r"[.!?](\s|$)", text)
+    return text[: match.start() + 1] if match else text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data")
@@ -89,6 +97,8 @@ def main() -> None:
         t0 = time.time()
         print(f"{dim}: chosen side", flush=True)
         chosen = answer(model, tokenizer, chosen_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
+        if dim == "concise":
+            chosen = [first_sentence(c) for c in chosen]
         print(f"{dim}: rejected side", flush=True)
         rejected = answer(model, tokenizer, rejected_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
         rows = [

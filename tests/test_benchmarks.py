@@ -1,0 +1,25 @@
+"""The generate benchmark's quick mode runs and writes rows of the documented schema (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_bench_generate_quick_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_generate.py"), "--quick", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["method"] for r in rows} >= {"base", "clm_weights", "clm_hidden", "clm_logits", "sequential_paths",
+                                         "two_model_mix", "instruction_prompt", "clm_two_adapters_logits"}
+    for r in rows:
+        for key in ("method", "mode", "batch", "decode_tok_s", "ratio_vs_base", "peak_mem_mb"):
+            assert key in r, key
+        assert r["decode_tok_s"] > 0 and r["peak_mem_mb"] > 0 and r["ratio_vs_base"] > 0
+    assert next(r for r in rows if r["method"] == "base")["ratio_vs_base"] == 1.0
+    assert "decode tok/s" in proc.stdout
