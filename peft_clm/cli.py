@@ -76,7 +76,8 @@ def _sweep(args: argparse.Namespace) -> int:
                    beta=args.beta, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                    reference=reference, title=f"{args.metric} vs alpha ({model.base_model.clm_layer().interpolation})")
     print(format_table(result))
-    print(f"wrote {args.out}/sweep.json, sweep.csv, sweep.png")
+    print(f"generation {result['generation_seconds']:.0f} s, total {result['total_seconds']:.0f} s; "
+          f"wrote {args.out}/sweep.json, sweep.csv, sweep.png")
     return 0
 
 

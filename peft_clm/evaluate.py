@@ -30,13 +30,8 @@ def _pair_ids(tokenizer, prompt, completion, max_length: int) -> tuple[list[int]
     return ids, min(len(c_ids), len(ids))
 
 
-@torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence, batch_size: int = 8,
-                      max_length: int = 256, alpha=None) -> torch.Tensor:
-    """Sum of log p(completion | prompt) per pair, under `model` (at `alpha` if given, for a CLM model)."""
+def _batches(tokenizer, prompts, completions, batch_size, max_length, device):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    out = []
     for start in range(0, len(prompts), batch_size):
         items = [_pair_ids(tokenizer, p, c, max_length) for p, c in
                  zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
@@ -48,21 +43,62 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
             target[i, len(seq) - n_completion : len(seq)] = True
-        ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        kwargs = {} if alpha is None else {"clm_alpha": alpha}
-        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        out.append((logp * target[:, 1:]).sum(-1).cpu())
-    return torch.cat(out)
+        yield ids.to(device), mask.to(device), target.to(device)
+
+
+def _completion_logprob(logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * target[:, 1:]).sum(-1).cpu()
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence, batch_size: int = 8,
+                      max_length: int = 256, alpha=None) -> torch.Tensor:
+    """Sum of log p(completion | prompt) per pair, under `model` (at `alpha` if given, for a CLM model)."""
+    return sequence_logprobs_at(model, tokenizer, prompts, completions, [alpha], batch_size, max_length)[0]
+
+
+@torch.no_grad()
+def sequence_logprobs_at(model, tokenizer, prompts: Sequence, completions: Sequence, alphas: Sequence,
+                         batch_size: int = 8, max_length: int = 256) -> torch.Tensor:
+    """[len(alphas), N] sums of log p(completion | prompt) at each alpha.
+
+    In logits mode with one adapter the logits at any alpha are the lerp of the logits at 0 and 1, so two
+    forward passes serve every alpha (exact up to rounding); other modes run one pass per alpha.
+    """
+    device = next(model.parameters()).device
+    layer = model.base_model.clm_layer() if hasattr(model, "base_model") and hasattr(model.base_model, "clm_layer") else None
+    lerp = (layer is not None and layer.interpolation == "logits" and len(layer.active_adapters) == 1
+            and all(isinstance(a, (int, float)) for a in alphas) and len(alphas) > 2)
+    out = [[] for _ in alphas]
+    for ids, mask, target in _batches(tokenizer, prompts, completions, batch_size, max_length, device):
+        if lerp:
+            z0 = model(input_ids=ids, attention_mask=mask, clm_alpha=0.0).logits.float()
+            z1 = model(input_ids=ids, attention_mask=mask, clm_alpha=1.0).logits.float()
+            for j, a in enumerate(alphas):
+                out[j].append(_completion_logprob(torch.lerp(z0, z1, float(a)), ids, target))
+            continue
+        for j, a in enumerate(alphas):
+            kwargs = {} if a is None else {"clm_alpha": a}
+            logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            out[j].append(_completion_logprob(logits, ids, target))
+    return torch.stack([torch.cat(o) for o in out])
 
 
 def preference_logprobs(model, tokenizer, rows: Sequence[dict], alpha=1.0, batch_size: int = 8,
                         max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(chosen|prompt), log p(rejected|prompt)) per pair at `alpha`."""
+    c, r = preference_logprobs_at(model, tokenizer, rows, [alpha], batch_size, max_length)
+    return c[0], r[0]
+
+
+def preference_logprobs_at(model, tokenizer, rows: Sequence[dict], alphas: Sequence, batch_size: int = 8,
+                           max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """([len(alphas), N] chosen, [len(alphas), N] rejected) log-probs per pair at each alpha."""
     prompts = [r["prompt"] for r in rows]
-    kw = dict(batch_size=batch_size, max_length=max_length, alpha=alpha)
-    return (sequence_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows], **kw),
-            sequence_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows], **kw))
+    kw = dict(batch_size=batch_size, max_length=max_length)
+    return (sequence_logprobs_at(model, tokenizer, prompts, [r["chosen"] for r in rows], alphas, **kw),
+            sequence_logprobs_at(model, tokenizer, prompts, [r["rejected"] for r in rows], alphas, **kw))
 
 
 def metrics_from_logprobs(policy: tuple, reference: tuple, beta: float = 0.1) -> dict:

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .evaluate import preference_logprobs, preference_metrics
+from .evaluate import metrics_from_logprobs, preference_logprobs_at
 from .metrics import METRICS
 
 
@@ -174,14 +174,14 @@ def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Uni
     answers = generate_answers(model, tokenizer, prompts, alphas, max_new_tokens, batch_size)
     gen_s = time.perf_counter() - t0
     score = METRICS[metric]
-    reference = preference_logprobs(model, tokenizer, pairs, alpha=0.0, batch_size=batch_size) if pairs else None
+    if pairs:  # log-probs at 0 (the reference) and at every alpha, in as few passes as the mode allows
+        chosen_lp, rejected_lp = preference_logprobs_at(model, tokenizer, pairs, [0.0, *alphas], batch_size=8)
     rows = []
     for j, a in enumerate(alphas):
         values = [score(ans) for ans in answers[j]]
         row = {"alpha": a, f"{metric}_mean": sum(values) / len(values), "n_prompts": len(values)}
         if pairs:
-            pm = preference_metrics(model, tokenizer, pairs, beta=beta, alpha=a, batch_size=batch_size,
-                                    reference=reference)
+            pm = metrics_from_logprobs((chosen_lp[j + 1], rejected_lp[j + 1]), (chosen_lp[0], rejected_lp[0]), beta)
             row.update(reward_accuracy=pm["reward_accuracy"], mean_margin=pm["mean_margin"], dpo_loss=pm["dpo_loss"])
         rows.append(row)
     means = [r[f"{metric}_mean"] for r in rows]
@@ -194,6 +194,7 @@ def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Uni
         "monotone": all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
         "interpolation": model.base_model.clm_layer().interpolation,
         "generation_seconds": gen_s,
+        "total_seconds": time.perf_counter() - t0,
         "examples": {str(a): answers[j][:3] for j, a in enumerate(alphas)},
     }
     (out / "sweep.json").write_text(json.dumps(result, indent=1))

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import perturb
 from peft import get_peft_model
 from tiny_models import preference_rows, save_tiny_model_dir
@@ -31,9 +32,11 @@ def tiny(tmp_path_factory):
 def test_sweep_writes_table_json_csv_and_png(tiny, tmp_path, capsys, mode):
     alphas = [-0.5, 0.0, 0.5, 1.0, 2.0]
     out = tmp_path / "sweep"
+    (tmp_path / "full_dpo.json").write_text(json.dumps({"words_mean": 3.0, "reward_accuracy": 0.8, "label": "full DPO"}))
     code = main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alphas",
                  ",".join(map(str, alphas)), "--prompts", str(tiny / "heldout.jsonl"), "--out", str(out),
-                 "--interpolation", mode, "--max-new-tokens", "6", "--metric", "words"])
+                 "--interpolation", mode, "--max-new-tokens", "6", "--metric", "words",
+                 "--reference", str(tmp_path / "full_dpo.json")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "Spearman rho" in printed
@@ -78,3 +81,24 @@ def test_bad_sweep_input_is_one_clear_error(tiny, tmp_path, capsys):
     assert "--alphas" in capsys.readouterr().err
     assert main(["sweep", "--model", str(tiny / "nope"), "--adapter", str(tiny / "adapter"),
                  "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_logits_mode_logprobs_from_two_passes_equal_one_pass_per_alpha(tiny):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from peft_clm.evaluate import sequence_logprobs_at
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), tiny / "adapter").eval()
+    rows = preference_rows(5)
+    prompts, completions = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    alphas = [-0.5, 0.0, 0.3, 1.0, 2.0]
+    fast = sequence_logprobs_at(model, tokenizer, prompts, completions, alphas, batch_size=2)
+    model.set_interpolation("hidden")  # hidden mode runs one pass per alpha; at 0 and 1 it equals logits mode
+    slow = sequence_logprobs_at(model, tokenizer, prompts, completions, [0.0, 1.0], batch_size=2)
+    torch.testing.assert_close(fast[[1, 3]], slow, atol=1e-4, rtol=1e-5)
+    model.set_interpolation("logits")
+    for j, a in enumerate(alphas):
+        one = sequence_logprobs_at(model, tokenizer, prompts, completions, [a], batch_size=2)[0]
+        torch.testing.assert_close(fast[j], one, atol=1e-4, rtol=1e-5)
