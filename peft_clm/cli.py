@@ -11,8 +11,9 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     result = train(
-        model=args.model, data=args.data, out=args.out, method=args.method, interpolation=args.interpolation,
-        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, beta=args.beta, batch_size=args.batch_size,
+        model=args.model, data=args.data, out=args.out, method=args.method, adapter=args.adapter_type,
+        interpolation=args.interpolation,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, beta=args.beta, sft_weight=args.sft_weight, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seed=args.seed, max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, resume=args.resume,
         progress=not args.quiet,
@@ -124,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=["dpo", "sft"], default="dpo")
     t.add_argument("--out", required=True, help="adapter directory to write")
     t.add_argument("--interpolation", choices=["logits", "hidden", "weights"], default="logits")
+    t.add_argument("--adapter-type", choices=["clm", "lora", "full"], default="clm",
+                   help="what to train: the CLM layer (default), or the LoRA / full fine-tuning baselines")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--max-steps", type=int, default=-1)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--beta", type=float, default=0.1)
+    t.add_argument("--sft-weight", type=float, default=0.0, help="weight of the chosen answers' NLL added to DPO")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--max-length", type=int, default=256)

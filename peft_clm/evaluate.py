@@ -132,3 +132,17 @@ def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1
         reference = preference_logprobs(model, tokenizer, rows, alpha=0.0, **kw)
     policy = reference if alpha == 0 else preference_logprobs(model, tokenizer, rows, alpha=alpha, **kw)
     return metrics_from_logprobs(policy, reference, beta)
+
+
+def preference_metrics_baseline(model, tokenizer, rows: Sequence[dict], beta: float = 0.1, reference_model=None,
+                                batch_size: int = 8, max_length: int = 256) -> dict:
+    """Preference metrics of a non-CLM policy (LoRA, full fine-tuning) against its reference: `reference_model`,
+    or for a PEFT model the same model with its adapters disabled."""
+    kw = dict(batch_size=batch_size, max_length=max_length)
+    policy = preference_logprobs(model, tokenizer, rows, alpha=None, **kw)
+    if reference_model is not None:
+        reference = preference_logprobs(reference_model, tokenizer, rows, alpha=None, **kw)
+    else:
+        with model.disable_adapter():
+            reference = preference_logprobs(model, tokenizer, rows, alpha=None, **kw)
+    return metrics_from_logprobs(policy, reference, beta)

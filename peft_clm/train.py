@@ -57,11 +57,13 @@ def train(
     data: str,
     out: str,
     method: str = "dpo",
+    adapter: str = "clm",
     interpolation: str = "logits",
     epochs: float = 1.0,
     max_steps: int = -1,
     lr: float = 5e-4,
     beta: float = 0.1,
+    sft_weight: float = 0.0,
     batch_size: int = 4,
     grad_accum: int = 1,
     seed: int = 0,
@@ -76,7 +78,9 @@ def train(
 
     `model` is a local HF directory, a `.gguf` file or `smollm2`. `method` is "dpo" (prompt/chosen/rejected) or
     "sft" (prompt/completion or messages). The reference policy of DPO is the same model with the adapter off.
-    `resume` is a checkpoint directory under `out`, or "last".
+    `resume` is a checkpoint directory under `out`, or "last". `adapter` picks what is trained: "clm" (the
+    identity layer), or the baselines "lora" (rank 16 on every linear layer) and "full" (every parameter; TRL then
+    keeps a frozen reference copy of the model). `sft_weight` adds the chosen answers' NLL to the DPO loss.
 
     Example:
         ```py
@@ -95,7 +99,16 @@ def train(
     dtype = torch.bfloat16 if bf16 else torch.float32
     base, tokenizer = load_model(model, dtype=dtype)
     dataset = Dataset.from_list(rows)
-    peft_config = ClmConfig(interpolation=interpolation, alpha=1.0)
+    if adapter == "clm":
+        peft_config = ClmConfig(interpolation=interpolation, alpha=1.0)
+    elif adapter == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    elif adapter == "full":
+        peft_config = None
+    else:
+        raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
     common = dict(
         output_dir=out,
         num_train_epochs=epochs,
@@ -121,7 +134,9 @@ def train(
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(beta=beta, **common)
+        # sft_weight > 0 adds the NLL of the chosen answers (RPO), which keeps the policy fluent.
+        losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight > 0 else {}
+        args = DPOConfig(beta=beta, **losses, **common)
         trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config)
     else:
@@ -142,14 +157,17 @@ def train(
     seconds = time.perf_counter() - start
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if adapter == "full":
+        trainable = total = sum(p.numel() for p in trainer.model.parameters())
+    else:
+        trainable, total = trainer.model.get_nb_trainable_parameters()
     history = [h for h in trainer.state.log_history if "loss" in h]
     accuracies = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
     tail = accuracies[-max(1, len(accuracies) // 4):]
-    trainable, total = trainer.model.get_nb_trainable_parameters()
     steps = output.global_step
     return TrainResult(
         out_dir=out,
-        method=method,
+        method=method if adapter == "clm" else f"{method}-{adapter}",
         steps=steps,
         seconds=seconds,
         seconds_per_step=seconds / max(1, steps),

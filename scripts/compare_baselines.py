@@ -1,0 +1,130 @@
+"""CLM against full-DPO and LoRA-DPO trained on the same pairs with the same budget (steps, batch, lr, beta).
+
+Trains each (or reuses a finished run), then reports held-out reward accuracy at full strength, the dimension's
+metric on held-out prompts, trainable parameters, training time and peak memory; sweeps LoRA's own scale knob like
+CLM's alpha; writes `compare.json`, `full_dpo_reference.json` (the line `peft-clm sweep --reference` draws) and a
+table.
+
+    python scripts/compare_baselines.py --dimension concise --out runs/compare --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+METRIC = {"concise": "words", "formal": "casualness"}
+
+
+def train_run(kind: str, args, out: Path) -> dict:
+    """Train in a fresh process (so its peak memory is its own); return its summary."""
+    summary = out / "train_summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    code = (
+        "import json, sys; from peft_clm.train import train; "
+        f"r = train('smollm2', {str(ROOT / 'data' / args.dimension / 'train.jsonl')!r}, {str(out)!r}, method='dpo', "
+        f"adapter={kind!r}, max_steps={args.steps}, batch_size={args.batch_size}, lr={args.lr}, beta={args.beta}, "
+        "seed=0, progress=False); "
+        "d = {k: v for k, v in r.__dict__.items() if k != 'log_history'}; print('RESULT', json.dumps(d))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training {kind} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[7:])
+    summary.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dimension", default="concise", choices=sorted(METRIC))
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-prompts", type=int, default=24)
+    parser.add_argument("--lora-scales", default="-0.5,0,0.25,0.5,0.75,1,1.5,2")
+    args = parser.parse_args()
+    from peft import PeftModel
+
+    from peft_clm.data import read_jsonl
+    from peft_clm.evaluate import preference_metrics, preference_metrics_baseline
+    from peft_clm.metrics import METRICS
+    from peft_clm.models import load_model
+    from peft_clm.sweep import _chat_text, spearman
+
+    out = Path(args.out) / args.dimension
+    heldout = read_jsonl(ROOT / "data" / args.dimension / "heldout.jsonl", "dpo")
+    prompts = [r["prompt"] for r in heldout][: args.max_prompts]
+    score = METRICS[METRIC[args.dimension]]
+    runs = {kind: train_run(kind, args, out / kind) for kind in ("clm", "lora", "full")}
+
+    def metric_mean(model, tokenizer) -> float:
+        tokenizer.padding_side = "left"
+        values = []
+        for s in range(0, len(prompts), 24):
+            batch = tokenizer([_chat_text(tokenizer, p) for p in prompts[s:s + 24]], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                gen = model.generate(**batch, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            values += [score(tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for g in gen]
+        return sum(values) / len(values)
+
+    rows = []
+    base, tokenizer = load_model("smollm2")
+    base_metric = metric_mean(base, tokenizer)
+    clm = PeftModel.from_pretrained(base, out / "clm").eval()
+    rows.append({"method": "CLM (identity layer)", "held_out_reward_accuracy": preference_metrics(
+        clm, tokenizer, heldout, beta=args.beta, alpha=1.0)["reward_accuracy"], "metric_mean": metric_mean(clm, tokenizer)})
+    clm.unload()
+    base, tokenizer = load_model("smollm2")
+    lora = PeftModel.from_pretrained(base, out / "lora").eval()
+    rows.append({"method": "LoRA-DPO (r=16, all linear)", "held_out_reward_accuracy": preference_metrics_baseline(
+        lora, tokenizer, heldout, beta=args.beta)["reward_accuracy"], "metric_mean": metric_mean(lora, tokenizer)})
+    scales = [float(x) for x in args.lora_scales.split(",")]
+    lora_sweep = []
+    for s in scales:  # LoRA's own knob: the scale of every LoRA layer
+        for module in lora.modules():
+            if hasattr(module, "set_scale") and "default" in getattr(module, "scaling", {}):
+                module.set_scale("default", s)
+        lora_sweep.append({"scale": s, "metric_mean": metric_mean(lora, tokenizer)})
+    lora_rho = spearman(scales, [r["metric_mean"] for r in lora_sweep])
+    full, tokenizer = load_model(str(out / "full"))
+    reference, _ = load_model("smollm2")
+    rows.append({"method": "full DPO (all parameters)", "held_out_reward_accuracy": preference_metrics_baseline(
+        full, tokenizer, heldout, beta=args.beta, reference_model=reference)["reward_accuracy"],
+        "metric_mean": metric_mean(full, tokenizer)})
+    for row, kind in zip(rows, ("clm", "lora", "full")):
+        r = runs[kind]
+        row.update(trainable_params=r["trainable_params"], train_seconds=r["seconds"],
+                   seconds_per_step=r["seconds_per_step"], peak_rss_mb=r["peak_rss_mb"])
+    result = {"dimension": args.dimension, "metric": METRIC[args.dimension], "base_metric_mean": base_metric,
+              "budget": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "beta": args.beta},
+              "rows": rows, "lora_scale_sweep": lora_sweep, "lora_scale_spearman_rho": lora_rho,
+              "date": time.strftime("%Y-%m-%d")}
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    (out / "full_dpo_reference.json").write_text(json.dumps({
+        f"{METRIC[args.dimension]}_mean": rows[2]["metric_mean"], "reward_accuracy": rows[2]["held_out_reward_accuracy"],
+        "label": "full DPO"}))
+    m = METRIC[args.dimension]
+    print(f"# {args.dimension}: same pairs, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, beta {args.beta}; "
+          f"base {m} = {base_metric:.2f}")
+    print(f"{'method':<30}{'held-out acc':>13}{m + ' mean':>16}{'trainable':>13}{'train s':>9}{'s/step':>8}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['method']:<30}{r['held_out_reward_accuracy']:>13.3f}{r['metric_mean']:>16.2f}"
+              f"{r['trainable_params']:>13,}{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}{r['peak_rss_mb']:>9.0f}")
+    print(f"LoRA scale sweep ({m}): " + ", ".join(f"{r['scale']:g}: {r['metric_mean']:.1f}" for r in lora_sweep)
+          + f"; Spearman rho {lora_rho:.3f}")
+
+
+if __name__ == "__main__":
+    main()
