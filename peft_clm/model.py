@@ -167,11 +167,14 @@ class ClmModel(BaseTuner):
             self._register_hooks()
 
     def clm_layer(self) -> Optional[ClmLayer]:
-        """The (single) CLM layer of the model."""
-        for module in self.model.modules():
-            if isinstance(module, ClmLayer):
-                return module
-        return None
+        """The (single) CLM layer of the model (looked up once: the hooks call this on every forward)."""
+        cached = self.__dict__.get("_clm_layer_cache")
+        if cached:
+            return cached[0]
+        layer = next((m for m in self.model.modules() if isinstance(m, ClmLayer)), None)
+        if layer is not None:
+            self.__dict__["_clm_layer_cache"] = [layer]
+        return layer
 
     # ------------------------------------------------------------------ alpha and mode
     def _normalize_alpha(self, alpha: Alpha, allow_rows: bool) -> dict[str, AlphaValue]:
@@ -303,7 +306,8 @@ class ClmModel(BaseTuner):
             decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True),
             head.register_forward_pre_hook(self._head_pre_hook),
         ]
-        norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)), None)
+        norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)),
+                    None)
         if norm is not None and self._softcap is None:
             self._clm_final_norm = [norm]  # a list, so that the norm is not registered twice
             norm.forward = self._final_norm_forward(norm, norm.forward)
@@ -312,7 +316,8 @@ class ClmModel(BaseTuner):
         def forward(hidden_states, *args, **kwargs):
             layer = self.clm_layer()
             plan = layer.current_plan() if layer is not None else None
-            if args or kwargs or plan is None or plan.num_paths == 1 or hidden_states.shape[0] != plan.num_paths * plan.batch:
+            if (args or kwargs or plan is None or plan.num_paths == 1
+                    or hidden_states.shape[0] != plan.num_paths * plan.batch):
                 return original(hidden_states, *args, **kwargs)
             # Norm every path and mix them in one pass; the LM head then runs on B rows. Exact: the head is
             # affine and the mixing weights sum to one.
@@ -448,6 +453,7 @@ class ClmModel(BaseTuner):
             _insert_layer_in_config(self.model.config, index)
         else:
             layers[index] = layer.base_layer
+        self.__dict__.pop("_clm_layer_cache", None)
         self._remove_hooks()
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
@@ -462,6 +468,7 @@ class ClmModel(BaseTuner):
             layers_name, layers = _find_decoder_layers(self.model)
             index = next(i for i, m in enumerate(layers) if m is layer)
             layers[index] = layer.base_layer
+            self.__dict__.pop("_clm_layer_cache", None)
             self._remove_hooks()
             if hasattr(self.model, "peft_config"):
                 del self.model.peft_config
