@@ -44,7 +44,6 @@ def _build(method: str, quick: bool):
     import torch
     from peft import get_peft_model
 
-    import peft_clm
     from peft_clm import ClmConfig
 
     if quick:

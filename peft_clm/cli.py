@@ -12,9 +12,9 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(
         model=args.model, data=args.data, out=args.out, method=args.method, adapter=args.adapter_type,
-        interpolation=args.interpolation,
-        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, beta=args.beta, sft_weight=args.sft_weight, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seed=args.seed, max_length=args.max_length,
+        interpolation=args.interpolation, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, beta=args.beta,
+        sft_weight=args.sft_weight, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+        max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, resume=args.resume,
         progress=not args.quiet,
     )

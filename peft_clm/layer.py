@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union

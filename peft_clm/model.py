@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 

@@ -14,7 +14,6 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from reference import hidden_reference_logits, standalone_copy
 from safetensors.torch import load_file, save_file
 from tiny_models import ARCHS, TINY_CONFIGS, inputs, tiny_model
-from transformers import AutoModelForCausalLM
 
 from peft_clm import ClmConfig, ClmLayer
 from peft_clm.model import _find_decoder_layers

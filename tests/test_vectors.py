@@ -1,7 +1,6 @@
 """Alignment vectors on tiny random checkpoints: exactness, composition, undo, errors, streaming memory."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,6 @@ import pytest
 import torch
 from conftest import perturb
 from peft import get_peft_model
-from safetensors.torch import load_file
 from tiny_models import tiny_model
 
 from peft_clm import ClmConfig
