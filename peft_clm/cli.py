@@ -27,16 +27,28 @@ def _load_clm(args: argparse.Namespace):
 
     from .models import load_model
 
-    model, tokenizer = load_model(args.model)
     adapters = args.adapter if isinstance(args.adapter, list) else [args.adapter]
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
-    for i, path in enumerate(adapters[1:], start=1):
-        peft_model.load_adapter(path, adapter_name=f"a{i}")
+    names = adapter_names(adapters)
+    model, tokenizer = load_model(args.model)
+    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        peft_model.load_adapter(path, adapter_name=name)
     if len(adapters) > 1:
-        peft_model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+        peft_model.base_model.set_adapter(names)
     if args.interpolation:
         peft_model.set_interpolation(args.interpolation)
     return peft_model.eval(), tokenizer
+
+
+def adapter_names(paths: Sequence[str]) -> list[str]:
+    """Adapter names from their directories' names (what tables and plots show), made unique and key-safe."""
+    import re
+    from pathlib import Path
+
+    names = [re.sub(r"\W", "_", Path(p).resolve().name) or "adapter" for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    return names
 
 
 def _parse_alphas(text: str) -> list[float]:
@@ -63,19 +75,65 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_targets(items: Sequence[str]) -> dict:
+    targets = {}
+    for item in items or []:
+        metric, sep, value = item.partition("=")
+        try:
+            targets[metric] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--target takes METRIC=VALUE (e.g. words=20), got {item!r}.")
+    return targets
+
+
+def _grid(args: argparse.Namespace, prompts: list) -> int:
+    from .sweep import format_grid, grid_sweep
+
+    n = len(args.adapter)
+    alphas = args.alphas or ["0,0.5,1,1.5"]
+    metrics = args.metric or []
+    if len(alphas) not in (1, n) or len(metrics) != n:
+        raise ValueError(f"{n} adapters: give --alphas once (shared) or once per adapter, and --metric once per "
+                         f"adapter (in the same order); got {len(alphas)} --alphas and {len(metrics)} --metric.")
+    targets = _parse_targets(args.target)
+    model, tokenizer = _load_clm(args)
+    names = list(model.base_model.active_adapters)
+    knobs = {name: _parse_alphas(alphas[i if len(alphas) > 1 else 0]) for i, name in enumerate(names)}
+    result = grid_sweep(model, tokenizer, knobs, dict(zip(names, metrics)), prompts, args.out, targets=targets,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        title=f"{' x '.join(names)} ({model.base_model.clm_layer().interpolation})")
+    print(format_grid(result))
+    print(f"generation {result['generation_seconds']:.0f} s; wrote {args.out}/grid.json, grid.csv, grid.png")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
     from .sweep import format_table, read_prompts, sweep
 
+    if args.metric:
+        from .metrics import METRICS
+
+        bad = [m for m in args.metric if m not in METRICS]
+        if bad:
+            raise ValueError(f"--metric {bad[0]!r} is not one of {sorted(METRICS)}.")
     prompts, pairs = read_prompts(args.prompts)
     if args.max_prompts:
         prompts, pairs = prompts[: args.max_prompts], pairs[: args.max_prompts]
+    if len(args.adapter) > 1:
+        return _grid(args, prompts)
+    if len(args.metric or []) > 1 or len(args.alphas or []) > 1:
+        raise ValueError("one adapter takes one --metric and one --alphas; several are for a grid of adapters.")
+    alphas = _parse_alphas((args.alphas or ["-0.5,0,0.25,0.5,0.75,1,1.5,2"])[0])
+    metric = (args.metric or ["words"])[0]
     reference = json.loads(open(args.reference).read()) if args.reference else None
     model, tokenizer = _load_clm(args)
-    result = sweep(model, tokenizer, _parse_alphas(args.alphas), prompts, args.out, metric=args.metric, pairs=pairs,
+    result = sweep(model, tokenizer, alphas, prompts, args.out, metric=metric, pairs=pairs,
                    beta=args.beta, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                   reference=reference, title=f"{args.metric} vs alpha ({model.base_model.clm_layer().interpolation})")
+                   reference=reference, title=f"{metric} vs alpha ({model.base_model.clm_layer().interpolation})")
     print(format_table(result))
     print(f"generation {result['generation_seconds']:.0f} s, total {result['total_seconds']:.0f} s; "
           f"wrote {args.out}/sweep.json, sweep.csv, sweep.png")
@@ -153,12 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?")
     g.set_defaults(func=_generate)
 
-    w = sub.add_parser("sweep", help="generate at each alpha, score, write table/JSON/CSV/plot")
+    w = sub.add_parser("sweep", help="generate at each alpha, score, write table/JSON/CSV/plot; several adapters "
+                                     "give a grid of their alphas and heat maps")
     w.add_argument("--model", required=True)
-    w.add_argument("--adapter", required=True, action="append")
-    w.add_argument("--alphas", default="-0.5,0,0.25,0.5,0.75,1,1.5,2")
+    w.add_argument("--adapter", required=True, action="append", help="repeat for a grid over several adapters")
+    w.add_argument("--alphas", action="append", help="comma-separated (default -0.5,0,0.25,0.5,0.75,1,1.5,2; "
+                   "grid: 0,0.5,1,1.5); with several adapters once for all or once per adapter")
     w.add_argument("--prompts", required=True, help="JSONL (held-out pairs give preference metrics too) or text")
-    w.add_argument("--metric", default="words", choices=["words", "casualness"])
+    w.add_argument("--metric", action="append", help="words (default) or casualness; once per adapter for a grid")
+    w.add_argument("--target", action="append", help="grid: METRIC=VALUE, pick the grid point nearest the targets")
     w.add_argument("--out", required=True)
     w.add_argument("--interpolation", choices=["logits", "hidden", "weights"])
     w.add_argument("--reference", help="JSON of a full-DPO run to draw as a line")

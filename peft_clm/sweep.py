@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import time
@@ -109,9 +110,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def _write_table(rows: list[dict], out: Path) -> None:
+def _write_table(rows: list[dict], out: Path, name: str = "sweep.csv") -> None:
     keys = list(rows[0])
-    with (out / "sweep.csv").open("w", newline="") as f:
+    with (out / name).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
@@ -210,4 +211,145 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append("  ".join(f"{r[k]:>16.4f}" if isinstance(r[k], float) else f"{r[k]:>16}" for k in keys))
     lines.append(f"Spearman rho(alpha, {metric}) = {result['spearman_rho']:.3f}; monotone: {result['monotone']}")
+    return "\n".join(lines)
+
+
+def pareto_front(rows: list[dict], keys: Sequence[str]) -> list[int]:
+    """Indices of the rows no other row beats on every key (lower is better, as for every metric in METRICS)."""
+    front = []
+    for i, r in enumerate(rows):
+        dominated = any(all(o[k] <= r[k] for k in keys) and any(o[k] < r[k] for k in keys)
+                        for j, o in enumerate(rows) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def target_distances(rows: list[dict], targets: dict, scale_rows: Optional[list[dict]] = None) -> list[float]:
+    """Each row's distance to {metric: value} targets: the sum over metrics of the gap in units of that metric's
+    spread over `scale_rows` (default: the rows), so words and casualness weigh alike."""
+    scale_rows = scale_rows or rows
+    spread = {m: (max(r[f"{m}_mean"] for r in scale_rows) - min(r[f"{m}_mean"] for r in scale_rows)) or 1.0
+              for m in targets}
+    return [sum(abs(r[f"{m}_mean"] - t) / spread[m] for m, t in targets.items()) for r in rows]
+
+
+def plot_grid(rows: list[dict], knobs: Sequence[str], metrics: Sequence[str], path: Path, title: str = "") -> None:
+    """Heat maps of each metric over the first two knobs (one row of maps per value of a third knob)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a_name, b_name = knobs[0], knobs[1]
+    a_vals = sorted({r[f"alpha_{a_name}"] for r in rows})
+    b_vals = sorted({r[f"alpha_{b_name}"] for r in rows})
+    c_vals = sorted({r[f"alpha_{knobs[2]}"] for r in rows}) if len(knobs) > 2 else [None]
+    fig, axes = plt.subplots(len(c_vals), len(metrics), figsize=(4.6 * len(metrics), 3.8 * len(c_vals)),
+                             squeeze=False)
+    for ci, c in enumerate(c_vals):
+        for mi, metric in enumerate(metrics):
+            ax = axes[ci][mi]
+            grid = [[float("nan")] * len(a_vals) for _ in b_vals]
+            for r in rows:
+                if c is None or r[f"alpha_{knobs[2]}"] == c:
+                    grid[b_vals.index(r[f"alpha_{b_name}"])][a_vals.index(r[f"alpha_{a_name}"])] = r[f"{metric}_mean"]
+            im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+            for bi in range(len(b_vals)):
+                for ai in range(len(a_vals)):
+                    ax.text(ai, bi, f"{grid[bi][ai]:.1f}", ha="center", va="center", color="w", fontsize=8)
+            ax.set_xticks(range(len(a_vals)), [f"{v:g}" for v in a_vals])
+            ax.set_yticks(range(len(b_vals)), [f"{v:g}" for v in b_vals])
+            ax.set_xlabel(f"alpha {a_name}")
+            ax.set_ylabel(f"alpha {b_name}")
+            ax.set_title(f"{metric}" + (f" ({knobs[2]} = {c:g})" if c is not None else ""))
+            fig.colorbar(im, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def grid_sweep(model, tokenizer, knobs: dict, metrics: dict, prompts: Sequence, out: Union[str, Path],
+               targets: Optional[dict] = None, max_new_tokens: int = 64, batch_size: int = 16, title: str = "") -> dict:
+    """Several adapters, one knob each: generate at every point of the grid of their alphas, score every
+    dimension's metric, write grid.json, grid.csv and grid.png (heat maps); return the result.
+
+    `knobs` maps each active adapter to its alphas; `metrics` maps it to the name of its dimension's metric.
+    `targets` ({metric: value}) picks the grid point nearest to them (distance in units of each metric's spread
+    over the grid) as `best`; the Pareto front (lower is more aligned for every metric) is reported either way.
+    In hidden and logits modes the whole grid shares batches, each row with its own alphas.
+
+    Example:
+        ```py
+        >>> model.base_model.set_adapter(["concise", "formal"])
+        >>> r = grid_sweep(model, tok, {"concise": [0, 1], "formal": [0, 1]},
+        ...                {"concise": "words", "formal": "casualness"}, prompts, "out")
+        >>> r["rows"][r["pareto_front"][0]]
+        ```
+    """
+    names = list(knobs)
+    if len(names) < 2:
+        raise ValueError(f"a grid needs two or more knobs, got {names}; use sweep() for one.")
+    active = set(model.base_model.active_adapters)
+    missing = [n for n in names if n not in active]
+    if missing:
+        raise ValueError(f"knobs {missing} are not active adapters; active: {sorted(active)}.")
+    if set(metrics) != set(names):
+        raise ValueError(f"give one metric per knob: knobs {names}, metrics for {sorted(metrics)}.")
+    for n, m in metrics.items():
+        if m not in METRICS:
+            raise ValueError(f"metric {m!r} (knob {n!r}) is not one of {sorted(METRICS)}.")
+    metric_names = list(dict.fromkeys(metrics[n] for n in names))
+    for m in targets or {}:
+        if m not in metric_names:
+            raise ValueError(f"target for {m!r}, which is not a metric of this grid ({metric_names}).")
+    points = [dict(zip(names, map(float, values))) for values in itertools.product(*(knobs[n] for n in names))]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    answers = generate_answers(model, tokenizer, prompts, points, max_new_tokens, batch_size)
+    gen_s = time.perf_counter() - t0
+    rows = []
+    for j, point in enumerate(points):
+        row = {f"alpha_{n}": a for n, a in point.items()}
+        for m in metric_names:
+            values = [METRICS[m](ans) for ans in answers[j]]
+            row[f"{m}_mean"] = sum(values) / len(values)
+        rows.append(row)
+    keys = [f"{m}_mean" for m in metric_names]
+    result = {
+        "knobs": {n: [float(a) for a in knobs[n]] for n in names},
+        "metrics": dict(metrics),
+        "interpolation": model.base_model.clm_layer().interpolation,
+        "rows": rows,
+        # does each knob move its own metric (and leave the others alone)? rank correlation over the whole grid
+        "spearman_rho": {n: {m: spearman([r[f"alpha_{n}"] for r in rows], [r[f"{m}_mean"] for r in rows])
+                             for m in metric_names} for n in names},
+        "pareto_front": pareto_front(rows, keys),
+        "generation_seconds": gen_s,
+        "n_prompts": len(prompts),
+        "examples": {json.dumps(p): answers[j][:2] for j, p in enumerate(points)},
+    }
+    if targets:
+        result["targets"] = dict(targets)
+        dist = target_distances(rows, targets)
+        result["best"] = min(range(len(rows)), key=dist.__getitem__)
+    (out / "grid.json").write_text(json.dumps(result, indent=1))
+    _write_table(rows, out, "grid.csv")
+    plot_grid(rows, names, metric_names, out / "grid.png", title)
+    return result
+
+
+def format_grid(result: dict) -> str:
+    keys = list(result["rows"][0])
+    front = set(result["pareto_front"])
+    lines = ["  ".join(f"{k:>16}" for k in keys) + "  pareto"]
+    for i, r in enumerate(result["rows"]):
+        mark = ("  *" if i in front else "   ") + ("  <- best for the targets" if result.get("best") == i else "")
+        lines.append("  ".join(f"{r[k]:>16.4f}" for k in keys) + mark)
+    for n, rhos in result["spearman_rho"].items():
+        lines.append(f"Spearman rho(alpha_{n}, ·): " + ", ".join(f"{m} {v:.3f}" for m, v in rhos.items()))
     return "\n".join(lines)

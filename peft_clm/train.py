@@ -30,6 +30,7 @@ class TrainResult:
     reward_accuracy: Optional[float]
     peak_rss_mb: float
     log_history: list = field(default_factory=list, repr=False)
+    step_seconds: list = field(default_factory=list, repr=False)  # each optimiser step, saving excluded
 
     def summary(self) -> str:
         lines = [
@@ -51,6 +52,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _StepTimer:
+    """Times each optimiser step (forward, backward, update), not checkpoint saving or logging."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.seconds.append(time.perf_counter() - timer.start)
+
+        self.start = 0.0
+        self.seconds: list[float] = []
+        self.callback = Callback()
+
+
 def train(
     model: str,
     data: str,
@@ -70,6 +91,7 @@ def train(
     gradient_checkpointing: bool = False,
     bf16: bool = False,
     resume: Optional[str] = None,
+    separate_reference: bool = False,
     logging_steps: int = 1,
     progress: bool = True,
 ) -> TrainResult:
@@ -80,6 +102,8 @@ def train(
     `resume` is a checkpoint directory under `out`, or "last". `adapter` picks what is trained: "clm" (the
     identity layer), or the baselines "lora" (rank 16 on every linear layer) and "full" (every parameter; TRL then
     keeps a frozen reference copy of the model). `sft_weight` adds the chosen answers' NLL to the DPO loss.
+    `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
+    switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
 
     Example:
         ```py
@@ -136,14 +160,17 @@ def train(
         # sft_weight > 0 adds the NLL of the chosen answers (RPO), which keeps the policy fluent.
         losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight > 0 else {}
         args = DPOConfig(beta=beta, **losses, **common)
-        trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
+        ref_model = load_model(model, dtype=dtype)[0].eval() if separate_reference else None
+        trainer = DPOTrainer(model=base, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
     else:
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**common)
         trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config)
+    timer = _StepTimer()
+    trainer.add_callback(timer.callback)
     if not progress:
         from transformers import PrinterCallback
 
@@ -177,4 +204,5 @@ def train(
         reward_accuracy=sum(tail) / len(tail) if tail else None,
         peak_rss_mb=_peak_rss_mb(),
         log_history=trainer.state.log_history,
+        step_seconds=timer.seconds,
     )

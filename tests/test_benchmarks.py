@@ -13,13 +13,29 @@ def test_bench_generate_quick_schema(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_generate.py"), "--quick", "--json",
                            str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
-    rows = data["rows"]
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list)
     assert {r["method"] for r in rows} >= {"base", "clm_weights", "clm_hidden", "clm_logits", "sequential_paths",
-                                         "two_model_mix", "instruction_prompt", "clm_two_adapters_logits"}
+                                         "two_model_mix", "instruction_prompt", "clm_two_adapters_logits", "lora_scale"}
     for r in rows:
         for key in ("method", "mode", "batch", "decode_tok_s", "ratio_vs_base", "peak_mem_mb"):
             assert key in r, key
         assert r["decode_tok_s"] > 0 and r["peak_mem_mb"] > 0 and r["ratio_vs_base"] > 0
     assert next(r for r in rows if r["method"] == "base")["ratio_vs_base"] == 1.0
     assert "decode tok/s" in proc.stdout
+
+
+def test_bench_train_quick_schema(tmp_path):
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--quick", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["clm", "lora", "lora_separate_ref", "full"]
+    for r in rows:
+        assert r["step_s"] > 0 and r["peak_mem_mb"] > 0 and r["steps"] == 3
+        assert 0 < r["trainable_params"] <= r["total_params"]
+    by = {r["method"]: r for r in rows}
+    assert by["full"]["trainable_params"] == by["full"]["total_params"]
+    assert by["clm"]["trainable_params"] < by["lora"]["trainable_params"] == by["lora_separate_ref"]["trainable_params"]
+    assert "s/step" in proc.stdout

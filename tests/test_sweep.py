@@ -102,3 +102,60 @@ def test_logits_mode_logprobs_from_two_passes_equal_one_pass_per_alpha(tiny):
     for j, a in enumerate(alphas):
         one = sequence_logprobs_at(model, tokenizer, prompts, completions, [a], batch_size=2)[0]
         torch.testing.assert_close(fast[j], one, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["logits", "weights"])
+def test_two_adapter_grid_writes_heat_map_and_table(tiny, tmp_path, capsys, mode):
+    out = tmp_path / "grid"
+    code = main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--adapter",
+                 str(tiny / "adapter2"), "--alphas", "0,1,2", "--alphas", "-1,0,1", "--metric", "words",
+                 "--metric", "casualness", "--target", "words=3", "--prompts", str(tiny / "heldout.jsonl"),
+                 "--interpolation", mode, "--max-new-tokens", "5", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Spearman rho(alpha_adapter" in printed and "<- best" in printed
+    result = json.loads((out / "grid.json").read_text())
+    assert result["knobs"] == {"adapter": [0.0, 1.0, 2.0], "adapter2": [-1.0, 0.0, 1.0]}
+    assert len(result["rows"]) == 9 and result["pareto_front"] and 0 <= result["best"] < 9
+    assert {"alpha_adapter", "alpha_adapter2", "words_mean", "casualness_mean"} == set(result["rows"][0])
+    with (out / "grid.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 9
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_rows_match_single_adapter_generation(tiny, tmp_path):
+    """A grid point (a, 0) gives exactly what the first adapter alone gives at a: the per-row alphas are right."""
+    from peft import PeftModel
+
+    from peft_clm.sweep import generate_answers, grid_sweep
+
+    prompts = [r["prompt"] for r in preference_rows(4)]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), tiny / "adapter",
+                                      adapter_name="x")
+    model.load_adapter(tiny / "adapter2", adapter_name="y")
+    model.base_model.set_adapter(["x", "y"])
+    model.eval()
+    result = grid_sweep(model, tok, {"x": [0.0, 1.5], "y": [0.0, 1.0]}, {"x": "words", "y": "words"}, prompts,
+                        tmp_path, max_new_tokens=6)
+    examples = result["examples"]
+    model.base_model.set_adapter("x")
+    alone = generate_answers(model, tok, prompts, [1.5], max_new_tokens=6)[0]
+    assert examples[json.dumps({"x": 1.5, "y": 0.0})] == alone[:2]
+    from peft_clm.sweep import pareto_front
+
+    assert pareto_front([{"a": 1, "b": 2}, {"a": 2, "b": 1}, {"a": 2, "b": 2}], ["a", "b"]) == [0, 1]
+
+
+def test_bad_grid_input_is_one_clear_error(tiny, tmp_path, capsys):
+    common = ["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--adapter",
+              str(tiny / "adapter2"), "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]
+    assert main(common + ["--metric", "words"]) == 2
+    assert "--metric once per adapter" in capsys.readouterr().err
+    assert main(common + ["--metric", "words", "--metric", "casualness", "--target", "words"]) == 2
+    assert "METRIC=VALUE" in capsys.readouterr().err
+    assert main(common + ["--metric", "words", "--metric", "nope"]) == 2
+    assert "'nope' is not one of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
