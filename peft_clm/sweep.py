@@ -55,13 +55,17 @@ def _chat_text(tokenizer, prompt) -> str:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence, alphas: Sequence, max_new_tokens: int = 64,
                      batch_size: int = 16, per_sequence: Optional[bool] = None) -> dict:
-    """Greedy answers to every prompt at every alpha: {alpha: [answer, ...]}.
+    """Greedy answers to every prompt at every alpha: {index of the alpha: [answer, ...]}.
 
     In hidden and logits modes the (prompt, alpha) pairs share batches, each row with its own alpha.
-    An alpha is a number, or a dict {adapter: number} for several active adapters.
+    An alpha is a number, or a dict {adapter: number} for several active adapters; a plain (non-CLM) model takes
+    `alphas=[None]`.
     """
     tokenizer.padding_side = "left"
-    mode = model.base_model.clm_layer().interpolation
+    clm = hasattr(model.base_model, "clm_layer")
+    if not clm and any(a is not None for a in alphas):
+        raise ValueError("alphas need a CLM model; a plain model takes alphas=[None].")
+    mode = model.base_model.clm_layer().interpolation if clm else "weights"
     per_sequence = mode != "weights" if per_sequence is None else per_sequence
     texts = [_chat_text(tokenizer, p) for p in prompts]
     jobs = [(j, i) for j in range(len(alphas)) for i in range(len(texts))]
@@ -79,8 +83,9 @@ def generate_answers(model, tokenizer, prompts: Sequence, alphas: Sequence, max_
                 clm_alpha = [alphas[j] for j, _ in group]
         else:
             clm_alpha = alphas[group[0][0]]
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, clm_alpha=clm_alpha,
-                             pad_token_id=tokenizer.pad_token_id)
+        kwargs = {"clm_alpha": clm_alpha} if clm else {}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
         for (j, i), seq in zip(group, out):
             answers[j][i] = tokenizer.decode(seq[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return {j: answers[j] for j in answers}
@@ -192,6 +197,8 @@ def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Uni
         "alphas": alphas,
         "rows": rows,
         "spearman_rho": spearman(alphas, means),
+        # the held-out implicit reward margin: the preference signal itself, before decoding turns it into text
+        "spearman_rho_margin": spearman(alphas, [r["mean_margin"] for r in rows]) if pairs else None,
         "monotone": all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
         "interpolation": model.base_model.clm_layer().interpolation,
         "generation_seconds": gen_s,
@@ -211,6 +218,8 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append("  ".join(f"{r[k]:>16.4f}" if isinstance(r[k], float) else f"{r[k]:>16}" for k in keys))
     lines.append(f"Spearman rho(alpha, {metric}) = {result['spearman_rho']:.3f}; monotone: {result['monotone']}")
+    if result.get("spearman_rho_margin") is not None:
+        lines.append(f"Spearman rho(alpha, held-out reward margin) = {result['spearman_rho_margin']:.3f}")
     return "\n".join(lines)
 
 
@@ -272,9 +281,65 @@ def plot_grid(rows: list[dict], knobs: Sequence[str], metrics: Sequence[str], pa
     os.replace(tmp, path)
 
 
+def _check_grid(knobs: dict, metrics: dict, targets: Optional[dict]) -> list[str]:
+    names = list(knobs)
+    if len(names) < 2:
+        raise ValueError(f"a grid needs two or more knobs, got {names}; use sweep() for one.")
+    if set(metrics) != set(names):
+        raise ValueError(f"give one metric per knob: knobs {names}, metrics for {sorted(metrics)}.")
+    for n, m in metrics.items():
+        if m not in METRICS:
+            raise ValueError(f"metric {m!r} (knob {n!r}) is not one of {sorted(METRICS)}.")
+    metric_names = list(dict.fromkeys(metrics[n] for n in names))
+    for m in targets or {}:
+        if m not in metric_names:
+            raise ValueError(f"target for {m!r}, which is not a metric of this grid ({metric_names}).")
+    return names
+
+
+def _grid_points(knobs: dict) -> list[dict]:
+    names = list(knobs)
+    return [dict(zip(names, map(float, values))) for values in itertools.product(*(knobs[n] for n in names))]
+
+
+def _write_grid(points: list[dict], answers: dict, knobs: dict, metrics: dict, out: Path, targets: Optional[dict],
+                extra: dict, title: str) -> dict:
+    """Score every grid point with every metric; write grid.json, grid.csv and grid.png; return the result."""
+    names = list(knobs)
+    metric_names = list(dict.fromkeys(metrics[n] for n in names))
+    rows = []
+    for j, point in enumerate(points):
+        row = {f"alpha_{n}": a for n, a in point.items()}
+        for m in metric_names:
+            values = [METRICS[m](ans) for ans in answers[j]]
+            row[f"{m}_mean"] = sum(values) / len(values)
+        rows.append(row)
+    keys = [f"{m}_mean" for m in metric_names]
+    result = {
+        "knobs": {n: [float(a) for a in knobs[n]] for n in names},
+        "metrics": dict(metrics),
+        **extra,
+        "rows": rows,
+        # does each knob move its own metric (and leave the others alone)? rank correlation over the whole grid
+        "spearman_rho": {n: {m: spearman([r[f"alpha_{n}"] for r in rows], [r[f"{m}_mean"] for r in rows])
+                             for m in metric_names} for n in names},
+        "pareto_front": pareto_front(rows, keys),
+        "n_prompts": len(answers[0]),
+        "examples": {json.dumps(p): answers[j][:2] for j, p in enumerate(points)},
+    }
+    if targets:
+        dist = target_distances(rows, targets)
+        result["targets"] = dict(targets)
+        result["best"] = min(range(len(rows)), key=dist.__getitem__)
+    (out / "grid.json").write_text(json.dumps(result, indent=1))
+    _write_table(rows, out, "grid.csv")
+    plot_grid(rows, names, metric_names, out / "grid.png", title)
+    return result
+
+
 def grid_sweep(model, tokenizer, knobs: dict, metrics: dict, prompts: Sequence, out: Union[str, Path],
                targets: Optional[dict] = None, max_new_tokens: int = 64, batch_size: int = 16, title: str = "") -> dict:
-    """Several adapters, one knob each: generate at every point of the grid of their alphas, score every
+    """Several CLM adapters, one knob each: generate at every point of the grid of their alphas, score every
     dimension's metric, write grid.json, grid.csv and grid.png (heat maps); return the result.
 
     `knobs` maps each active adapter to its alphas; `metrics` maps it to the name of its dimension's metric.
@@ -290,57 +355,52 @@ def grid_sweep(model, tokenizer, knobs: dict, metrics: dict, prompts: Sequence, 
         >>> r["rows"][r["pareto_front"][0]]
         ```
     """
-    names = list(knobs)
-    if len(names) < 2:
-        raise ValueError(f"a grid needs two or more knobs, got {names}; use sweep() for one.")
+    names = _check_grid(knobs, metrics, targets)
     active = set(model.base_model.active_adapters)
     missing = [n for n in names if n not in active]
     if missing:
         raise ValueError(f"knobs {missing} are not active adapters; active: {sorted(active)}.")
-    if set(metrics) != set(names):
-        raise ValueError(f"give one metric per knob: knobs {names}, metrics for {sorted(metrics)}.")
-    for n, m in metrics.items():
-        if m not in METRICS:
-            raise ValueError(f"metric {m!r} (knob {n!r}) is not one of {sorted(METRICS)}.")
-    metric_names = list(dict.fromkeys(metrics[n] for n in names))
-    for m in targets or {}:
-        if m not in metric_names:
-            raise ValueError(f"target for {m!r}, which is not a metric of this grid ({metric_names}).")
-    points = [dict(zip(names, map(float, values))) for values in itertools.product(*(knobs[n] for n in names))]
+    points = _grid_points(knobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, prompts, points, max_new_tokens, batch_size)
-    gen_s = time.perf_counter() - t0
-    rows = []
+    extra = {"interpolation": model.base_model.clm_layer().interpolation,
+             "generation_seconds": time.perf_counter() - t0}
+    return _write_grid(points, answers, knobs, metrics, out, targets, extra, title)
+
+
+def vector_grid_sweep(model, tokenizer, vectors: dict, knobs: dict, metrics: dict, prompts: Sequence,
+                      out: Union[str, Path], targets: Optional[dict] = None, max_new_tokens: int = 64,
+                      batch_size: int = 16, title: str = "") -> dict:
+    """The same grid for alignment vectors of full checkpoints: at each point, `theta + sum_i s_i * vector_i` is
+    applied to the loaded model in place, the prompts are answered, and the model is restored bit for bit.
+
+    `vectors` maps each knob to a vector file (`peft_clm.vectors.extract`); `knobs` maps it to its scales.
+
+    Example:
+        ```py
+        >>> r = vector_grid_sweep(model, tok, {"concise": "c.safetensors", "formal": "f.safetensors"},
+        ...                       {"concise": [0, 1], "formal": [0, 1]},
+        ...                       {"concise": "words", "formal": "casualness"}, prompts, "out")
+        ```
+    """
+    from .vectors import applied
+
+    names = _check_grid(knobs, metrics, targets)
+    if set(vectors) != set(names):
+        raise ValueError(f"give one vector per knob: knobs {names}, vectors for {sorted(vectors)}.")
+    points = _grid_points(knobs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    answers = {}
     for j, point in enumerate(points):
-        row = {f"alpha_{n}": a for n, a in point.items()}
-        for m in metric_names:
-            values = [METRICS[m](ans) for ans in answers[j]]
-            row[f"{m}_mean"] = sum(values) / len(values)
-        rows.append(row)
-    keys = [f"{m}_mean" for m in metric_names]
-    result = {
-        "knobs": {n: [float(a) for a in knobs[n]] for n in names},
-        "metrics": dict(metrics),
-        "interpolation": model.base_model.clm_layer().interpolation,
-        "rows": rows,
-        # does each knob move its own metric (and leave the others alone)? rank correlation over the whole grid
-        "spearman_rho": {n: {m: spearman([r[f"alpha_{n}"] for r in rows], [r[f"{m}_mean"] for r in rows])
-                             for m in metric_names} for n in names},
-        "pareto_front": pareto_front(rows, keys),
-        "generation_seconds": gen_s,
-        "n_prompts": len(prompts),
-        "examples": {json.dumps(p): answers[j][:2] for j, p in enumerate(points)},
-    }
-    if targets:
-        result["targets"] = dict(targets)
-        dist = target_distances(rows, targets)
-        result["best"] = min(range(len(rows)), key=dist.__getitem__)
-    (out / "grid.json").write_text(json.dumps(result, indent=1))
-    _write_table(rows, out, "grid.csv")
-    plot_grid(rows, names, metric_names, out / "grid.png", title)
-    return result
+        with applied(model, [(vectors[n], s) for n, s in point.items() if s != 0.0]):
+            answers[j] = generate_answers(model, tokenizer, prompts, [None], max_new_tokens, batch_size)[0]
+    extra = {"interpolation": "vectors", "vectors": {n: str(v) for n, v in vectors.items()},
+             "generation_seconds": time.perf_counter() - t0}
+    return _write_grid(points, answers, knobs, metrics, out, targets, extra, title)
 
 
 def format_grid(result: dict) -> str:

@@ -43,6 +43,7 @@ def test_sweep_writes_table_json_csv_and_png(tiny, tmp_path, capsys, mode):
     result = json.loads((out / "sweep.json").read_text())
     assert [r["alpha"] for r in result["rows"]] == alphas and result["interpolation"] == mode
     assert all(0.0 <= r["reward_accuracy"] <= 1.0 for r in result["rows"])
+    assert -1.0 <= result["spearman_rho_margin"] <= 1.0 and "reward margin" in printed
     zero = next(r for r in result["rows"] if r["alpha"] == 0.0)
     assert zero["dpo_loss"] == pytest.approx(0.6931, abs=1e-4)  # alpha 0 is the reference itself
     with (out / "sweep.csv").open() as f:
@@ -159,3 +160,36 @@ def test_bad_grid_input_is_one_clear_error(tiny, tmp_path, capsys):
     assert main(common + ["--metric", "words", "--metric", "nope"]) == 2
     assert "'nope' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_vector_grid_applies_each_point_and_restores_the_model(tiny, tmp_path):
+    """Full-checkpoint vectors as knobs: point (1, 0) answers as the first aligned checkpoint does, exactly."""
+    from transformers import AutoTokenizer
+
+    from peft_clm.sweep import generate_answers, vector_grid_sweep
+    from peft_clm.vectors import extract
+
+    for name, seed in (("a", 2), ("b", 3)):
+        m = AutoModelForCausalLM.from_pretrained(tiny / "model")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        m.save_pretrained(tmp_path / name)
+        extract(tiny / "model", tmp_path / name, tmp_path / f"{name}.safetensors")
+    tok = AutoTokenizer.from_pretrained(tiny / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [r["prompt"] for r in preference_rows(3)]
+    result = vector_grid_sweep(model, tok, {"a": tmp_path / "a.safetensors", "b": tmp_path / "b.safetensors"},
+                               {"a": [0.0, 1.0], "b": [0.0, 0.5]}, {"a": "words", "b": "casualness"}, prompts,
+                               tmp_path / "grid", targets={"words": 2.0}, max_new_tokens=5)
+    assert len(result["rows"]) == 4 and result["interpolation"] == "vectors" and 0 <= result["best"] < 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    aligned = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    assert result["examples"][json.dumps({"a": 1.0, "b": 0.0})] == generate_answers(aligned, tok, prompts, [None],
+                                                                                     max_new_tokens=5)[0][:2]
+    assert (tmp_path / "grid" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="one vector per knob"):
+        vector_grid_sweep(model, tok, {"a": tmp_path / "a.safetensors"}, {"a": [0.0], "b": [0.0]},
+                          {"a": "words", "b": "words"}, prompts, tmp_path / "g2")
