@@ -151,6 +151,32 @@ def _parse_vector(text: str) -> tuple[str, float]:
     return path, value
 
 
+def _vector_grid(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .sweep import format_grid, read_prompts, vector_grid_sweep
+
+    named = {}
+    for item in args.vector:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--vector takes NAME=PATH for a grid (e.g. concise=c.safetensors), got {item!r}.")
+        named[name] = path
+    n = len(named)
+    if len(args.scales) not in (1, n) or len(args.metric) != n:
+        raise ValueError(f"{n} vectors: give --scales once (shared) or once per vector, and --metric once per "
+                         f"vector; got {len(args.scales)} --scales and {len(args.metric)} --metric.")
+    prompts = read_prompts(args.prompts)[0][: args.max_prompts]
+    knobs = {name: _parse_alphas(args.scales[i if len(args.scales) > 1 else 0]) for i, name in enumerate(named)}
+    targets = _parse_targets(args.target)
+    model, tokenizer = load_model(args.base)
+    result = vector_grid_sweep(model.eval(), tokenizer, named, knobs, dict(zip(named, args.metric)), prompts,
+                               args.out, targets=targets, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, title=" x ".join(named) + " (vectors)")
+    print(format_grid(result))
+    print(f"generation {result['generation_seconds']:.0f} s; wrote {args.out}/grid.json, grid.csv, grid.png")
+    return 0
+
+
 def _vectors(args: argparse.Namespace) -> int:
     import json
 
@@ -164,6 +190,8 @@ def _vectors(args: argparse.Namespace) -> int:
         pairs = [_parse_vector(v) for v in args.vector]
         out = vectors.apply_to_checkpoint(args.base, pairs, args.out)
         print(f"wrote {out} = {args.base} + " + " + ".join(f"{s:g} * {p}" for p, s in pairs))
+    elif args.action == "grid":
+        return _vector_grid(args)
     else:
         meta = vectors.inspect_vector(args.path)
         norms = meta.pop("norms")
@@ -239,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--base", required=True)
     va.add_argument("--vector", required=True, action="append", help="V.safetensors:SCALE (repeatable)")
     va.add_argument("--out", required=True)
+    vg = vsub.add_parser("grid", help="multi-domain search: answer prompts at every point of a grid of vector "
+                         "scales, score each domain's metric, write table/JSON/heat maps")
+    vg.add_argument("--base", required=True, help="the checkpoint the vectors are applied to")
+    vg.add_argument("--vector", required=True, action="append", help="NAME=V.safetensors (one per domain)")
+    vg.add_argument("--scales", required=True, action="append", help="comma-separated; once, or once per vector")
+    vg.add_argument("--metric", required=True, action="append", help="words or casualness, once per vector")
+    vg.add_argument("--prompts", required=True)
+    vg.add_argument("--target", action="append", help="METRIC=VALUE: pick the grid point nearest the targets")
+    vg.add_argument("--out", required=True)
+    vg.add_argument("--max-prompts", type=int)
+    vg.add_argument("--max-new-tokens", type=int, default=48)
+    vg.add_argument("--batch-size", type=int, default=32)
     vi = vsub.add_parser("inspect", help="metadata and the largest tensor norms of a vector")
     vi.add_argument("path")
     vi.add_argument("--top", type=int, default=10)
@@ -250,7 +290,7 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     # `--alphas -0.5,0,1` and `--alpha -1`: argparse would read a value starting with '-' as an option.
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in ("--alphas", "--alpha") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+        if argv[i] in ("--alphas", "--alpha", "--scales") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:

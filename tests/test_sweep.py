@@ -193,3 +193,22 @@ def test_vector_grid_applies_each_point_and_restores_the_model(tiny, tmp_path):
     with pytest.raises(ValueError, match="one vector per knob"):
         vector_grid_sweep(model, tok, {"a": tmp_path / "a.safetensors"}, {"a": [0.0], "b": [0.0]},
                           {"a": "words", "b": "words"}, prompts, tmp_path / "g2")
+
+
+def test_vectors_grid_cli(tiny, tmp_path, capsys):
+    from peft_clm.vectors import extract
+
+    m = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.01)
+    m.save_pretrained(tmp_path / "aligned")
+    extract(tiny / "model", tmp_path / "aligned", tmp_path / "v.safetensors")
+    common = ["vectors", "grid", "--base", str(tiny / "model"), "--vector", f"x={tmp_path / 'v.safetensors'}",
+              "--vector", f"y={tmp_path / 'v.safetensors'}", "--metric", "words", "--metric", "casualness",
+              "--prompts", str(tiny / "heldout.jsonl"), "--max-prompts", "2", "--max-new-tokens", "4"]
+    assert main(common + ["--scales", "-1,0,1", "--out", str(tmp_path / "g")]) == 0
+    assert "Spearman rho(alpha_x" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "g" / "grid.json").read_text())["rows"]) == 9
+    assert main(common[:4] + ["--vector", "nonsense"] + common[6:] + ["--scales", "0,1", "--out", str(tmp_path / "h")]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err and not (tmp_path / "h").exists()
