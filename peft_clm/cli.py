@@ -41,14 +41,17 @@ def _load_clm(args: argparse.Namespace):
 
 
 def adapter_names(paths: Sequence[str]) -> list[str]:
-    """Adapter names from their directories' names (what tables and plots show), made unique and key-safe."""
+    """Adapter names from their directories (what tables and plots show): the last path component, with as many
+    parent components as it takes to tell them apart (runs/concise/clm, runs/formal/clm -> concise_clm, formal_clm)."""
     import re
     from pathlib import Path
 
-    names = [re.sub(r"\W", "_", Path(p).resolve().name) or "adapter" for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{n}_{i}" for i, n in enumerate(names)]
-    return names
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = [re.sub(r"\W", "_", "_".join(p[-depth:])).strip("_") or "adapter" for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"adapter_{i}" for i in range(len(paths))]  # the same directory given twice
 
 
 def _parse_alphas(text: str) -> list[float]:

@@ -1,7 +1,8 @@
 """Alignment vectors: `theta_base + sum_i lambda_i * (theta_aligned_i - theta_base)`.
 
 A vector is the difference between an aligned and a base checkpoint of one architecture, stored as safetensors
-with metadata. It is extracted and applied tensor by tensor, so peak memory stays near one tensor, not one model.
+with metadata. It is extracted and applied in blocks of rows of one tensor at a time (`BLOCK_BYTES`), so peak
+memory stays near a few blocks, not one tensor and never one model.
 The vector of a CLM adapter is `trained layer - identity init`; `weights` mode is exactly that vector applied to the
 identity layer, and several adapters' vectors compose the same way.
 
@@ -20,7 +21,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -75,6 +76,26 @@ class Checkpoint:
         with safe_open(self.where[name], framework="pt") as f:
             return f.get_tensor(name)
 
+    def get_rows(self, name: str, rows: tuple[int, int]) -> torch.Tensor:
+        """Rows [start, end) along the first dimension (a 0-d tensor whole), read without loading the rest."""
+        with safe_open(self.where[name], framework="pt") as f:
+            if not self.meta[name][1]:
+                return f.get_tensor(name)
+            return f.get_slice(name)[rows[0]:rows[1]]
+
+
+BLOCK_BYTES = 8 << 20  # working size of one block of rows, in the wide dtype
+
+
+def _row_blocks(shape: Sequence[int], itemsize: int, budget: Optional[int] = None) -> list[tuple[int, int]]:
+    """Blocks of rows of a tensor of `shape`, each about `budget` (default BLOCK_BYTES) bytes at `itemsize`."""
+    budget = BLOCK_BYTES if budget is None else budget
+    if not shape:
+        return [(0, 1)]
+    per_row = max(1, math.prod(shape[1:]) * itemsize)
+    step = max(1, budget // per_row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)] or [(0, 0)]
+
 
 def _read_header(path: Path) -> dict:
     with open(path, "rb") as f:
@@ -106,9 +127,12 @@ class _StreamWriter:
         self.order = [name for name, _, _ in specs]
         self.i = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, blocks) -> None:
+        """The tensor `name`, given whole or as an iterable of its blocks of rows, in order."""
         assert name == self.order[self.i], (name, self.order[self.i])
-        self.f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        for block in [blocks] if isinstance(blocks, torch.Tensor) else blocks:
+            if block.numel():
+                self.f.write(memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self.i += 1
 
     def close(self) -> None:
@@ -120,10 +144,20 @@ class _StreamWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def _dtype_of(st_name: str) -> torch.dtype:
+    return next(d for d, s in _ST_DTYPES.items() if s == st_name)
+
+
+def _diff_blocks(b: Checkpoint, a: Checkpoint, name: str, wide: torch.dtype) -> Iterator[torch.Tensor]:
+    itemsize = torch.empty((), dtype=wide).element_size()
+    for rows in _row_blocks(b.meta[name][1], itemsize):
+        yield a.get_rows(name, rows).to(wide).sub_(b.get_rows(name, rows).to(wide))
+
+
 def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
     """Write the vector `aligned - base` of two checkpoints of one architecture to `out` (.safetensors).
 
-    Streams tensor by tensor; only tensors that differ are stored. Returns the metadata written.
+    Streams in blocks of rows, tensor by tensor; only tensors that differ are stored. Returns the metadata written.
 
     Example:
         ```py
@@ -143,17 +177,21 @@ def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
                           f"{a.meta[wrong[0]][1]}.")
     specs, norms, dtypes = [], {}, set()
     for name in b.names():  # pass 1: which tensors differ, and their norms
-        tb, ta = b.get(name), a.get(name)
-        if not tb.is_floating_point():
+        dtype = _dtype_of(b.meta[name][0])
+        if not dtype.is_floating_point:
+            tb, ta = b.get(name), a.get(name)
             if not torch.equal(tb, ta):
                 raise VectorError(f"non-float tensor {name} differs between the checkpoints.")
             continue
-        dtypes.add(str(tb.dtype).removeprefix("torch."))
-        wide = _wide(tb.dtype)
-        diff = ta.to(wide) - tb.to(wide)
-        if torch.count_nonzero(diff):
-            specs.append((name, wide, list(tb.shape)))
-            norms[name] = float(diff.norm())
+        dtypes.add(str(dtype).removeprefix("torch."))
+        wide = _wide(dtype)
+        sq, nonzero = 0.0, 0
+        for block in _diff_blocks(b, a, name, wide):
+            nonzero += int(torch.count_nonzero(block))
+            sq += float(block.square().sum())
+        if nonzero:
+            specs.append((name, wide, list(b.meta[name][1])))
+            norms[name] = math.sqrt(sq)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -169,7 +207,7 @@ def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
     writer = _StreamWriter(out, specs, metadata)
     try:
         for name, wide, _ in specs:  # pass 2: write
-            writer.write(name, b.get(name).to(wide).neg_().add_(a.get(name).to(wide)))
+            writer.write(name, _diff_blocks(b, a, name, wide))
         writer.close()
     except BaseException:
         writer.abort()
@@ -207,12 +245,14 @@ def _check_fits(vectors, shapes: dict[str, tuple], what: str) -> None:
                                   f"{tuple(shapes[name])}.")
 
 
-def _apply_one(tensor: torch.Tensor, name: str, vectors) -> torch.Tensor:
+def _apply_one(tensor: torch.Tensor, name: str, vectors, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """`tensor + sum scale_i * vector_i[name]` in the wide dtype, rounded once; `rows` when `tensor` is a block."""
     wide = _wide(tensor.dtype)
     acc = None
     for ckpt, scale in vectors:
         if name in ckpt.where and scale != 0.0:
-            delta = ckpt.get(name).to(device=tensor.device, dtype=wide) * scale
+            part = ckpt.get(name) if rows is None else ckpt.get_rows(name, rows)
+            delta = part.to(device=tensor.device, dtype=wide) * scale
             acc = delta if acc is None else acc + delta
     return tensor if acc is None else (tensor.to(wide) + acc).to(tensor.dtype)
 
@@ -239,12 +279,12 @@ def apply_to_checkpoint(base: PathLike, vectors: Sequence[tuple[PathLike, float]
             specs = []
             for n in names:
                 dtype_name, shape = ckpt.meta[n]
-                dtype = next(d for d, s in _ST_DTYPES.items() if s == dtype_name)
-                specs.append((n, dtype, shape))
+                specs.append((n, _dtype_of(dtype_name), shape))
             writer = _StreamWriter(tmp / f.name, specs, {"format": "pt"})
             try:
-                for n in names:
-                    writer.write(n, _apply_one(ckpt.get(n), n, loaded))
+                for n, dtype, shape in specs:
+                    blocks = _row_blocks(shape, 8)
+                    writer.write(n, (_apply_one(ckpt.get_rows(n, rows), n, loaded, rows) for rows in blocks))
                 writer.close()
             except BaseException:
                 writer.abort()

@@ -41,7 +41,7 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from peft_clm.cli import _parse_targets, adapter_names
+    from peft_clm.cli import _parse_targets
     from peft_clm.data import read_jsonl
     from peft_clm.models import load_model
     from peft_clm.sweep import format_grid, generate_answers, grid_sweep, target_distances
@@ -60,7 +60,7 @@ def main() -> None:
 
     # the search: load the adapters, sweep the grid, pick the point nearest the targets
     t0 = time.perf_counter()
-    names = adapter_names(args.adapter)
+    names = domains  # the knobs are named after their domains in tables and heat maps
     model, tokenizer = load_model("smollm2")
     model = PeftModel.from_pretrained(model, args.adapter[0], adapter_name=names[0])
     for name, path in zip(names[1:], args.adapter[1:]):

@@ -67,6 +67,21 @@ def test_lambda_zero_and_one_are_exact_and_vectors_sum(trio):
     assert (root / "both" / "config.json").is_file()
 
 
+def test_blocks_of_rows_give_the_same_vector_and_checkpoint(trio, monkeypatch):
+    """Extraction and application work in blocks of rows: tiny blocks (many per tensor) change no bit."""
+    import peft_clm.vectors as vectors
+
+    root, base, a1, _, _ = trio
+    extract(base, a1, root / "whole.safetensors")
+    monkeypatch.setattr(vectors, "BLOCK_BYTES", 64)
+    assert len(vectors._row_blocks([97, 32], 8)) == 97
+    extract(base, a1, root / "blocks.safetensors")
+    whole, blocks = _tensors(root / "whole.safetensors"), _tensors(root / "blocks.safetensors")
+    assert whole.keys() == blocks.keys() and all(torch.equal(whole[k], blocks[k]) for k in whole)
+    got, expected = _tensors(apply_to_checkpoint(base, [(root / "blocks.safetensors", 1.0)], root / "out")), _tensors(a1)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_apply_in_place_then_undo_is_bit_exact(trio):
     root, base, a1, _, dtype = trio
     extract(base, a1, root / "v1.safetensors")
@@ -163,4 +178,4 @@ def test_extraction_streams_with_memory_well_under_the_model(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
     growth = json.loads(out.strip().splitlines()[-1])["peak_growth_bytes"]
-    assert growth < 0.5 * size, (growth, size)
+    assert growth < 0.35 * size, (growth, size)
