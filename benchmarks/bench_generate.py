@@ -8,6 +8,7 @@ of rows with `method`, `mode`, `batch`, `prefill_tok_s`, `decode_tok_s`, `ttft_s
 
     python benchmarks/bench_generate.py                      # SmolLM2-135M on this machine
     python benchmarks/bench_generate.py --quick --json out.json  # tiny random model, < 2 min (CI checks the schema)
+    python benchmarks/bench_generate.py --device cuda --model llama-1b   # on a GPU: a 1B-class Llama shape, bf16
 """
 
 from __future__ import annotations
@@ -43,28 +44,49 @@ SYSTEM_PROMPT = (
 )
 
 
-def _build(method: str, quick: bool):
+MODELS = {
+    "tiny": "tiny random Llama (quick schema check)",
+    "smollm2": "SmolLM2-135M-Instruct",
+    "llama-1b": "random-weight Llama-3.2-1B-shaped model (hidden 2048, 16 layers, GQA 32/8, vocab 128256)",
+}
+
+
+def _load(name: str, device: str, dtype):
+    import torch
+
+    if name == "tiny":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from tiny_models import tiny_model
+
+        return tiny_model("llama").to(device, dtype), None
+    if name == "smollm2":
+        from peft_clm.models import load_model
+
+        model, tokenizer = load_model("smollm2", dtype=dtype)
+        return model.to(device), tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: no 5 GB detour through host memory
+        return LlamaForCausalLM(config).to(dtype).eval(), None
+
+
+def _build(method: str, model_name: str, device: str, dtype):
     import torch
     from peft import get_peft_model
 
     from peft_clm import ClmConfig
 
-    if quick:
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from tiny_models import tiny_model
-
-        load = lambda: (tiny_model("llama"), None)  # noqa: E731
-    else:
-        from peft_clm.models import load_model
-
-        load = lambda: load_model("smollm2")  # noqa: E731
+    load = lambda: _load(model_name, device, dtype)  # noqa: E731
     model, tokenizer = load()
     _, mode, alpha = METHODS[method]
     g = torch.Generator().manual_seed(0)
 
     def trained(peft_model, name="default"):
         for p in peft_model.base_model.clm_layer().clm_layers[name].parameters():
-            p.data.add_(torch.randn(p.shape, generator=g) * 0.01)
+            p.data.add_((torch.randn(p.shape, generator=g) * 0.01).to(p.device, p.dtype))
 
     if mode in ("weights", "hidden", "logits"):
         model = get_peft_model(model, ClmConfig(interpolation=mode, alpha=alpha))
@@ -86,10 +108,11 @@ def _build(method: str, quick: bool):
     if mode == "lora":  # LoRA's knob needs the adapter unmerged: every linear layer pays its low-rank product
         from peft import LoraConfig
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+        model = get_peft_model(model, lora).to(device, dtype)
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.data.normal_(0, 0.01, generator=g)
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.01)
         for module in model.modules():
             if hasattr(module, "set_scale") and "default" in getattr(module, "scaling", {}):
                 module.set_scale("default", alpha)
@@ -97,18 +120,21 @@ def _build(method: str, quick: bool):
     return model, tokenizer, None
 
 
-def _measure(method: str, quick: bool, batch: int, context: int, new_tokens: int, repeats: int) -> dict:
+def _measure(method: str, model_name: str, device: str, batch: int, context: int, new_tokens: int,
+             repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    model, tokenizer, extra = _build(method, quick)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tokenizer, extra = _build(method, model_name, device, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ctx = context
     if METHODS[method][1] == "prompt":
         extra_tokens = len(tokenizer(SYSTEM_PROMPT)["input_ids"]) if tokenizer is not None else 40
         ctx = context + extra_tokens
-    ids = torch.randint(10, vocab - 1, (batch, ctx), generator=g)
+    ids = torch.randint(10, vocab - 1, (batch, ctx), generator=g).to(device)
 
     def forward(x, past):
         if extra == "sequential":  # the two paths one after the other, each with its own cache
@@ -129,13 +155,16 @@ def _measure(method: str, quick: bool, batch: int, context: int, new_tokens: int
     with torch.inference_mode():
         forward(ids[:, :8], None)  # warm-up
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             logits, past = forward(ids, None)
+            sync()
             t1 = time.perf_counter()
             token = logits.argmax(-1, keepdim=True)
             for _ in range(new_tokens):
                 logits, past = forward(token, past)
                 token = logits.argmax(-1, keepdim=True)
+            sync()
             t2 = time.perf_counter()
             run = dict(prefill_s=t1 - t0, decode_s=t2 - t1)
             if best is None or run["decode_s"] < best["decode_s"]:
@@ -151,7 +180,12 @@ def _measure(method: str, quick: bool, batch: int, context: int, new_tokens: int
         prefill_tok_s=batch * ctx / best["prefill_s"],
         ttft_s=best["prefill_s"],
         decode_tok_s=batch * new_tokens / best["decode_s"],
-        peak_mem_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # GPU: peak memory allocated on the device; CPU: peak RSS of the process
+        peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        model=model_name,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
     )
 
 
@@ -165,13 +199,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per process (best kept)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all methods (best kept)")
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="; ".join(
+        f"{k}: {v}" for k, v in MODELS.items()))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16, GPU peak memory)")
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.context, args.new_tokens, args.repeats, args.rounds, args.batches = 32, 8, 1, 1, "1"
+        args.model = "tiny"
     if args._one:
         method, batch = args._one.split(":")
-        print(json.dumps(_measure(method, args.quick, int(batch), args.context, args.new_tokens, args.repeats)))
+        print(json.dumps(_measure(method, args.model, args.device, int(batch), args.context, args.new_tokens,
+                                  args.repeats)))
         return
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -183,8 +222,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for method in methods:
                 cmd = [sys.executable, __file__, "--_one", f"{method}:{batch}", "--context", str(args.context),
-                       "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
+                       "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--model", args.model,
+                       "--device", args.device]
+                out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise SystemExit(f"{method} (batch {batch}) failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -198,10 +238,14 @@ def main() -> None:
                 r["ratio_vs_base"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
                 r["mem_ratio_vs_base"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
     machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={os.environ.get('BENCH_THREADS', os.cpu_count())}"
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine += f", {torch.cuda.get_device_name()}"
     date = time.strftime("%Y-%m-%d")
     for r in rows:
         r.update(machine=machine, date=date)
-    print(f"# bench_generate — {'tiny llama (quick)' if args.quick else 'SmolLM2-135M-Instruct fp32'}, context "
+    print(f"# bench_generate — {MODELS[args.model]} on {args.device} ({rows[0]['dtype']}), context "
           f"{args.context}, {args.new_tokens} new tokens, best of {args.repeats} x {args.rounds} rounds; {machine}; {date}")
     print(f"{'method':<26}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ratio':>8}{'TTFT s':>9}{'peak MB':>9}{'mem ratio':>10}")
     for r in rows:
