@@ -100,10 +100,11 @@ def _grid(args: argparse.Namespace, prompts: list) -> int:
     if len(alphas) not in (1, n) or len(metrics) != n:
         raise ValueError(f"{n} adapters: give --alphas once (shared) or once per adapter, and --metric once per "
                          f"adapter (in the same order); got {len(alphas)} --alphas and {len(metrics)} --metric.")
+    values = [_parse_alphas(alphas[i if len(alphas) > 1 else 0]) for i in range(n)]  # checked before loading
     targets = _parse_targets(args.target)
     model, tokenizer = _load_clm(args)
     names = list(model.base_model.active_adapters)
-    knobs = {name: _parse_alphas(alphas[i if len(alphas) > 1 else 0]) for i, name in enumerate(names)}
+    knobs = dict(zip(names, values))
     result = grid_sweep(model, tokenizer, knobs, dict(zip(names, metrics)), prompts, args.out, targets=targets,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         title=f"{' x '.join(names)} ({model.base_model.clm_layer().interpolation})")
@@ -163,6 +164,8 @@ def _vector_grid(args: argparse.Namespace) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--vector takes NAME=PATH for a grid (e.g. concise=c.safetensors), got {item!r}.")
+        if name in named:
+            raise ValueError(f"--vector: the name {name!r} is given twice; each vector needs its own name.")
         named[name] = path
     n = len(named)
     if len(args.scales) not in (1, n) or len(args.metric) != n:

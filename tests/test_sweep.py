@@ -212,3 +212,10 @@ def test_vectors_grid_cli(tiny, tmp_path, capsys):
     assert len(json.loads((tmp_path / "g" / "grid.json").read_text())["rows"]) == 9
     assert main(common[:4] + ["--vector", "nonsense"] + common[6:] + ["--scales", "0,1", "--out", str(tmp_path / "h")]) == 2
     assert "NAME=PATH" in capsys.readouterr().err and not (tmp_path / "h").exists()
+
+
+def test_vectors_grid_rejects_a_name_given_twice(tiny, tmp_path, capsys):
+    assert main(["vectors", "grid", "--base", str(tiny / "model"), "--vector", "x=a.safetensors", "--vector",
+                 "x=b.safetensors", "--scales", "0,1", "--metric", "words", "--metric", "words", "--prompts",
+                 str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "g")]) == 2
+    assert "given twice" in capsys.readouterr().err and not (tmp_path / "g").exists()
