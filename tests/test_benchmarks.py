@@ -39,3 +39,14 @@ def test_bench_train_quick_schema(tmp_path):
     assert by["full"]["trainable_params"] == by["full"]["total_params"]
     assert by["clm"]["trainable_params"] < by["lora"]["trainable_params"] == by["lora_separate_ref"]["trainable_params"]
     assert "s/step" in proc.stdout
+
+
+def test_bench_modes_inprocess_quick(tmp_path):
+    out = tmp_path / "modes.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_modes_inprocess.py"), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["mode"], r["alpha"]) for r in rows} == {("hidden", 0.0), ("hidden", 0.5), ("weights", 0.0),
+                                                        ("weights", 0.5)}
+    assert all(r["step_ms_median"] > 0 and r["layer_ms_median"] > 0 for r in rows)
