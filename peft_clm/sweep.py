@@ -123,6 +123,18 @@ def _write_table(rows: list[dict], out: Path, name: str = "sweep.csv") -> None:
         writer.writerows(rows)
 
 
+def _save_figure(fig, path: Path, title: str) -> None:
+    """Title, lay out and write a figure atomically (a temporary file, then rename), and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
                reference: Optional[dict] = None, title: str = "") -> None:
     """Metric and held-out reward accuracy against alpha, with the base (and a full-DPO reference) as lines."""
@@ -151,12 +163,7 @@ def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
         ax2.set_xlabel("alpha")
         ax2.set_ylabel("held-out reward accuracy")
         ax2.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path, title)
 
 
 def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Union[str, Path], metric: str = "words",
@@ -273,12 +280,7 @@ def plot_grid(rows: list[dict], knobs: Sequence[str], metrics: Sequence[str], pa
             ax.set_ylabel(f"alpha {b_name}")
             ax.set_title(f"{metric}" + (f" ({knobs[2]} = {c:g})" if c is not None else ""))
             fig.colorbar(im, ax=ax)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path, title)
 
 
 def _check_grid(knobs: dict, metrics: dict, targets: Optional[dict]) -> list[str]:
