@@ -65,8 +65,8 @@ def generate_answers(model, tokenizer, prompts: Sequence, alphas: Sequence, max_
     clm = hasattr(model.base_model, "clm_layer")
     if not clm and any(a is not None for a in alphas):
         raise ValueError("alphas need a CLM model; a plain model takes alphas=[None].")
-    mode = model.base_model.clm_layer().interpolation if clm else "weights"
-    per_sequence = mode != "weights" if per_sequence is None else per_sequence
+    if per_sequence is None:  # per-row alphas need hidden or logits mode; a plain model has no alpha at all
+        per_sequence = clm and model.base_model.clm_layer().interpolation != "weights"
     texts = [_chat_text(tokenizer, p) for p in prompts]
     jobs = [(j, i) for j in range(len(alphas)) for i in range(len(texts))]
     answers = {j: [None] * len(texts) for j in range(len(alphas))}

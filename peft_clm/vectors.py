@@ -127,10 +127,10 @@ class _StreamWriter:
         self.order = [name for name, _, _ in specs]
         self.i = 0
 
-    def write(self, name: str, blocks) -> None:
-        """The tensor `name`, given whole or as an iterable of its blocks of rows, in order."""
+    def write(self, name: str, blocks: Iterator[torch.Tensor]) -> None:
+        """The tensor `name`, as its blocks of rows in order."""
         assert name == self.order[self.i], (name, self.order[self.i])
-        for block in [blocks] if isinstance(blocks, torch.Tensor) else blocks:
+        for block in blocks:
             if block.numel():
                 self.f.write(memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self.i += 1
@@ -145,7 +145,11 @@ class _StreamWriter:
 
 
 def _dtype_of(st_name: str) -> torch.dtype:
-    return next(d for d, s in _ST_DTYPES.items() if s == st_name)
+    for dtype, name in _ST_DTYPES.items():
+        if name == st_name:
+            return dtype
+    raise VectorError(f"tensors of safetensors dtype {st_name} are not supported; supported: "
+                      f"{sorted(_ST_DTYPES.values())}.")
 
 
 def _diff_blocks(b: Checkpoint, a: Checkpoint, name: str, wide: torch.dtype) -> Iterator[torch.Tensor]:
@@ -283,7 +287,7 @@ def apply_to_checkpoint(base: PathLike, vectors: Sequence[tuple[PathLike, float]
             writer = _StreamWriter(tmp / f.name, specs, {"format": "pt"})
             try:
                 for n, dtype, shape in specs:
-                    blocks = _row_blocks(shape, 8)
+                    blocks = _row_blocks(shape, 8)  # sized for the widest working dtype, float64
                     writer.write(n, (_apply_one(ckpt.get_rows(n, rows), n, loaded, rows) for rows in blocks))
                 writer.close()
             except BaseException:
