@@ -60,7 +60,7 @@ def _load(name: str, device: str, dtype):
 
         return tiny_model("llama").to(device, dtype), None
     if name == "smollm2":
-        from peft_clm.models import load_model
+        from peft_clm.tools.loading import load_model
 
         model, tokenizer = load_model("smollm2", dtype=dtype)
         return model.to(device), tokenizer

@@ -37,7 +37,7 @@ def main() -> None:
 
         base, args.steps, args.rounds = tiny_model("llama"), 4, 1
     else:
-        from peft_clm.models import load_model
+        from peft_clm.tools.loading import load_model
 
         base = load_model("smollm2")[0]
     model = get_peft_model(base, ClmConfig(interpolation="hidden", alpha=0.5)).eval()

@@ -35,7 +35,7 @@ METHODS = {
 def _measure(method: str, model: str, data: str, steps: int, batch: int, max_length: int) -> dict:
     import torch
 
-    from peft_clm.train import train
+    from peft_clm.tools.train import train
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     _, adapter, separate = METHODS[method]

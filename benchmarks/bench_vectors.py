@@ -23,8 +23,8 @@ import textwrap
 import time
 
 METHODS = {
-    "extract_streamed": "peft_clm.vectors.extract: tensor by tensor, two passes, written as it goes",
-    "apply_streamed": "peft_clm.vectors.apply_to_checkpoint: base + 1.0 * vector, shard by shard, to a new directory",
+    "extract_streamed": "peft_clm.tools.vectors.extract: tensor by tensor, two passes, written as it goes",
+    "apply_streamed": "peft_clm.tools.vectors.apply_to_checkpoint: base + 1.0 * vector, shard by shard, to a new directory",
     "extract_naive": "load both checkpoints whole (safetensors.torch.load_file), subtract, save_file",
 }
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(2)
 import safetensors.torch as st
-import peft_clm.vectors as v
+import peft_clm.tools.vectors as v
 tmp, method = Path(sys.argv[1]), sys.argv[2]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()

@@ -10,7 +10,7 @@ Importing the package registers the method with PEFT:
 ```
 """
 
-from ._registry import register_clm
+from .registry import register_clm
 
 register_clm()
 

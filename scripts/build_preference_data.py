@@ -8,7 +8,7 @@ prompt:
 - concise: "answer in one short sentence" (chosen, cut after its first sentence, which is what the instruction
   asks and what the 135M model does not always stop at) vs "answer in detail" (rejected); metric: words per answer.
 - formal: "formal, professional register" (chosen) vs "casual, chatty register" (rejected); metric:
-  `peft_clm.metrics.casualness` (transparent marker counts), which training never sees.
+  `peft_clm.tools.text_metrics.casualness` (transparent marker counts), which training never sees.
 
     python scripts/build_preference_data.py --out data        # ~8 min on 2 CPU cores
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from peft_clm.models import load_model
+from peft_clm.tools.loading import load_model
 
 TOPICS = [
     "photosynthesis", "the water cycle", "black holes", "the French Revolution", "compound interest", "vaccines",

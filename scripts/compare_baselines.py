@@ -29,7 +29,7 @@ def train_run(kind: str, args, out: Path) -> dict:
     if summary.is_file():
         return json.loads(summary.read_text())
     code = (
-        "import json, sys; from peft_clm.train import train; "
+        "import json, sys; from peft_clm.tools.train import train; "
         f"r = train('smollm2', {str(ROOT / 'data' / args.dimension / 'train.jsonl')!r}, {str(out)!r}, method='dpo', "
         f"adapter={kind!r}, max_steps={args.steps}, batch_size={args.batch_size}, lr={args.lr}, beta={args.beta}, "
         f"sft_weight={args.sft_weight}, "
@@ -58,11 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     from peft import PeftModel
 
-    from peft_clm.data import read_jsonl
-    from peft_clm.evaluate import preference_metrics, preference_metrics_baseline
-    from peft_clm.metrics import METRICS
-    from peft_clm.models import load_model
-    from peft_clm.sweep import _chat_text, spearman
+    from peft_clm.tools.data import read_jsonl
+    from peft_clm.tools.preference import preference_metrics, preference_metrics_baseline
+    from peft_clm.tools.text_metrics import METRICS
+    from peft_clm.tools.loading import load_model
+    from peft_clm.tools.sweep import _chat_text, spearman
 
     out = Path(args.out) / args.dimension
     heldout = read_jsonl(ROOT / "data" / args.dimension / "heldout.jsonl", "dpo")

@@ -1,7 +1,7 @@
 """Multi-domain control by searching knobs instead of retraining, timed against training one extra adapter.
 
 Two trained CLM adapters (one per preference domain, e.g. concise and formal) give two knobs. The search is
-`peft_clm.sweep.grid_sweep` (what `peft-clm sweep --adapter A --adapter B` runs): every grid point of their alphas,
+`peft_clm.tools.sweep.grid_sweep` (what `peft-clm sweep --adapter A --adapter B` runs): every grid point of their alphas,
 scored by each domain's metric on held-out prompts of both domains, and the point nearest the targets picked.
 The alternative is to train one more adapter on the pooled pairs of both domains (same steps, batch, lr as the
 single-domain adapters) and score it the same way. Writes `search.json` and prints both, with their times.
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peft_clm.metrics import DIMENSION_METRIC  # noqa: E402
+from peft_clm.tools.text_metrics import DIMENSION_METRIC  # noqa: E402
 
 
 def main() -> None:
@@ -42,12 +42,12 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from peft_clm.cli import _parse_targets
-    from peft_clm.data import read_jsonl
-    from peft_clm.models import load_model
-    from peft_clm.sweep import format_grid, generate_answers, grid_sweep, target_distances
-    from peft_clm.metrics import METRICS
-    from peft_clm.train import train
+    from peft_clm.tools.cli import _parse_targets
+    from peft_clm.tools.data import read_jsonl
+    from peft_clm.tools.loading import load_model
+    from peft_clm.tools.sweep import format_grid, generate_answers, grid_sweep, target_distances
+    from peft_clm.tools.text_metrics import METRICS
+    from peft_clm.tools.train import train
 
     domains = args.domains.split(",")
     if len(domains) != len(args.adapter):

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_clm import ClmConfig
-from peft_clm.models import load_model
+from peft_clm.tools.loading import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +68,9 @@ def test_dpo_on_real_pairs_beats_chance_on_held_out_pairs(tmp_path):
     import json
     import os
 
-    from peft_clm.data import read_jsonl
-    from peft_clm.evaluate import preference_metrics
-    from peft_clm.train import train
+    from peft_clm.tools.data import read_jsonl
+    from peft_clm.tools.preference import preference_metrics
+    from peft_clm.tools.train import train
 
     root = os.path.dirname(os.path.dirname(__file__))
     result = train("smollm2", os.path.join(root, "data", "concise", "train.jsonl"), str(tmp_path / "adapter"),

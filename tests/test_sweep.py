@@ -11,9 +11,9 @@ from tiny_models import preference_rows, save_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from peft_clm import ClmConfig
-from peft_clm.cli import main
-from peft_clm.metrics import casualness, word_count
-from peft_clm.sweep import spearman
+from peft_clm.tools.cli import main
+from peft_clm.tools.text_metrics import casualness, word_count
+from peft_clm.tools.sweep import spearman
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_logits_mode_logprobs_from_two_passes_equal_one_pass_per_alpha(tiny):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from peft_clm.evaluate import sequence_logprobs_at
+    from peft_clm.tools.preference import sequence_logprobs_at
 
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), tiny / "adapter").eval()
@@ -128,7 +128,7 @@ def test_grid_rows_match_single_adapter_generation(tiny, tmp_path):
     """A grid point (a, 0) gives exactly what the first adapter alone gives at a: the per-row alphas are right."""
     from peft import PeftModel
 
-    from peft_clm.sweep import generate_answers, grid_sweep
+    from peft_clm.tools.sweep import generate_answers, grid_sweep
 
     prompts = [r["prompt"] for r in preference_rows(4)]
     from transformers import AutoTokenizer
@@ -145,7 +145,7 @@ def test_grid_rows_match_single_adapter_generation(tiny, tmp_path):
     model.base_model.set_adapter("x")
     alone = generate_answers(model, tok, prompts, [1.5], max_new_tokens=6)[0]
     assert examples[json.dumps({"x": 1.5, "y": 0.0})] == alone[:2]
-    from peft_clm.sweep import pareto_front
+    from peft_clm.tools.sweep import pareto_front
 
     assert pareto_front([{"a": 1, "b": 2}, {"a": 2, "b": 1}, {"a": 2, "b": 2}], ["a", "b"]) == [0, 1]
 
@@ -166,8 +166,8 @@ def test_vector_grid_applies_each_point_and_restores_the_model(tiny, tmp_path):
     """Full-checkpoint vectors as knobs: point (1, 0) answers as the first aligned checkpoint does, exactly."""
     from transformers import AutoTokenizer
 
-    from peft_clm.sweep import generate_answers, vector_grid_sweep
-    from peft_clm.vectors import extract
+    from peft_clm.tools.sweep import generate_answers, vector_grid_sweep
+    from peft_clm.tools.vectors import extract
 
     for name, seed in (("a", 2), ("b", 3)):
         m = AutoModelForCausalLM.from_pretrained(tiny / "model")
@@ -196,7 +196,7 @@ def test_vector_grid_applies_each_point_and_restores_the_model(tiny, tmp_path):
 
 
 def test_vectors_grid_cli(tiny, tmp_path, capsys):
-    from peft_clm.vectors import extract
+    from peft_clm.tools.vectors import extract
 
     m = AutoModelForCausalLM.from_pretrained(tiny / "model")
     with torch.no_grad():

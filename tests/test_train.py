@@ -9,9 +9,9 @@ from tiny_models import preference_rows, save_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_clm import ClmConfig
-from peft_clm.cli import main
-from peft_clm.data import DataError, read_jsonl
-from peft_clm.evaluate import preference_metrics
+from peft_clm.tools.cli import main
+from peft_clm.tools.data import DataError, read_jsonl
+from peft_clm.tools.preference import preference_metrics
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from peft import get_peft_model
 from tiny_models import tiny_model
 
 from peft_clm import ClmConfig
-from peft_clm.cli import main
-from peft_clm.vectors import (Checkpoint, VectorError, adapter_vector, apply_to_checkpoint, apply_to_model, extract,
+from peft_clm.tools.cli import main
+from peft_clm.tools.vectors import (Checkpoint, VectorError, adapter_vector, apply_to_checkpoint, apply_to_model, extract,
                               inspect_vector)
 
 
@@ -69,7 +69,7 @@ def test_lambda_zero_and_one_are_exact_and_vectors_sum(trio):
 
 def test_blocks_of_rows_give_the_same_vector_and_checkpoint(trio, monkeypatch):
     """Extraction and application work in blocks of rows: tiny blocks (many per tensor) change no bit."""
-    import peft_clm.vectors as vectors
+    import peft_clm.tools.vectors as vectors
 
     root, base, a1, _, _ = trio
     extract(base, a1, root / "whole.safetensors")
@@ -170,7 +170,7 @@ def test_extraction_streams_with_memory_well_under_the_model(tmp_path):
     size = sum(f.stat().st_size for f in (tmp_path / "base").glob("*.safetensors"))
     probe = textwrap.dedent(f"""
         import resource, json
-        import torch, peft_clm.vectors as v
+        import torch, peft_clm.tools.vectors as v
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         v.extract({str(tmp_path / 'base')!r}, {str(tmp_path / 'aligned')!r}, {str(tmp_path / 'v.safetensors')!r})
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

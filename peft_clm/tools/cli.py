@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load_clm(args: argparse.Namespace):
     from peft import PeftModel
 
-    from .models import load_model
+    from .loading import load_model
 
     adapters = args.adapter if isinstance(args.adapter, list) else [args.adapter]
     names = adapter_names(adapters)
@@ -119,7 +119,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from .sweep import format_table, read_prompts, sweep
 
     if args.metric:
-        from .metrics import METRICS
+        from .text_metrics import METRICS
 
         bad = [m for m in args.metric if m not in METRICS]
         if bad:
@@ -156,7 +156,7 @@ def _parse_vector(text: str) -> tuple[str, float]:
 
 
 def _vector_grid(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from .loading import load_model
     from .sweep import format_grid, read_prompts, vector_grid_sweep
 
     named = {}

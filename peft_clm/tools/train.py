@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .config import ClmConfig
+from ..config import ClmConfig
 from .data import read_jsonl
 
 
@@ -114,7 +114,7 @@ def train(
     from datasets import Dataset
     from transformers import set_seed
 
-    from .models import load_model
+    from .loading import load_model
 
     rows = read_jsonl(data, method)  # checked in full before anything loads
     set_seed(seed)

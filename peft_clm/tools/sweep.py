@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .evaluate import metrics_from_logprobs, preference_logprobs_at
-from .metrics import METRICS
+from .preference import metrics_from_logprobs, preference_logprobs_at
+from .text_metrics import METRICS
 
 
 def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
@@ -378,7 +378,7 @@ def vector_grid_sweep(model, tokenizer, vectors: dict, knobs: dict, metrics: dic
     """The same grid for alignment vectors of full checkpoints: at each point, `theta + sum_i s_i * vector_i` is
     applied to the loaded model in place, the prompts are answered, and the model is restored bit for bit.
 
-    `vectors` maps each knob to a vector file (`peft_clm.vectors.extract`); `knobs` maps it to its scales.
+    `vectors` maps each knob to a vector file (`peft_clm.tools.vectors.extract`); `knobs` maps it to its scales.
 
     Example:
         ```py
