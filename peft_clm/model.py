@@ -236,6 +236,11 @@ class ClmModel(BaseTuner):
         finally:
             _CALL_ALPHA.reset(token)
 
+    @property
+    def interpolation(self) -> str:
+        """The mixing mode every adapter of this model runs in: 'logits', 'hidden' or 'weights'."""
+        return self.clm_layer().interpolation
+
     def set_interpolation(self, mode: str) -> None:
         """Switch the mixing mode ('logits', 'hidden' or 'weights'); the adapter weights are the same in every mode."""
         if mode not in INTERPOLATIONS:
