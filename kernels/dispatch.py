@@ -9,6 +9,9 @@ import torch
 
 BACKENDS = ("torch", "triton")
 
+# The Triton kernels take up to this many mixed terms (adapters); the torch references take any number.
+MAX_TERMS = 4
+
 
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None

@@ -11,7 +11,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .dispatch import kernel_backend
+from .dispatch import MAX_TERMS, kernel_backend
 
 Alpha = Union[float, torch.Tensor]
 
@@ -45,7 +45,7 @@ def hidden_mix(x: torch.Tensor, ys: Sequence[torch.Tensor], alphas: Sequence[Alp
         >>> out = hidden_mix(x, [y], [0.5])  # halfway between x and y
         ```
     """
-    if len(ys) <= 4 and kernel_backend(x, *ys) == "triton":  # k > 4 takes the reference
+    if len(ys) <= MAX_TERMS and kernel_backend(x, *ys) == "triton":  # more terms: the reference
         from .hidden_mix_triton import hidden_mix_triton
 
         return hidden_mix_triton(x, ys, alphas)

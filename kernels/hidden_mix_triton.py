@@ -1,4 +1,4 @@
-"""Triton kernels of the hidden mix `out = x + sum_i a_i * (y_i - x)`, forward and backward, k <= 4 outputs.
+"""Triton kernels of the hidden mix `out = x + sum_i a_i * (y_i - x)`, forward and backward, k <= MAX_K outputs.
 
 One pass over memory: x and each y_i are read once and `out` written once (backward: the gradient read once,
 dx and every dy_i written once). Alpha is a table [k, n_seq] in float32; row r of the flattened [R, H] input
@@ -13,11 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_K = 4
+from .dispatch import MAX_TERMS as MAX_K  # the kernels below have MAX_K = 4 output slots, Y0..Y3
 
 
 @triton.jit
 def _hidden_mix_fwd(X, Y0, Y1, Y2, Y3, A, OUT, H, RPS, NSEQ, K: tl.constexpr, BLOCK: tl.constexpr):
+    # X: [R, H] input rows; Y0..Y3: [R, H] adapter outputs (slots >= K are never read); A: [K, NSEQ] float32
+    # alphas; OUT: [R, H]; H: row width; RPS: rows per sequence (row r uses column r // RPS of A); NSEQ: columns
+    # of A; K: number of outputs; BLOCK: columns per program. Grid: (R, cdiv(H, BLOCK)).
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -38,6 +41,8 @@ def _hidden_mix_fwd(X, Y0, Y1, Y2, Y3, A, OUT, H, RPS, NSEQ, K: tl.constexpr, BL
 
 @triton.jit
 def _hidden_mix_bwd(G, DX, DY0, DY1, DY2, DY3, A, H, RPS, NSEQ, K: tl.constexpr, BLOCK: tl.constexpr):
+    # G: [R, H] gradient of OUT; DX = G * (1 - sum_i a_i); DYi = G * a_i (slots >= K are never written); the other
+    # arguments as in the forward.
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H

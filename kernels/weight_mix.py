@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .dispatch import kernel_backend
+from .dispatch import MAX_TERMS, kernel_backend
 
 
 def weight_mix_reference(
@@ -39,7 +39,7 @@ def weight_mix(
         >>> mixed = weight_mix(w0, [w], [0.5])
         ```
     """
-    if out is not None and len(ws) <= 4 and kernel_backend(w0, *ws, out) == "triton":
+    if out is not None and len(ws) <= MAX_TERMS and kernel_backend(w0, *ws, out) == "triton":
         from .weight_mix_triton import weight_mix_triton
 
         return weight_mix_triton(w0, ws, alphas, out)

@@ -1,4 +1,4 @@
-"""Triton kernel of the weight mix `out = w0 + sum_i a_i * (w_i - w0)`, k <= 4, one pass, written into `out`."""
+"""Triton kernel of the weight mix `out = w0 + sum_i a_i * (w_i - w0)`, k <= MAX_K, one pass, written into `out`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_K = 4
+from .dispatch import MAX_TERMS as MAX_K  # the kernel below has MAX_K = 4 weight slots, W1..W4
 
 
 @triton.jit
 def _weight_mix(W0, W1, W2, W3, W4, OUT, N, a1, a2, a3, a4, K: tl.constexpr, BLOCK: tl.constexpr):
+    # W0: the identity weights, flat [N]; W1..W4: adapter weights (slots > K never read); OUT: [N], may alias no
+    # input; a1..a4: float alphas; K: number of adapters; BLOCK: elements per program. Grid: (cdiv(N, BLOCK),).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     w0 = tl.load(W0 + offs, mask=mask, other=0.0).to(tl.float32)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from .alpha import check_alpha
 
 INTERPOLATIONS = ("logits", "hidden", "weights")
 
@@ -27,7 +28,8 @@ class ClmConfig(PeftConfig):
             `"weights"`: the new layer runs with parameters `w0 + a * (w - w0)`, `w0` being its identity
             initialisation; zero overhead and mergeable at any alpha.
             The mode is an inference choice: the weights are the same in every mode.
-        alpha: The default strength of this adapter.
+        alpha: The default strength of this adapter, used when it is loaded; `set_alpha` dials it at run time
+            without changing this saved default.
         layer_index: The new layer is inserted before decoder layer `layer_index` and initialised from it.
         init_weights: `True` (default): a copy of decoder layer `layer_index` whose attention output projection
             and MLP down projection are zeroed, so with the residual stream it is exactly the identity.
@@ -65,41 +67,26 @@ class ClmConfig(PeftConfig):
             self.task_type = "CAUSAL_LM"
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}.")
-        self.alpha = float(self.alpha)
+        self.alpha = check_alpha(self.alpha, "alpha", rows=False)
         if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int) or self.layer_index < 0:
             raise ValueError(f"layer_index must be a non-negative int, got {self.layer_index!r}.")
         if self.zero_modules is not None:
-            self.zero_modules = list(self.zero_modules)
+            names = self.zero_modules
+            if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
+                isinstance(n, str) and n.strip() for n in names
+            ) or len(set(names)) != len(names):
+                raise ValueError(
+                    "zero_modules must be a non-empty list of distinct module names inside one decoder layer (the "
+                    f"attention output projection and the MLP down projection), got {names!r}."
+                )
+            self.zero_modules = list(names)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load the config, and check the adapter's weights file before anything is injected into a model.
-
-        `PeftModel.from_pretrained` injects the adapter before it reads the weights; checking the file here first
-        means a missing or corrupt file leaves the base model exactly as it was.
-        """
+        """Load the config, remembering the directory it came from (not saved), so that the adapter's weights file
+        can be checked before anything is injected into a model (`ClmModel.inject_adapter`)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(directory):
-            check_adapter_weights(directory)
+            config._loaded_from = directory
         return config
-
-
-def check_adapter_weights(directory: str) -> None:
-    """Raise a clear error unless `directory` holds a readable `adapter_model.safetensors` with CLM tensors."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        others = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(directory, f))]
-        hint = f" (found {others[0]}: only safetensors are read)" if others else ""
-        raise FileNotFoundError(f"No adapter_model.safetensors in {directory}{hint}.")
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-save the adapter.") from e
-    if not any(".clm_layers." in k for k in keys):
-        raise ValueError(f"{path} holds no CLM layer tensors; it is not a CLM adapter.")

@@ -1,129 +1,112 @@
-"""The CLM layer: wraps one decoder layer and runs identity-initialised copies of it before it."""
+"""`ClmLayer`: wraps decoder layer L; each adapter owns an identity-initialised copy of it that runs before it."""
 
 from __future__ import annotations
 
+import collections
 import copy
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+import itertools
+import threading
+import weakref
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.cache_utils import Cache, EncoderDecoderCache
 
+from . import transformers_compat as compat
+from .alpha import AlphaValue, Terms, active_terms, call_state
 from .config import ClmConfig
+from .constants import LAYER_ROW_KWARGS
 from .kernels import hidden_mix, weight_mix
 
-AlphaValue = Union[float, torch.Tensor]  # a number, or a 1-D CPU float tensor with one value per sequence
-
-# Per-call state lives in context variables keyed by the layer's id, so that two threads generating with one
-# model at different strengths never see each other's alpha (a server passes alpha per call).
-_CALL_ALPHA: ContextVar[dict] = ContextVar("peft_clm_call_alpha", default={})
-_PLAN: ContextVar[dict] = ContextVar("peft_clm_logits_plan", default={})
-
-# Keyword arguments of a decoder layer that carry one row per sequence and so must follow a batch slice.
-_BATCHED_LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "encoder_attention_mask")
+# What each KV cache was filled with, per CLM layer: a cache holds the hidden states of one alpha setting (hidden
+# and weights modes) or one set of paths (logits mode); continuing it under another gives wrong tokens silently.
+_CACHE_SIGNATURES: "weakref.WeakKeyDictionary[Any, dict[int, tuple]]" = weakref.WeakKeyDictionary()
 
 
-@dataclass
-class LogitsPlan:
-    """How one forward in `logits` mode lays out its paths: block j of `batch` rows runs path `paths[j]`.
+class MixedLayerCache:
+    """Weights mode's inference layers: a plain copy of the layer per recent (adapters, alphas), holding the mixed
+    parameters `w0 + sum_i a_i (w_i - w0)` in tensors of its own.
 
-    `paths` holds adapter names (aligned paths) and `None` (the unaligned path, always last when present).
-    `alphas` are the strengths of the aligned paths when the paths are mixed.
+    Lifecycle: `get` builds an entry the first time a key is asked for (under a lock, so two threads never build
+    or evict at once) and keeps the `size` most recent. An entry is never written after it is built, so a thread
+    can run one while another builds the next, and the trained weights are only ever read. The key holds every
+    input tensor's identity, version counter and storage, so an optimiser step or a `load_state_dict` makes a new
+    entry (writes through `.data` bypass version counters: call `clear()` after them). `copy.deepcopy` and pickling
+    start the copy empty.
     """
 
-    paths: list[Optional[str]]
-    batch: int
-    alphas: list[AlphaValue]
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[tuple, nn.Module] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
-    @property
-    def num_paths(self) -> int:
-        return len(self.paths)
+    def get(self, key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            layer = build()
+            self._entries[key] = layer
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+            return layer
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
-def _is_const(a: AlphaValue, value: float) -> bool:
-    if isinstance(a, torch.Tensor):
-        return bool((a == value).all())
-    return a == value
+    def __deepcopy__(self, memo: dict) -> "MixedLayerCache":
+        return MixedLayerCache(self.size)
 
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
 
-def _check_rows(a: AlphaValue, rows: int) -> None:
-    if isinstance(a, torch.Tensor) and a.shape[0] != rows:
-        raise ValueError(
-            f"alpha has {a.shape[0]} values (one per sequence) but the batch has {rows} rows; pass one alpha per "
-            "sequence, or a single number."
-        )
-
-
-def find_cache(args: Sequence[Any], kwargs: dict) -> Optional[Cache]:
-    """The KV cache passed to a decoder layer or model, if any (its self-attention part for encoder-decoder caches)."""
-    for value in (*kwargs.values(), *args):
-        if isinstance(value, EncoderDecoderCache):
-            return value.self_attention_cache
-        if isinstance(value, Cache):
-            return value
-    return None
-
-
-def _slice_rows(value: Any, rows: slice, total: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() > 0 and value.shape[0] == total else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice_rows(v, rows, total) for v in value)
-    return value
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
 
 
 class ClmLayer(nn.Module, BaseTunerLayer):
-    """Wraps decoder layer `layer_index`; each adapter owns a copy of it (`clm_layers[name]`) that runs first.
+    """Wraps decoder layer `layer_index`; adapter `name` owns a copy of it, `clm_layers[name]`, that runs first.
 
-    With several active adapters the modes generalise to `x + sum_i a_i (clm_i(x) - x)` (hidden),
-    `w0 + sum_i a_i (w_i - w0)` (weights) and `base + sum_i a_i (aligned_i - base)` (logits).
+    The modes, with several active adapters: `x + sum_i a_i (clm_i(x) - x)` (hidden), a layer with parameters
+    `w0 + sum_i a_i (w_i - w0)` (weights), and `base + sum_i a_i (aligned_i - base)` over whole paths (logits, laid
+    out by `logits_mode.DualPath`; this layer runs each aligned path's copy on its block of rows).
     """
 
     adapter_layer_names = ("clm_layers",)
     other_param_names = ("alpha", "cache_slot")
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        config: ClmConfig,
-        *,
-        zero_modules: Sequence[str],
+        self, base_layer: nn.Module, adapter_name: str, config: ClmConfig, *, zero_modules: Sequence[str],
         num_base_layers: int,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.clm_layers = nn.ModuleDict({})
+        self.register_module("merged_layer", None)  # registered, so .to(), state_dict() and deepcopy see it
         self.alpha: dict[str, AlphaValue] = {}
         self.cache_slot: dict[str, int] = {}
         self.zero_modules = tuple(zero_modules)
         self.num_base_layers = num_base_layers
-        self.interpolation = config.interpolation
+        self.interpolation = config.interpolation  # the one owner of the mode; ClmModel.set_interpolation sets it
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._merged_layer: list[nn.Module] = []  # a list so that it is not registered as a submodule
-        self._weights_cache: Optional[tuple[Any, dict[str, torch.Tensor]]] = None
+        self._mixed_layers = MixedLayerCache()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    # ------------------------------------------------------------------ parameters
+    # ------------------------------------------------------------------------------------------ parameters
     def update_layer(self, adapter_name: str, config: ClmConfig, **kwargs: Any) -> None:
+        """Add adapter `adapter_name`: a copy of the wrapped layer with the `zero_modules` zeroed (the identity),
+        or, with `init_weights=False`, given small random values (a non-identity layer, for tests)."""
         layer = copy.deepcopy(self.base_layer)
         with torch.no_grad():
             for p in self._zeroed_parameters(layer):
-                if config.init_weights:
-                    p.zero_()
-                else:  # a non-identity layer, for tests
-                    p.normal_(0.0, 0.02)
+                p.zero_() if config.init_weights else p.normal_(0.0, 0.02)
         used = set(self.cache_slot.values())
-        slot = next(i for i in range(self.num_base_layers, self.num_base_layers + len(used) + 1) if i not in used)
-        # The copy carries layer 0's `layer_idx`: give its attention a KV-cache slot of its own.
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = slot
+        slot = next(i for i in itertools.count(self.num_base_layers) if i not in used)
+        compat.set_layer_index(layer, slot)  # the copy carries layer L's slot; give it one of its own
         layer.requires_grad_(True)
         self.clm_layers[adapter_name] = layer
         self.alpha[adapter_name] = config.alpha
@@ -137,241 +120,205 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         return any(param_name.startswith(name + ".") for name in self.zero_modules)
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The trained parameters of one adapter's layer, by name inside the decoder layer."""
+        """`w_i`: the trained parameters of one adapter's layer, by name inside the decoder layer."""
         return dict(self.clm_layers[adapter_name].named_parameters())
 
     def identity_parameters(self) -> dict[str, torch.Tensor]:
-        """`w0`: the identity initialisation, i.e. the wrapped layer's parameters with the output projections zeroed.
+        """`w0`: the identity initialisation (the wrapped layer's parameters with the zeroed modules at zero),
+        derived from the frozen wrapped layer so nothing is stored twice."""
+        return {n: torch.zeros_like(p) if self._is_zeroed(n) else p for n, p in self.base_layer.named_parameters()}
 
-        Derived from the frozen wrapped layer, so nothing is stored twice.
-        """
-        out = {}
-        for name, p in self.base_layer.named_parameters():
-            out[name] = torch.zeros_like(p) if self._is_zeroed(name) else p
-        return out
-
-    def mixed_parameters(self, names: Sequence[str], alphas: Sequence[float]) -> dict[str, torch.Tensor]:
-        """`w0 + sum_i alphas[i] * (w_i - w0)` for every parameter of the layer; differentiable."""
+    def mixed_parameters(self, names: Sequence[str], alphas: Sequence[float], out: bool = False) -> dict:
+        """`w0 + sum_i alphas[i] (w_i - w0)` for every parameter: differentiable, or (`out=True`) written into new
+        tensors without autograd."""
         w0 = self.identity_parameters()
         ws = [self.adapter_parameters(n) for n in names]
-        return {k: weight_mix(w0[k], [w[k] for w in ws], alphas) for k in w0}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not out):
+            return {k: weight_mix(w0[k], [w[k] for w in ws], alphas, out=torch.empty_like(w0[k]) if out else None)
+                    for k in w0}
 
-    # ------------------------------------------------------------------ alpha
-    def resolved_alphas(self, adapter_names: Optional[Sequence[str]] = None) -> list[tuple[str, AlphaValue]]:
-        """(name, alpha) of the active adapters, the per-call alpha taking precedence over `set_alpha`'s."""
-        override = _CALL_ALPHA.get().get(id(self))
-        source = self.alpha if override is None else override
-        names = self.active_adapters if adapter_names is None else adapter_names
-        return [(n, source[n]) for n in names]
-
-    def plan_paths(self, batch: int, cache_rows: int = 0) -> LogitsPlan:
-        """Which paths a `logits`-mode forward of `batch` sequences runs; only the ones alpha needs."""
-        pairs = self.resolved_alphas()
-        for _, a in pairs:
-            _check_rows(a, batch)
-        nonzero = [(n, a) for n, a in pairs if not _is_const(a, 0.0)]
-        if not nonzero:  # alpha 0 everywhere: the unaligned path alone is the result
-            paths: list[Optional[str]] = [None]
-        elif len(nonzero) == 1 and _is_const(nonzero[0][1], 1.0):  # alpha 1: the aligned path alone
-            paths = [nonzero[0][0]]
-        else:
-            paths = [n for n, _ in nonzero] + [None]
-        if cache_rows and cache_rows != len(paths) * batch:
+    def check_identity(self, adapter_name: str, call: tuple) -> None:
+        """Raise unless adapter `adapter_name`'s layer returns its input exactly on a probe `call` (args, kwargs)."""
+        args, kwargs = call
+        x = args[0]
+        with torch.no_grad():
+            y = self._run(self.clm_layers[adapter_name], self.cache_slot[adapter_name], x, args[1:], kwargs)
+        if not torch.equal(y, x):
             raise ValueError(
-                f"the KV cache holds {cache_rows} rows but alpha now needs {len(paths)} path(s) x {batch} sequences; "
-                "alpha changed between calls sharing one cache. Keep alpha fixed for a generation, or start a new cache."
+                f"zero_modules={list(self.zero_modules)} do not make the copied layer the identity (its output "
+                f"differs from its input by up to {float((y - x).abs().max()):.3g}). Name the attention output "
+                "projection and the MLP down projection inside one decoder layer."
             )
-        return LogitsPlan(paths=paths, batch=batch, alphas=[a for _, a in nonzero])
 
-    def current_plan(self) -> Optional[LogitsPlan]:
-        return _PLAN.get().get(id(self))
+    def _plain_copy(self, slot: int) -> nn.Module:
+        """A copy of the wrapped layer's structure that shares its tensors (no new memory), with its own cache slot."""
+        memo = {id(t): t for t in itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())}
+        layer = copy.deepcopy(self.base_layer, memo)
+        compat.set_layer_index(layer, slot)
+        if hasattr(layer, "gradient_checkpointing"):
+            # activation checkpointing would recompute this layer in backward without the mixed parameters
+            layer.gradient_checkpointing = False
+        return layer
+
+    def _layer_with(self, params: dict[str, torch.Tensor], slot: int) -> nn.Module:
+        """A plain decoder layer holding `params` (no autograd), running in KV-cache slot `slot`."""
+        layer = self._plain_copy(slot)
+        for name, value in params.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(owner), attr, nn.Parameter(value.detach(), requires_grad=False))
+        return layer
+
+    # ------------------------------------------------------------------------------------------ alpha
+    def terms(self, rows: Optional[int] = None) -> Terms:
+        """The active adapters that contribute to this call, with their alphas (a `clm_alpha=` override first)."""
+        source = call_state(self).alpha or self.alpha
+        return active_terms([(n, source[n]) for n in self.active_adapters], rows)
 
     @property
     def logits_active(self) -> bool:
-        return (
-            self.interpolation == "logits" and not self.disable_adapters and not self.merged and bool(self.active_adapters)
-        )
+        """Whether this call runs logits mode's paths (not merged, not disabled, some adapter active)."""
+        return (self.interpolation == "logits" and not self.disable_adapters and not self.merged
+                and bool(self.active_adapters))
 
-    # ------------------------------------------------------------------ forward
-    def _ensure_cache_slots(self, cache: Optional[Cache], names: Sequence[str]) -> None:
-        if cache is None or getattr(cache, "layer_class_to_replicate", None) is not None:
-            return  # no cache, or one that grows by itself
-        needed = max(self.cache_slot[n] for n in names) + 1
-        layers = cache.layers
-        if len(layers) >= needed:
-            return
-        template = layers[min(self.layer_index_in_cache, len(layers) - 1)]
-        if template.get_seq_length() > 0:
-            raise RuntimeError(
-                "This KV cache already holds tokens computed without the CLM layer; start generation with a new "
-                "cache (or without one) while the adapter is active."
-            )
-        # A cache built by generate() holds exactly num_hidden_layers slots: add slots of the same kind.
-        while len(layers) < needed:
-            layers.append(copy.deepcopy(template))
-
-    @property
-    def layer_index_in_cache(self) -> int:
-        # The wrapped layer's own slot, i.e. the kind of slot (full or sliding) the copy needs.
-        for module in self.base_layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                return module.layer_idx
-        return 0
-
-    def _run(self, module: nn.Module, slot_names: Sequence[str], x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        self._ensure_cache_slots(find_cache(args, kwargs), slot_names)
-        out = module(x, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    def _forward_hidden(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        pairs = self.resolved_alphas()
-        for _, a in pairs:
-            _check_rows(a, x.shape[0])
-        pairs = [(n, a) for n, a in pairs if not _is_const(a, 0.0)]
-        if not pairs:
-            return x  # the identity, exactly
-        ys = [self._run(self.clm_layers[n], [n], x, args, kwargs) for n, _ in pairs]
-        if len(pairs) == 1 and _is_const(pairs[0][1], 1.0):
-            return ys[0]
-        return hidden_mix(x, ys, [a for _, a in pairs])
-
-    def _weights_key(self, names: Sequence[str], alphas: Sequence[float]) -> tuple:
-        params = [p for n in names for p in self.clm_layers[n].parameters()] + list(self.base_layer.parameters())
-        return (tuple(names), tuple(alphas), tuple((id(p), p._version, p.device, p.dtype) for p in params))
-
-    def _mixed_for_inference(self, names: Sequence[str], alphas: Sequence[float]) -> dict[str, torch.Tensor]:
-        key = self._weights_key(names, alphas)
-        if self._weights_cache is not None and self._weights_cache[0] == key:
-            return self._weights_cache[1]
-        w0 = self.identity_parameters()
-        ws = [self.adapter_parameters(n) for n in names]
-        old = self._weights_cache[1] if self._weights_cache is not None else {}
-        mixed = {}
-        with torch.no_grad():
-            for k, base in w0.items():
-                buf = old.get(k)
-                if buf is None or buf.shape != base.shape or buf.dtype != base.dtype or buf.device != base.device:
-                    buf = torch.empty_like(base)
-                # written in place into the working weights, only when alpha or a weight changed
-                mixed[k] = weight_mix(base, [w[k] for w in ws], alphas, out=buf)
-        self._weights_cache = (key, mixed)
-        return mixed
-
-    def _forward_weights(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        pairs = self.resolved_alphas()
-        if any(isinstance(a, torch.Tensor) for _, a in pairs):
-            raise ValueError(
-                "weights mode mixes parameters, so one alpha applies to the whole batch; per-sequence alpha needs "
-                "interpolation='hidden' or 'logits'."
-            )
-        pairs = [(n, float(a)) for n, a in pairs if a != 0.0]
-        if not pairs:
-            return x  # w0 is exactly the identity
-        names = [n for n, _ in pairs]
-        if len(pairs) == 1 and pairs[0][1] == 1.0:
-            return self._run(self.clm_layers[names[0]], names, x, args, kwargs)
-        alphas = [a for _, a in pairs]
-        needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for n in names for p in self.clm_layers[n].parameters()
-        )
-        params = self.mixed_parameters(names, alphas) if needs_grad else self._mixed_for_inference(names, alphas)
-        template = self.clm_layers[names[0]]
-        self._ensure_cache_slots(find_cache(args, kwargs), names[:1])
-        # Activation checkpointing would recompute the layer in backward outside functional_call, i.e. with the
-        # adapter's own weights instead of the mix: run this one layer without it.
-        checkpointing = getattr(template, "gradient_checkpointing", False)
-        template.gradient_checkpointing = False
-        try:
-            out = torch.func.functional_call(template, params, (x, *args), kwargs)
-        finally:
-            template.gradient_checkpointing = checkpointing
-        return out[0] if isinstance(out, tuple) else out
-
-    def _forward_logits(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        plan = self.current_plan()
-        if plan is None:
-            raise RuntimeError(
-                "logits mode runs through the model's forward (which lays out the paths); this layer was called "
-                "on its own. Call the model, or use interpolation='hidden'."
-            )
-        B, paths = plan.batch, plan.paths
-        if x.shape[0] != plan.num_paths * B:
-            raise RuntimeError(f"logits mode expected {plan.num_paths * B} rows, got {x.shape[0]}.")
-        if paths == [None]:
-            return x
-        if len(paths) == 1:
-            return self._run(self.clm_layers[paths[0]], paths, x, args, kwargs)
-        total = x.shape[0]
-        blocks = []
-        for j, name in enumerate(paths[:-1]):
-            rows = slice(j * B, (j + 1) * B)
-            sub_args = _slice_rows(tuple(args), rows, total)
-            sub_kwargs = {
-                k: (_slice_rows(v, rows, total) if k in _BATCHED_LAYER_KWARGS else v) for k, v in kwargs.items()
-            }
-            blocks.append(self._run(self.clm_layers[name], [name], x[rows], sub_args, sub_kwargs))
-        blocks.append(x[len(paths[:-1]) * B :])  # the unaligned path enters the original layers unchanged
-        return torch.cat(blocks, dim=0)
-
+    # ------------------------------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the active adapters' layer(s) on `hidden_states` as the mode says, then the wrapped layer.
+
+        With adapters disabled or none active this is the wrapped layer alone, exactly.
+        """
+        cache = compat.find_cache(args, kwargs)
         if self.disable_adapters or not self.active_adapters:
+            self._check_cache(cache, ("off",))
             return self.base_layer(hidden_states, *args, **kwargs)
         if self.merged:
-            h = self._run(self._merged_layer[0], self.merged_adapters[:1], hidden_states, args, kwargs)
-        elif self.interpolation == "hidden":
-            h = self._forward_hidden(hidden_states, args, kwargs)
-        elif self.interpolation == "weights":
-            h = self._forward_weights(hidden_states, args, kwargs)
+            self._check_cache(cache, ("merged", tuple(self.merged_adapters)))
+            slot = self.cache_slot[self.merged_adapters[0]]
+            h = self._run(self.merged_layer, slot, hidden_states, args, kwargs)
+        elif self.interpolation == "logits":
+            h = self._forward_logits(hidden_states, args, kwargs, cache)
         else:
-            h = self._forward_logits(hidden_states, args, kwargs)
+            terms = self.terms(rows=hidden_states.shape[0])
+            alphas = tuple(tuple(a.tolist()) if isinstance(a, torch.Tensor) else a for a in terms.alphas)
+            self._check_cache(cache, (self.interpolation, terms.names, alphas))
+            if self.interpolation == "hidden":
+                h = self._forward_hidden(hidden_states, args, kwargs, terms)
+            else:
+                h = self._forward_weights(hidden_states, args, kwargs, terms)
         return self.base_layer(h, *args, **kwargs)
 
-    # ------------------------------------------------------------------ merging
-    def build_merged_layer(self, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
-        """One plain decoder layer equal to what the active adapters compute at their current alpha.
+    def _check_cache(self, cache: Any, signature: tuple) -> None:
+        if cache is None:
+            return
+        seen = _CACHE_SIGNATURES.setdefault(cache, {})
+        if compat.cache_length(cache) == 0 or id(self) not in seen:
+            seen[id(self)] = signature
+        elif seen[id(self)] != signature:
+            raise ValueError(
+                f"alpha changed between calls sharing one KV cache (the cache was filled with {seen[id(self)]}, this "
+                f"call runs {signature}). Keep alpha, the mode and the adapters fixed for a generation, or start a "
+                "new cache."
+            )
 
-        Exact in `weights` mode at any alpha, and in `hidden`/`logits` modes where alpha is 0 (the identity) or one
-        adapter is at 1; anything else raises, saying what to do instead.
+    def _run(self, module: nn.Module, slot: int, x: torch.Tensor, args: Sequence, kwargs: dict) -> torch.Tensor:
+        compat.ensure_cache_slots(compat.find_cache(args, kwargs), slot + 1, compat.layer_index(self.base_layer))
+        with compat.outputs_not_captured():  # hidden_states/attentions keep the base model's count
+            out = module(x, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _forward_hidden(self, x: torch.Tensor, args, kwargs, terms: Terms) -> torch.Tensor:
+        if terms.identity:
+            return x
+        ys = [self._run(self.clm_layers[n], self.cache_slot[n], x, args, kwargs) for n in terms.names]
+        return ys[0] if terms.single else hidden_mix(x, ys, list(terms.alphas))
+
+    def _forward_weights(self, x: torch.Tensor, args, kwargs, terms: Terms) -> torch.Tensor:
+        if terms.identity:
+            return x  # w0 is exactly the identity
+        slot = self.cache_slot[terms.names[0]]
+        if terms.single:
+            return self._run(self.clm_layers[terms.single], slot, x, args, kwargs)
+        names, alphas = list(terms.names), [float(a) for a in terms.alphas]
+        trained = [p for n in names for p in self.clm_layers[n].parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in trained):  # training: differentiable mix
+            compat.ensure_cache_slots(compat.find_cache(args, kwargs), slot + 1, compat.layer_index(self.base_layer))
+            with compat.outputs_not_captured():
+                out = torch.func.functional_call(
+                    self._plain_copy(slot), self.mixed_parameters(names, alphas), (x, *args), kwargs
+                )
+            return out[0] if isinstance(out, tuple) else out
+        tensors = itertools.chain(trained, self.base_layer.parameters())
+        key = (tuple(names), tuple(alphas), slot,
+               tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        layer = self._mixed_layers.get(key, lambda: self._layer_with(self.mixed_parameters(names, alphas, True), slot))
+        return self._run(layer, slot, x, args, kwargs)
+
+    def _forward_logits(self, x: torch.Tensor, args, kwargs, cache: Any) -> torch.Tensor:
+        plan = call_state(self).plan
+        if plan is None:
+            raise RuntimeError(
+                "logits mode runs through the model's forward, which lays out the paths; this layer was called on "
+                "its own. Call the model, or use interpolation='hidden'."
+            )
+        self._check_cache(cache, ("logits", plan.paths))
+        if x.shape[0] != plan.num_paths * plan.batch:
+            raise RuntimeError(f"logits mode expected {plan.num_paths * plan.batch} rows, got {x.shape[0]}.")
+        if plan.paths == (None,):
+            return x
+        if plan.num_paths == 1:
+            name = plan.paths[0]
+            return self._run(self.clm_layers[name], self.cache_slot[name], x, args, kwargs)
+        total, blocks = x.shape[0], []
+        for j, name in enumerate(plan.paths[:-1]):  # aligned paths: this adapter's copy on its block of rows
+            block_args = compat.rows_block(tuple(args), j, plan.num_paths, total)
+            block_kwargs = {k: compat.rows_block(v, j, plan.num_paths, total) if k in LAYER_ROW_KWARGS else v
+                            for k, v in kwargs.items()}
+            rows = slice(j * plan.batch, (j + 1) * plan.batch)
+            blocks.append(self._run(self.clm_layers[name], self.cache_slot[name], x[rows], block_args, block_kwargs))
+        blocks.append(x[(plan.num_paths - 1) * plan.batch :])  # the unaligned path enters the original layers as is
+        return torch.cat(blocks, dim=0)
+
+    # ------------------------------------------------------------------------------------------ merging
+    def build_merged_layer(self, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        """One plain decoder layer equal to what the adapters compute at their current alpha.
+
+        Exact in weights mode at any alpha, and in hidden/logits modes where no adapter contributes (alpha 0) or one
+        adapter runs alone at alpha 1; anything else raises, saying what to do instead.
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         unknown = [n for n in names if n not in self.clm_layers]
-        if unknown:
-            raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.clm_layers)}.")
-        if not names:
-            raise ValueError("No adapter to merge.")
-        pairs = [(n, self.alpha[n]) for n in names]
-        if any(isinstance(a, torch.Tensor) for _, a in pairs):
+        if unknown or not names:
+            raise ValueError(f"Unknown adapter(s) {unknown or names}; available: {sorted(self.clm_layers)}.")
+        if any(isinstance(self.alpha[n], torch.Tensor) for n in names):
             raise ValueError("A per-sequence alpha cannot be merged into one model; set one number with set_alpha().")
-        nonzero = [(n, float(a)) for n, a in pairs if a != 0.0]
-        layer = copy.deepcopy(self.clm_layers[names[0]])
-        if self.interpolation == "weights" or not nonzero:
-            params = self.mixed_parameters([n for n, _ in nonzero], [a for _, a in nonzero])
-        elif len(nonzero) == 1 and nonzero[0][1] == 1.0:
-            params = self.adapter_parameters(nonzero[0][0])
+        terms = active_terms([(n, self.alpha[n]) for n in names])
+        slot = self.cache_slot[names[0]]
+        if self.interpolation == "weights" or terms.identity:
+            params = self.mixed_parameters(list(terms.names), [float(a) for a in terms.alphas], out=True)
+        elif terms.single:
+            params = {k: v.detach().clone() for k, v in self.adapter_parameters(terms.single).items()}
         else:
             raise ValueError(
-                f"{self.interpolation} mode at alpha={dict(nonzero)} mixes outputs, which no single layer reproduces; "
-                "merge with set_interpolation('weights') (exact at any alpha, with slightly different outputs), or at "
-                "alpha 0 or 1 with one adapter, or keep the adapter unmerged."
+                f"{self.interpolation} mode at alpha={dict(zip(terms.names, terms.alphas))} mixes outputs, which no "
+                "single layer reproduces; merge with set_interpolation('weights') (exact at any alpha, with slightly "
+                "different outputs), or at alpha 0 or 1 with one adapter, or keep the adapter unmerged."
             )
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                p.copy_(params[name])
-        layer.requires_grad_(False)
-        return layer
+        return self._layer_with(params, slot)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Replace the adapters' computation by one plain layer (`merged_layer`, a registered module) at the
+        current alpha; `unmerge()` drops it. See `build_merged_layer` for when this is exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
         layer = self.build_merged_layer(adapter_names)
         if safe_merge and not all(torch.isfinite(p).all() for p in layer.parameters()):
             raise ValueError(f"NaNs or infs found while merging adapter(s) {adapter_names}.")
-        self._merged_layer = [layer]
+        self.merged_layer = layer
         self.merged_adapters = list(adapter_names)
 
     def unmerge(self) -> None:
-        self._merged_layer = []
+        """Back to the unmerged adapters (the merged layer is dropped; the adapters were never changed)."""
+        self.merged_layer = None
         self.merged_adapters = []
 
     def __repr__(self) -> str:

@@ -1,204 +1,173 @@
-"""`ClmModel`: injects the CLM layer, dials alpha, runs the logits-mode paths and merges."""
+"""`ClmModel`: injects the CLM layer, dials alpha and the mode, merges and unloads, and checks what it loads."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+import json
+import logging
+import os
+import re
+import struct
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from . import transformers_compat as compat
+from .alpha import Alpha, active_terms, call_alpha, check_mode_accepts, repeat_rows, resolve_alpha
 from .config import INTERPOLATIONS, ClmConfig
-from .kernels import dual_norm_mix, hidden_mix
-from contextvars import ContextVar
+from .constants import ZERO_MODULES
+from .layer import ClmLayer
+from .logits_mode import DualPath
 
-from .layer import _CALL_ALPHA, _PLAN, AlphaValue, ClmLayer, find_cache
-
-# Inside one decoder layer: the attention output projection and the MLP down projection, zeroed so that the copy
-# is exactly the identity through the residual stream.
-TRANSFORMERS_MODELS_TO_CLM_ZERO_MODULES: dict[str, list[str]] = {
-    **{
-        t: ["self_attn.o_proj", "mlp.down_proj"]
-        for t in (
-            "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
-            "granite", "smollm3", "stablelm", "helium", "glm", "cohere",
-        )
-    },
-    "starcoder2": ["self_attn.o_proj", "mlp.c_proj"],
-    "phi": ["self_attn.dense", "mlp.fc2"],
-    "gpt_neox": ["attention.dense", "mlp.dense_4h_to_h"],
-    "gpt2": ["attn.c_proj", "mlp.c_proj"],
-}
-
-# Where the decoder's final norm output goes straight out (no reshape by batch size after it), the logits-mode
-# paths are mixed right at the final norm, with the fused norm+mix kernel; elsewhere at the LM head's input.
-_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_norm")
-
-# Inputs of the decoder stack with one row per sequence: in logits mode they are repeated once per path.
-_BATCHED_MODEL_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-
-Alpha = Union[float, int, Sequence[float], torch.Tensor, Mapping[str, Any]]
-
-# Labels held back from a soft-capped model's forward in logits mode, so the loss is computed on mixed logits.
-_LABELS: ContextVar[dict] = ContextVar("peft_clm_labels", default={})
-
-
-def _find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("CLM needs a transformers model (a module with a `config`).")
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text_config, "num_hidden_layers", None)
-    found = [
-        (name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and n is not None and len(m) == n
-    ]
-    if not found:
-        raise ValueError(
-            f"Could not find the decoder layers of {type(model).__name__} (a ModuleList of num_hidden_layers={n} "
-            "layers); CLM supports decoder-only transformers models."
-        )
-    return min(found, key=lambda item: item[0].count("."))
-
-
-def _normalize_alpha_value(value: Any, what: str) -> AlphaValue:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a finite number or one number per sequence, got {value!r}.")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"{what} must be finite, got {value!r}.")
-        return float(value)
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        return _normalize_alpha_value(value.item(), what)
-    if isinstance(value, (list, tuple, torch.Tensor)):
-        try:
-            t = torch.as_tensor(value, dtype=torch.float32, device="cpu").detach().clone()
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{what} must be a number or a 1-D list of numbers, got {value!r}.") from e
-        if t.dim() != 1 or t.numel() == 0:
-            raise ValueError(f"{what} per sequence must be a non-empty 1-D list, got shape {tuple(t.shape)}.")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{what} must be finite, got {value!r}.")
-        return t
-    raise ValueError(f"{what} must be a number, one number per sequence, or a dict of them; got {type(value).__name__}.")
+logger = logging.getLogger(__name__)
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 class ClmModel(BaseTuner):
     """Controllable-alignment model: one identity-initialised decoder layer, dialled by `alpha`.
 
-    Created by `peft.get_peft_model(model, ClmConfig(...))` once `peft_clm` is imported.
+    Created by `peft.get_peft_model(model, ClmConfig(...))` once `peft_clm` is imported. All adapters of a model
+    share one insertion point and one mode; each has its own alpha.
 
     Example:
         ```py
         >>> import peft_clm
         >>> from peft import get_peft_model
         >>> model = get_peft_model(base_model, peft_clm.ClmConfig(interpolation="logits"))
-        >>> model.set_alpha(0.5)                           # one strength for everything
-        >>> out = model.generate(**batch, clm_alpha=[0.0, 1.5])  # or one per sequence, per call
+        >>> model.set_alpha(0.5)                                   # one strength for everything
+        >>> out = model.generate(**batch, clm_alpha=[0.0, 1.5])    # or one per sequence, for this call only
         ```
     """
 
     prefix: str = "clm_"
     tuner_layer_cls = ClmLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_CLM_ZERO_MODULES
+    target_module_mapping = ZERO_MODULES
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        self._clm_hooks: list = []
+        self.dual_path: Optional[DualPath] = None
+        self._layer_ref: list[ClmLayer] = []  # a list, so that the layer is not registered twice
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
-    # ------------------------------------------------------------------ injection
+    # ------------------------------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Inject adapter `adapter_name`; a config read from a directory has its weights file checked first, so a
+        bad file leaves the model exactly as it was."""
+        config = self.peft_config[adapter_name]
+        directory = config.__dict__.pop("_loaded_from", None)
+        if directory is not None:
+            check_adapter_file(directory, _checkpoint_prefix(model, config.layer_index))
+            _warn_other_base(config, model)
+        super().inject_adapter(model, adapter_name, **kwargs)
+
     def _prepare_adapter_config(self, peft_config: ClmConfig, model_config: dict) -> ClmConfig:
-        layers_name, layers = _find_decoder_layers(self.model)
+        reason = compat.recurrent_reason(self.model)
+        if reason:
+            raise ValueError(f"CLM does not support {type(self.model).__name__}: {reason}, and the copied layer "
+                             "would need a state slot of its own. CLM supports attention decoder models.")
+        layers_name, layers = compat.find_decoder_layers(self.model)
         if peft_config.layer_index >= len(layers):
             raise ValueError(f"layer_index={peft_config.layer_index} but the model has {len(layers)} decoder layers.")
+        position, existing = next(((i, m) for i, m in enumerate(layers) if isinstance(m, ClmLayer)), (None, None))
+        if existing is not None and peft_config.layer_index != position:
+            raise ValueError(f"the CLM adapters of this model sit before layer {position}; all share "
+                             f"one insertion point, got layer_index={peft_config.layer_index}.")
         if peft_config.zero_modules is None:
-            model_type = model_config.get("model_type")
-            zero = TRANSFORMERS_MODELS_TO_CLM_ZERO_MODULES.get(model_type)
+            zero = ZERO_MODULES.get(model_config.get("model_type"))
             if zero is None:
                 raise ValueError(
-                    f"CLM does not know the architecture {model_type!r}. Supported: "
-                    f"{sorted(TRANSFORMERS_MODELS_TO_CLM_ZERO_MODULES)}. For another decoder-only model pass "
-                    "ClmConfig(zero_modules=[<attention output projection>, <MLP down projection>]) named inside "
-                    "one decoder layer."
+                    f"CLM does not know the architecture {model_config.get('model_type')!r}. Supported: "
+                    f"{sorted(ZERO_MODULES)}. For another decoder-only model pass ClmConfig(zero_modules=[<attention "
+                    "output projection>, <MLP down projection>]) named inside one decoder layer."
                 )
             peft_config.zero_modules = list(zero)
-        layer = layers[peft_config.layer_index]
-        if isinstance(layer, ClmLayer):
-            existing = layer
+        target = layers[peft_config.layer_index]
+        if existing is not None:
             if existing.zero_modules != tuple(peft_config.zero_modules):
                 raise ValueError("All CLM adapters of a model must zero the same modules.")
-            layer = layer.base_layer
+            if peft_config.interpolation != existing.interpolation:  # the mode has one owner: the model's layer
+                logger.warning("adapter config asks for interpolation=%r; the model runs in %r mode, which the new "
+                               "adapter adopts (set_interpolation() switches every adapter).",
+                               peft_config.interpolation, existing.interpolation)
+                peft_config.interpolation = existing.interpolation
+            target = existing.base_layer
         for name in peft_config.zero_modules:
             try:
-                layer.get_submodule(name)
-            except AttributeError as e:
-                raise ValueError(
-                    f"zero_modules entry {name!r} is not a module of the decoder layer {type(layer).__name__}."
-                ) from e
+                module = target.get_submodule(name)
+            except AttributeError:
+                module = None
+            if module is None or not list(module.parameters()):
+                raise ValueError(f"zero_modules entry {name!r} is not a module with parameters of the decoder layer "
+                                 f"{type(target).__name__}.")
         peft_config.target_modules = [f"{layers_name}.{peft_config.layer_index}"]
-        for other_name, other in self.peft_config.items():
-            if other is not peft_config and getattr(other, "layer_index", None) != peft_config.layer_index:
-                raise ValueError(
-                    f"adapter {other_name!r} sits before layer {other.layer_index}; all CLM adapters of a model share "
-                    f"one insertion point, got layer_index={peft_config.layer_index}."
-                )
         return peft_config
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, ClmLayer):
+            probe = self._probe(target)
             target.update_layer(adapter_name, peft_config)
+            try:
+                if probe is not None and peft_config.init_weights:
+                    target.check_identity(adapter_name, probe)
+            except ValueError:
+                target.delete_adapter(adapter_name)
+                raise
             return
-        _, layers = _find_decoder_layers(self.model)
-        new_module = ClmLayer(
-            target, adapter_name, peft_config, zero_modules=peft_config.zero_modules, num_base_layers=len(layers)
-        )
+        _, layers = compat.find_decoder_layers(self.model)
+        layer = ClmLayer(target, adapter_name, peft_config, zero_modules=peft_config.zero_modules,
+                         num_base_layers=len(layers))
+        probe = self._probe(target)
+        if probe is not None and peft_config.init_weights:
+            layer.check_identity(adapter_name, probe)  # before the model is changed
         if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        setattr(parent, target_name, new_module)
+            layer.requires_grad_(False)
+        setattr(parent, target_name, layer)
+
+    def _probe(self, target: nn.Module) -> Optional[tuple]:
+        # The real inputs of the wrapped layer on a few tokens, with any CLM adapter off while they are captured.
+        disabled = getattr(target, "_disable_adapters", None)
+        if disabled is not None:
+            target._disable_adapters = True
+        try:
+            return compat.capture_layer_inputs(self.model, target)
+        finally:
+            if disabled is not None:
+                target._disable_adapters = disabled
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # The CLM layer is a copy of a decoder layer and runs in the model's dtype, like ln_tuning's copies.
-        pass
+        pass  # the CLM layer is a copy of a decoder layer and runs in the model's dtype, like ln_tuning's copies
 
     def _post_injection_hook(self, model: nn.Module, config: ClmConfig, adapter_name: str) -> None:
-        if not self._clm_hooks:
-            self._register_hooks()
+        if self.dual_path is None:
+            self.dual_path = DualPath(self.model, self.clm_layer())
+        if self.interpolation == "logits":
+            self.dual_path.attach()
 
     def clm_layer(self) -> Optional[ClmLayer]:
-        """The (single) CLM layer of the model (looked up once: the hooks call this on every forward)."""
-        cached = self.__dict__.get("_clm_layer_cache")
-        if cached:
-            return cached[0]
-        layer = next((m for m in self.model.modules() if isinstance(m, ClmLayer)), None)
-        if layer is not None:
-            self.__dict__["_clm_layer_cache"] = [layer]
+        """The model's CLM layer (one per model; it holds every adapter)."""
+        if not self._layer_ref:
+            layer = next((m for m in self.model.modules() if isinstance(m, ClmLayer)), None)
+            if layer is None:
+                return None
+            self._layer_ref = [layer]
+        return self._layer_ref[0]
+
+    # ------------------------------------------------------------------------------------------ alpha and mode
+    def _unmerged_layer(self) -> ClmLayer:
+        layer = self.clm_layer()
+        if layer.merged:
+            raise ValueError(
+                f"the adapters {layer.merged_adapters} are merged at alpha {self.get_alpha()}; call unmerge_adapter() "
+                "before changing alpha or the mode (then merge_adapter() again at the new setting)."
+            )
         return layer
 
-    # ------------------------------------------------------------------ alpha and mode
-    def _normalize_alpha(self, alpha: Alpha, allow_rows: bool) -> dict[str, AlphaValue]:
-        layer = self.clm_layer()
-        names = list(layer.clm_layers.keys())
-        if isinstance(alpha, Mapping):
-            unknown = [k for k in alpha if k not in names]
-            if unknown:
-                raise ValueError(f"alpha names unknown adapter(s) {unknown}; the adapters are {names}.")
-            out = dict(layer.alpha)
-            out.update({k: _normalize_alpha_value(v, f"alpha[{k!r}]") for k, v in alpha.items()})
-        else:
-            value = _normalize_alpha_value(alpha, "alpha")
-            out = {n: value for n in names}
-        if not allow_rows and any(isinstance(v, torch.Tensor) for v in out.values()):
-            raise ValueError(
-                "per-sequence alpha applies in interpolation='hidden' or 'logits'; weights mode mixes parameters, "
-                "so one number applies to the whole batch."
-            )
-        return out
-
     def set_alpha(self, alpha: Alpha) -> None:
-        """Set the alignment strength: a number, one number per sequence (hidden/logits modes), or a dict by adapter.
+        """Set the alignment strength: a number, one number per sequence (hidden/logits), or a dict by adapter.
 
-        0 is the base model, 1 the aligned model; values between interpolate, values outside extrapolate.
+        0 is the base model, 1 the aligned model; values between interpolate, values outside extrapolate (|alpha| up
+        to 1000). This is a run-time dial: the alpha saved with an adapter stays the one of its config.
 
         Example:
             ```py
@@ -207,20 +176,16 @@ class ClmModel(BaseTuner):
             >>> model.set_alpha([0.0, 0.5, 1.5])   # one per sequence of the next batch
             ```
         """
-        layer = self.clm_layer()
-        new = self._normalize_alpha(alpha, allow_rows=layer.interpolation != "weights")
-        layer.alpha.update(new)  # validated in full above: nothing is half-applied
-        for name, value in new.items():
-            if isinstance(value, float):
-                self.peft_config[name].alpha = value
+        layer = self._unmerged_layer()
+        layer.alpha.update(resolve_alpha(alpha, list(layer.clm_layers), layer.alpha, layer.interpolation))
 
-    def get_alpha(self) -> dict[str, AlphaValue]:
+    def get_alpha(self) -> dict:
         """The alpha of every adapter, as `set_alpha` left it."""
         return dict(self.clm_layer().alpha)
 
     @contextlib.contextmanager
     def alpha_context(self, alpha: Alpha) -> Iterator[None]:
-        """Use `alpha` for the calls made inside the block, in this thread only (for servers).
+        """Use `alpha` for the calls made inside the block, in this thread only (what a server needs).
 
         Example:
             ```py
@@ -228,30 +193,31 @@ class ClmModel(BaseTuner):
             ...     out = model.generate(**batch)
             ```
         """
-        layer = self.clm_layer()
-        value = self._normalize_alpha(alpha, allow_rows=layer.interpolation != "weights")
-        token = _CALL_ALPHA.set({**_CALL_ALPHA.get(), id(layer): value})
-        try:
+        layer = self._unmerged_layer()
+        with call_alpha(layer, resolve_alpha(alpha, list(layer.clm_layers), layer.alpha, layer.interpolation)):
             yield
-        finally:
-            _CALL_ALPHA.reset(token)
 
     @property
     def interpolation(self) -> str:
-        """The mixing mode every adapter of this model runs in: 'logits', 'hidden' or 'weights'."""
+        """The mode every adapter of this model runs in: 'logits', 'hidden' or 'weights'."""
         return self.clm_layer().interpolation
 
     def set_interpolation(self, mode: str) -> None:
-        """Switch the mixing mode ('logits', 'hidden' or 'weights'); the adapter weights are the same in every mode."""
+        """Switch the mixing mode ('logits', 'hidden' or 'weights') of every adapter; the weights are the same in
+        every mode. The adapters' configs follow, so a saved adapter records the mode it ran in."""
         if mode not in INTERPOLATIONS:
             raise ValueError(f"interpolation={mode!r} is not one of {INTERPOLATIONS}.")
-        layer = self.clm_layer()
-        if mode == "weights" and any(isinstance(a, torch.Tensor) for a in layer.alpha.values()):
-            raise ValueError("weights mode takes one alpha per adapter; set a number with set_alpha() first.")
+        layer = self._unmerged_layer()
+        if mode == "weights":
+            try:
+                check_mode_accepts(layer.alpha, mode)
+            except ValueError as e:
+                raise ValueError(f"{e} Set one number per adapter with set_alpha() first.") from None
         layer.interpolation = mode
-        layer._weights_cache = None
+        layer._mixed_layers.clear()
         for config in self.peft_config.values():
             config.interpolation = mode
+        self.dual_path.attach() if mode == "logits" else self.dual_path.detach()
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (each dialled by its own alpha)."""
@@ -261,12 +227,17 @@ class ClmModel(BaseTuner):
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
-    def _with_call_alpha(self, clm_alpha: Optional[Alpha]):
-        return contextlib.nullcontext() if clm_alpha is None else self.alpha_context(clm_alpha)
+    def _call_alpha(self, clm_alpha: Optional[Alpha], batch: Optional[int], repeats: int = 1):
+        if clm_alpha is None:
+            return contextlib.nullcontext()
+        layer = self._unmerged_layer()
+        values = resolve_alpha(clm_alpha, list(layer.clm_layers), layer.alpha, layer.interpolation)
+        active_terms(list(values.items()), batch)  # per-sequence counts checked against the caller's batch
+        return call_alpha(layer, repeat_rows(values, repeats))
 
     def forward(self, *args: Any, clm_alpha: Optional[Alpha] = None, **kwargs: Any):
         """The model's forward; `clm_alpha` overrides alpha for this call only."""
-        with self._with_call_alpha(clm_alpha):
+        with self._call_alpha(clm_alpha, None):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, clm_alpha: Optional[Alpha] = None, **kwargs: Any):
@@ -274,172 +245,23 @@ class ClmModel(BaseTuner):
 
         A per-sequence alpha follows its sequence through beam search and `num_return_sequences`.
         """
-        if clm_alpha is not None:
-            gen_config = kwargs.get("generation_config") or self.model.generation_config
-            # generate() repeats each sequence in place: num_beams times in beam search (the returned sequences are
-            # picked among the beams), else num_return_sequences times.
-            num_beams = int(kwargs.get("num_beams", gen_config.num_beams) or 1)
-            repeats = num_beams if num_beams > 1 else int(
-                kwargs.get("num_return_sequences", gen_config.num_return_sequences) or 1
-            )
-            clm_alpha = self._repeat_rows(clm_alpha, repeats)
-        with self._with_call_alpha(clm_alpha):
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
+        config = kwargs.get("generation_config") or self.model.generation_config
+        # generate() repeats each sequence in place: num_beams times in beam search (the returned sequences are
+        # picked among the beams), else num_return_sequences times
+        beams = int(kwargs.get("num_beams", config.num_beams) or 1)
+        repeats = beams if beams > 1 else int(kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+        with self._call_alpha(clm_alpha, batch, repeats):
             return self.model.generate(*args, **kwargs)
 
-    @staticmethod
-    def _repeat_rows(alpha: Alpha, repeats: int) -> Alpha:
-        # generate() repeats each sequence `repeats` times in place (beams, return sequences); alpha must follow.
-        if repeats == 1:
-            return alpha
-        if isinstance(alpha, Mapping):
-            return {k: ClmModel._repeat_rows(v, repeats) for k, v in alpha.items()}
-        if isinstance(alpha, (list, tuple)) or (isinstance(alpha, torch.Tensor) and alpha.dim() == 1):
-            return torch.as_tensor(alpha, dtype=torch.float32).repeat_interleave(repeats)
-        return alpha
-
-    # ------------------------------------------------------------------ logits mode: both paths in one batch
-    def _register_hooks(self) -> None:
-        layers_name, _ = _find_decoder_layers(self.model)
-        decoder = self.model.get_submodule(layers_name.rpartition(".")[0])
-        head = self.model.get_output_embeddings()
-        if head is None:
-            return  # no LM head: logits mode cannot run, hidden and weights modes still do
-        self._clm_hooks = [
-            self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
-            self.model.register_forward_hook(self._top_post_hook, with_kwargs=True, always_call=True),
-            decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True),
-            head.register_forward_pre_hook(self._head_pre_hook),
-        ]
-        norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)),
-                    None)
-        if norm is not None and self._softcap is None:
-            self._clm_final_norm = [norm]  # a list, so that the norm is not registered twice
-            norm.forward = self._final_norm_forward(norm, norm.forward)
-
-    def _final_norm_forward(self, norm: nn.Module, original):
-        def forward(hidden_states, *args, **kwargs):
-            layer = self.clm_layer()
-            plan = layer.current_plan() if layer is not None else None
-            if (args or kwargs or plan is None or plan.num_paths == 1
-                    or hidden_states.shape[0] != plan.num_paths * plan.batch):
-                return original(hidden_states, *args, **kwargs)
-            # Norm every path and mix them in one pass; the LM head then runs on B rows. Exact: the head is
-            # affine and the mixing weights sum to one.
-            return dual_norm_mix(hidden_states, norm, plan.alphas, plan.num_paths, norm_forward=original)
-
-        return forward
-
-    def _remove_hooks(self) -> None:
-        for handle in self._clm_hooks:
-            handle.remove()
-        self._clm_hooks = []
-        for norm in getattr(self, "_clm_final_norm", []):
-            del norm.forward  # back to the class's forward
-        self._clm_final_norm = []
-
-    @property
-    def _softcap(self) -> Optional[float]:
-        return getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
-
-    def _set_plan(self, layer: ClmLayer, plan) -> None:
-        plans = dict(_PLAN.get())
-        if plan is None:
-            plans.pop(id(layer), None)
-        else:
-            plans[id(layer)] = plan
-        _PLAN.set(plans)
-
-    def _top_pre_hook(self, module, args, kwargs):
-        layer = self.clm_layer()
-        if layer is None or not layer.logits_active:
-            return None
-        self._set_plan(layer, None)  # never reuse a plan from an earlier call
-        if self._softcap is not None and kwargs.get("labels") is not None:
-            # Soft-capped logits are mixed after the cap, so the loss is computed after the mix, in the post-hook.
-            kwargs = dict(kwargs)
-            _LABELS.set({**_LABELS.get(), id(layer): kwargs.pop("labels")})
-            return args, kwargs
-        return None
-
-    def _top_post_hook(self, module, args, kwargs, output):
-        layer = self.clm_layer()
-        if layer is None:
-            return None
-        plan = layer.current_plan()
-        self._set_plan(layer, None)
-        stash = dict(_LABELS.get())
-        labels = stash.pop(id(layer), None)
-        _LABELS.set(stash)
-        if self._softcap is None or getattr(output, "logits", None) is None:
-            return None
-        if plan is not None and plan.num_paths > 1:
-            # Soft-capping is not linear: mix the real (capped) logits of the paths.
-            output.logits = self._mix_paths(output.logits, plan)
-        if labels is not None:
-            extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
-            vocab_size = module.config.get_text_config().vocab_size
-            output.loss = module.loss_function(output.logits, labels, vocab_size, **extra)
-        return output
-
-    def _decoder_pre_hook(self, module, args, kwargs):
-        layer = self.clm_layer()
-        if layer is None or not layer.logits_active:
-            return None
-        rows_from = kwargs.get("input_ids")
-        if rows_from is None:
-            rows_from = kwargs.get("inputs_embeds")
-        if rows_from is None and args and isinstance(args[0], torch.Tensor):
-            rows_from = args[0]
-        if rows_from is None:
-            raise ValueError("logits mode needs input_ids or inputs_embeds.")
-        batch = rows_from.shape[0]
-        cache = find_cache(args, kwargs)
-        cache_rows = 0
-        if cache is not None and cache.get_seq_length() > 0:
-            cache_rows = next(l.keys.shape[0] for l in cache.layers if l.get_seq_length() > 0)
-        plan = layer.plan_paths(batch, cache_rows)
-        self._set_plan(layer, plan)
-        if plan.num_paths == 1:
-            return None
-        # Run the paths as one batch of P*B rows, so that each shared weight is read once per step; the mask,
-        # positions and KV cache then cover every path because the model builds them from these inputs.
-        repeat = plan.num_paths
-
-        def rep(t):
-            return torch.cat([t] * repeat, dim=0) if isinstance(t, torch.Tensor) and t.shape[0] == batch else t
-
-        args = tuple(rep(a) for a in args)
-        kwargs = {k: (rep(v) if k in _BATCHED_MODEL_KWARGS else v) for k, v in kwargs.items()}
-        if cache is not None and not getattr(cache, "_clm_paths_reorder", False):
-            _patch_reorder(cache)
-        return args, kwargs
-
-    def _head_pre_hook(self, module, args):
-        layer = self.clm_layer()
-        plan = layer.current_plan() if layer is not None else None
-        if plan is None or plan.num_paths == 1 or self._softcap is not None:
-            return None
-        hidden = args[0]
-        if hidden.shape[0] != plan.num_paths * plan.batch:
-            return None
-        # The head is affine and the mixing weights sum to one, so mixing the final-norm outputs and applying the
-        # head once gives exactly the mix of the paths' logits, for B rows instead of P*B (a bias is fine too).
-        return (self._mix_paths(hidden, plan), *args[1:])
-
-    @staticmethod
-    def _mix_paths(t: torch.Tensor, plan) -> torch.Tensor:
-        B, k = plan.batch, plan.num_paths - 1
-        base = t[k * B : (k + 1) * B]
-        return hidden_mix(base, [t[j * B : (j + 1) * B] for j in range(k)], plan.alphas)
-
-    # ------------------------------------------------------------------ merge and unload
-    def _unload_and_optionally_merge(
-        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
-    ) -> nn.Module:
+    # ------------------------------------------------------------------------------------------ merge and unload
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names=None) -> nn.Module:
         layer = self.clm_layer()
         if layer is None:
             return self.model
-        layers_name, layers = _find_decoder_layers(self.model)
+        layers_name, layers = compat.find_decoder_layers(self.model)
         index = next(i for i, m in enumerate(layers) if m is layer)
         if merge:
             new_layer = layer.build_merged_layer(adapter_names)  # raises, model untouched, when not exact
@@ -449,103 +271,143 @@ class ClmModel(BaseTuner):
             modules[index] = layer.base_layer
             modules.insert(index, new_layer)
             for position, module in enumerate(modules):
-                for sub in module.modules():
-                    if isinstance(getattr(sub, "layer_idx", None), int):
-                        sub.layer_idx = position
+                compat.set_layer_index(module, position)
             parent = self.model.get_submodule(layers_name.rpartition(".")[0])
             setattr(parent, layers_name.rpartition(".")[2], nn.ModuleList(modules))
-            _insert_layer_in_config(self.model.config, index)
+            compat.insert_layer_in_config(self.model.config, index)
         else:
             layers[index] = layer.base_layer
-        self.__dict__.pop("_clm_layer_cache", None)
-        self._remove_hooks()
+        self._forget_layer()
+        return self.model
+
+    def _forget_layer(self) -> None:
+        if self.dual_path is not None:
+            self.dual_path.detach()
+        self.dual_path = None
+        self._layer_ref = []
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
-        return self.model
 
     def _rollback_adapter(self, adapter_name: str) -> None:
         """Undo the injection of `adapter_name` after a failed load, leaving the model as it was."""
         layer = self.clm_layer()
         if layer is None:
             return
+        self.peft_config.pop(adapter_name, None)
         if len(layer.clm_layers) <= 1:
-            layers_name, layers = _find_decoder_layers(self.model)
-            index = next(i for i, m in enumerate(layers) if m is layer)
-            layers[index] = layer.base_layer
-            self.__dict__.pop("_clm_layer_cache", None)
-            self._remove_hooks()
-            if hasattr(self.model, "peft_config"):
-                del self.model.peft_config
+            _, layers = compat.find_decoder_layers(self.model)
+            layers[next(i for i, m in enumerate(layers) if m is layer)] = layer.base_layer
+            self._forget_layer()
         else:
-            self.peft_config.pop(adapter_name, None)
             layer.delete_adapter(adapter_name)
 
-    # ------------------------------------------------------------------ state dicts
+    # ------------------------------------------------------------------------------------------ state dicts
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {k: v for k, v in selected.items() if ".merged_layer." not in k}  # derived, never saved
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # The adapter name sits in the middle of the key (clm_layers.<name>.self_attn...): drop it there, so that
-        # a file saved under one adapter name loads under any other.
+        # The adapter name sits in the middle of the key (clm_layers.<name>.self_attn...): drop it there, so that a
+        # file saved under one adapter name loads under any other.
         return key.replace(f".clm_layers.{adapter_name}.", ".clm_layers.")
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = {k: v for k, v in model.state_dict().items() if f".clm_layers.{adapter_name}." in k}
-        strip = lambda k: k.removeprefix("base_model.model.")  # noqa: E731
-        got = {strip(k): v for k, v in remapped.items()}
-        want = {strip(k): v for k, v in expected.items()}
-        missing = sorted(set(want) - set(got))
-        unexpected = sorted(k for k in set(got) - set(want) if ".clm_layers." in k)
-        wrong = sorted(k for k in set(want) & set(got) if tuple(got[k].shape) != tuple(want[k].shape))
-        if missing or unexpected or wrong:
-            tuner = getattr(model, "base_model", model)
-            if isinstance(tuner, ClmModel):
+        tuner = model.base_model if isinstance(getattr(model, "base_model", None), ClmModel) else None
+        try:
+            if tuner is not None:
+                check_adapter_tensors(state_dict, _checkpoint_prefix(tuner.model, config.layer_index), "the adapter")
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            _check_shapes(model, adapter_name, remapped)
+        except ValueError:
+            if tuner is not None:
                 tuner._rollback_adapter(adapter_name)
-            detail = []
-            if wrong:
-                k = wrong[0]
-                detail.append(
-                    f"{len(wrong)} tensor(s) of another shape, e.g. {k}: file {tuple(got[k].shape)} vs model "
-                    f"{tuple(want[k].shape)}"
-                )
-            if missing:
-                detail.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
-            if unexpected:
-                detail.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
-            raise ValueError(
-                f"The CLM adapter {adapter_name!r} does not fit this model ({'; '.join(detail)}). It was saved for a "
-                "model of another architecture or size; load it onto the base model it was trained on. The model "
-                "was left as it was."
-            )
+            raise
         return remapped
 
 
-def _patch_reorder(cache) -> None:
-    """Make beam search's `reorder_cache(beam_idx)` (indices for B rows) reorder every path of a P*B-row cache."""
-
-    def reorder_cache(beam_idx: torch.LongTensor) -> None:
-        n = beam_idx.numel()
-        for layer in cache.layers:
-            if layer.get_seq_length() == 0:
-                continue
-            paths = layer.keys.shape[0] // n
-            idx = beam_idx if paths == 1 else torch.cat([beam_idx + p * n for p in range(paths)])
-            layer.reorder_cache(idx)
-
-    cache.reorder_cache = reorder_cache
-    cache._clm_paths_reorder = True
+# ---------------------------------------------------------------------------------------------- load checks
+def _checkpoint_prefix(model: nn.Module, layer_index: int) -> str:
+    layers_name, _ = compat.find_decoder_layers(model)
+    return f"base_model.model.{layers_name}.{layer_index}.clm_layers."
 
 
-def _insert_layer_in_config(config, index: int) -> None:
-    """Account for one more decoder layer at `index`: the layer count and every per-layer list."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    old = text_config.num_hidden_layers
-    for key, value in list(vars(text_config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == old and not key.startswith("_"):
-            new = list(value)
-            new.insert(index, value[index])
-            setattr(text_config, key, type(value)(new))
-    mwl = getattr(text_config, "max_window_layers", None)
-    if isinstance(mwl, int) and index < mwl:
-        text_config.max_window_layers = mwl + 1
-    text_config.num_hidden_layers = old + 1
+def check_adapter_tensors(tensors: dict, prefix: str, where: str) -> None:
+    """Refuse an adapter whose tensors reach outside the CLM layer, are not floats, or are not finite."""
+    outside = sorted(k for k in tensors if not k.startswith(prefix))
+    if outside:
+        other = re.search(r"\.(\d+)\.clm_layers\.", outside[0])
+        if other and all(".clm_layers." in k for k in outside):
+            raise ValueError(f"{where} holds a CLM layer for decoder layer {other.group(1)}, but its config says "
+                             f"layer_index={prefix.split('.')[-3]}; the config or the weights were edited.")
+        raise ValueError(f"{where} holds {len(outside)} tensor(s) outside the CLM layer (e.g. {outside[0]!r}); "
+                         f"an adapter may only hold tensors under {prefix!r}. Nothing was loaded.")
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: tensor {key!r} has dtype {value.dtype}; CLM adapters hold float tensors only.")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values. Nothing was loaded.")
+
+
+def check_adapter_file(directory: str, prefix: str) -> None:
+    """Raise a clear error unless `directory` holds a readable `adapter_model.safetensors` of finite float tensors,
+    all inside the CLM layer (`prefix`). Read before injection, so a bad file never changes the model."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        others = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(directory, f))]
+        hint = f" (found {others[0]}: only safetensors are read)" if others else ""
+        raise FileNotFoundError(f"No adapter_model.safetensors in {directory}{hint}.")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        dtypes = {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, struct.error, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-save the adapter.") from e
+    bad = {k: d for k, d in dtypes.items() if d not in _FLOAT_DTYPES}
+    if bad:
+        key = next(iter(bad))
+        raise ValueError(f"{path}: tensor {key!r} has dtype {bad[key]}; CLM adapters hold float tensors only.")
+    if not any(".clm_layers." in k for k in tensors):
+        raise ValueError(f"{path} holds no CLM layer tensors; it is not a CLM adapter.")
+    check_adapter_tensors(tensors, prefix, path)
+
+
+def _check_shapes(model: nn.Module, adapter_name: str, remapped: dict) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if f".clm_layers.{adapter_name}." in k}
+    strip = lambda k: k.removeprefix("base_model.model.")  # noqa: E731
+    got = {strip(k): v for k, v in remapped.items()}
+    want = {strip(k): v for k, v in expected.items()}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(k for k in set(got) - set(want) if ".clm_layers." in k)
+    wrong = sorted(k for k in set(want) & set(got) if tuple(got[k].shape) != tuple(want[k].shape))
+    if not (missing or unexpected or wrong):
+        return
+    detail = []
+    if wrong:
+        k = wrong[0]
+        detail.append(f"{len(wrong)} tensor(s) of another shape, e.g. {k}: file {tuple(got[k].shape)} vs model "
+                      f"{tuple(want[k].shape)}")
+    if missing:
+        detail.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+    raise ValueError(f"The CLM adapter {adapter_name!r} does not fit this model ({'; '.join(detail)}). It was saved "
+                     "for a model of another architecture or size; load it onto the base model it was trained on. "
+                     "The model was left as it was.")
+
+
+def _warn_other_base(config: ClmConfig, model: nn.Module) -> None:
+    saved, current = config.base_model_name_or_path, getattr(model, "name_or_path", "")
+    if saved and current and os.path.normpath(str(saved)) != os.path.normpath(str(current)):
+        logger.warning("this CLM adapter was trained on %r and is being loaded onto %r; its alpha 0 is this model, "
+                       "and its alignment was learned on the other.", saved, current)

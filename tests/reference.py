@@ -7,13 +7,13 @@ import copy
 
 import torch
 
-from peft_clm.model import _find_decoder_layers
+from peft_clm.transformers_compat import find_decoder_layers
 
 
 @contextlib.contextmanager
 def pre_layer(base_model, transform):
     """Replace the input x of decoder layer 0 of `base_model` by transform(x, args, kwargs)."""
-    _, layers = _find_decoder_layers(base_model)
+    _, layers = find_decoder_layers(base_model)
 
     def hook(module, args, kwargs):
         return (transform(args[0], args[1:], kwargs), *args[1:]), kwargs

@@ -10,7 +10,7 @@ from tiny_models import inputs, tiny_model
 from transformers.generation.streamers import BaseStreamer
 
 from peft_clm import ClmConfig
-from peft_clm.model import _find_decoder_layers
+from peft_clm.transformers_compat import find_decoder_layers
 
 
 def logits(model, ids, mask, **kw):
@@ -58,7 +58,7 @@ def test_per_sequence_alpha_errors():
 
 
 def _rows_into_layer1(model, ids, mask):
-    _, layers = _find_decoder_layers(model.base_model.model)
+    _, layers = find_decoder_layers(model.base_model.model)
     seen = []
     handle = layers[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     logits(model, ids, mask)

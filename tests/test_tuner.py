@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import ARCHS, TINY_CONFIGS, inputs, tiny_model
 
 from peft_clm import ClmConfig, ClmLayer
-from peft_clm.model import _find_decoder_layers
+from peft_clm.transformers_compat import find_decoder_layers
 
 MODES = ["hidden", "weights", "logits"]
 TESTS_DIR = os.path.dirname(__file__)
@@ -72,7 +72,7 @@ def test_weights_mode_follows_the_formula(arch):
     perturb(model)
     layer = model.base_model.clm_layer()
     base = tiny_model(arch)
-    _, base_layers = _find_decoder_layers(base)
+    _, base_layers = find_decoder_layers(base)
     zero = layer.zero_modules
     for alpha in (0.25, 1.5, -0.5):
         model.set_alpha(alpha)
