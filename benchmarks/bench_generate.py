@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+
 METHODS = {
     # name: (description, mode, alpha)
     "base": ("the base model", None, None),
@@ -166,27 +167,27 @@ def _measure(method: str, model_name: str, device: str, batch: int, context: int
                 token = logits.argmax(-1, keepdim=True)
             sync()
             t2 = time.perf_counter()
-            run = dict(prefill_s=t1 - t0, decode_s=t2 - t1)
+            run = {"prefill_s": t1 - t0, "decode_s": t2 - t1}
             if best is None or run["decode_s"] < best["decode_s"]:
                 best = run
-    return dict(
-        method=method,
-        description=METHODS[method][0],
-        mode=METHODS[method][1] or "none",
-        alpha=METHODS[method][2],
-        batch=batch,
-        context=ctx,
-        new_tokens=new_tokens,
-        prefill_tok_s=batch * ctx / best["prefill_s"],
-        ttft_s=best["prefill_s"],
-        decode_tok_s=batch * new_tokens / best["decode_s"],
+    return {
+        "method": method,
+        "description": METHODS[method][0],
+        "mode": METHODS[method][1] or "none",
+        "alpha": METHODS[method][2],
+        "batch": batch,
+        "context": ctx,
+        "new_tokens": new_tokens,
+        "prefill_tok_s": batch * ctx / best["prefill_s"],
+        "ttft_s": best["prefill_s"],
+        "decode_tok_s": batch * new_tokens / best["decode_s"],
         # GPU: peak memory allocated on the device; CPU: peak RSS of the process
-        peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+        "peak_mem_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        model=model_name,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-    )
+        "model": model_name,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def main() -> None:
@@ -237,7 +238,8 @@ def main() -> None:
             if r["batch"] == batch:
                 r["ratio_vs_base"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
                 r["mem_ratio_vs_base"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
-    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={os.environ.get('BENCH_THREADS', os.cpu_count())}"
+    threads = os.environ.get("BENCH_THREADS", os.cpu_count())
+    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={threads}"
     if args.device.startswith("cuda"):
         import torch
 
@@ -245,12 +247,21 @@ def main() -> None:
     date = time.strftime("%Y-%m-%d")
     for r in rows:
         r.update(machine=machine, date=date)
-    print(f"# bench_generate — {MODELS[args.model]} on {args.device} ({rows[0]['dtype']}), context "
-          f"{args.context}, {args.new_tokens} new tokens, best of {args.repeats} x {args.rounds} rounds; {machine}; {date}")
-    print(f"{'method':<26}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ratio':>8}{'TTFT s':>9}{'peak MB':>9}{'mem ratio':>10}")
+    print(
+        f"# bench_generate — {MODELS[args.model]} on {args.device} ({rows[0]['dtype']}), context "
+        f"{args.context}, {args.new_tokens} new tokens, best of {args.repeats} x {args.rounds} rounds; "
+        f"{machine}; {date}"
+    )
+    print(
+        f"{'method':<26}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ratio':>8}{'TTFT s':>9}"
+        f"{'peak MB':>9}{'mem ratio':>10}"
+    )
     for r in rows:
-        print(f"{r['method']:<26}{r['batch']:>6}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}"
-              f"{(r['ratio_vs_base'] or 0):>8.3f}{r['ttft_s']:>9.3f}{r['peak_mem_mb']:>9.0f}{(r['mem_ratio_vs_base'] or 0):>10.3f}")
+        print(
+            f"{r['method']:<26}{r['batch']:>6}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}"
+            f"{(r['ratio_vs_base'] or 0):>8.3f}{r['ttft_s']:>9.3f}{r['peak_mem_mb']:>9.0f}"
+            f"{(r['mem_ratio_vs_base'] or 0):>10.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

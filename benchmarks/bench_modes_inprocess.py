@@ -75,10 +75,19 @@ def main() -> None:
                     r["step_ms"].append(1000 * step)
                     r["layer_ms"].append(1000 * statistics.median(layer_seconds))
     del layer.forward
-    rows = [dict(mode=mode, alpha=alpha, batch=args.batch, step_ms_median=statistics.median(r["step_ms"]),
-                 layer_ms_median=statistics.median(r["layer_ms"]), step_ms=r["step_ms"], layer_ms=r["layer_ms"],
-                 date=time.strftime("%Y-%m-%d"))
-            for (mode, alpha), r in results.items()]
+    rows = [
+        {
+            "mode": mode,
+            "alpha": alpha,
+            "batch": args.batch,
+            "step_ms_median": statistics.median(r["step_ms"]),
+            "layer_ms_median": statistics.median(r["layer_ms"]),
+            "step_ms": r["step_ms"],
+            "layer_ms": r["layer_ms"],
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        for (mode, alpha), r in results.items()
+    ]
     print(f"# one process, {args.rounds} alternating rounds, batch {args.batch}, {args.steps} decode steps each")
     print(f"{'mode':<9}{'alpha':>6}{'step ms (median)':>18}{'CLM-wrapped layer 0 ms':>24}")
     for r in rows:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = {
@@ -44,10 +45,10 @@ def _measure(method: str, model: str, data: str, steps: int, batch: int, max_len
                   beta=0.1, max_length=max_length, seed=0, progress=False,
                   separate_reference=separate and adapter != "full")  # full: TRL loads its own reference copy
     timed = r.step_seconds[1:] or r.step_seconds  # the first step pays one-off set-up
-    return dict(method=method, description=METHODS[method][0], steps=r.steps, batch=batch,
-                step_s=statistics.median(timed), first_step_s=r.step_seconds[0] if r.step_seconds else None,
-                peak_mem_mb=r.peak_rss_mb, trainable_params=r.trainable_params, total_params=r.total_params,
-                final_loss=r.final_loss)
+    return {"method": method, "description": METHODS[method][0], "steps": r.steps, "batch": batch,
+                "step_s": statistics.median(timed), "first_step_s": r.step_seconds[0] if r.step_seconds else None,
+                "peak_mem_mb": r.peak_rss_mb, "trainable_params": r.trainable_params, "total_params": r.total_params,
+                "final_loss": r.final_loss}
 
 
 def _quick_inputs(tmp: str) -> tuple[str, str]:
@@ -96,19 +97,26 @@ def main() -> None:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ROW "))[4:]))
     ref = next((r for r in rows if r["method"] == "clm"), None)
-    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={os.environ.get('BENCH_THREADS', os.cpu_count())}"
+    threads = os.environ.get("BENCH_THREADS", os.cpu_count())
+    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={threads}"
     date = time.strftime("%Y-%m-%d")
     for r in rows:
         r["step_ratio_vs_clm"] = r["step_s"] / ref["step_s"] if ref else None
         r["mem_ratio_vs_clm"] = r["peak_mem_mb"] / ref["peak_mem_mb"] if ref else None
         r.update(machine=machine, date=date, model="tiny llama (quick)" if args.quick else args.model)
-    print(f"# bench_train — DPO, {'tiny llama (quick)' if args.quick else args.model}, batch {args.batch_size}, "
-          f"{args.steps} steps (median of steps 2..), max length {args.max_length}; {machine}; {date}")
-    print(f"{'method':<20}{'s/step':>9}{'peak MB':>9}{'trainable':>14}{'% of total':>11}{'step/CLM':>10}{'mem/CLM':>9}")
+    print(
+        f"# bench_train — DPO, {'tiny llama (quick)' if args.quick else args.model}, batch {args.batch_size}, "
+        f"{args.steps} steps (median of steps 2..), max length {args.max_length}; {machine}; {date}"
+    )
+    print(
+        f"{'method':<20}{'s/step':>9}{'peak MB':>9}{'trainable':>14}{'% of total':>11}{'step/CLM':>10}{'mem/CLM':>9}"
+    )
     for r in rows:
-        print(f"{r['method']:<20}{r['step_s']:>9.2f}{r['peak_mem_mb']:>9.0f}{r['trainable_params']:>14,}"
-              f"{100 * r['trainable_params'] / r['total_params']:>10.2f}%"
-              f"{(r['step_ratio_vs_clm'] or 0):>10.2f}{(r['mem_ratio_vs_clm'] or 0):>9.2f}")
+        print(
+            f"{r['method']:<20}{r['step_s']:>9.2f}{r['peak_mem_mb']:>9.0f}{r['trainable_params']:>14,}"
+            f"{100 * r['trainable_params'] / r['total_params']:>10.2f}%"
+            f"{(r['step_ratio_vs_clm'] or 0):>10.2f}{(r['mem_ratio_vs_clm'] or 0):>9.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

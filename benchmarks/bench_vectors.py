@@ -22,9 +22,11 @@ import tempfile
 import textwrap
 import time
 
+
 METHODS = {
     "extract_streamed": "peft_clm.tools.vectors.extract: tensor by tensor, two passes, written as it goes",
-    "apply_streamed": "peft_clm.tools.vectors.apply_to_checkpoint: base + 1.0 * vector, shard by shard, to a new directory",
+    "apply_streamed": "peft_clm.tools.vectors.apply_to_checkpoint: base + 1.0 * vector, shard by shard, "
+    "to a new directory",
     "extract_naive": "load both checkpoints whole (safetensors.torch.load_file), subtract, save_file",
 }
 
@@ -49,7 +51,8 @@ else:
             out.update(st.load_file(f))
         return out
     b, a = load(tmp / "base"), load(tmp / "aligned")
-    st.save_file({k: (a[k] - b[k]).contiguous() for k in b if not torch.equal(a[k], b[k])}, tmp / "v_naive.safetensors")
+    diff = {k: (a[k] - b[k]).contiguous() for k in b if not torch.equal(a[k], b[k])}
+    st.save_file(diff, tmp / "v_naive.safetensors")
 seconds = time.perf_counter() - t0
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("ROW " + json.dumps({"seconds": seconds, "peak_growth_mb": (after - before) / 1024}))
@@ -94,19 +97,29 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
             row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ROW "))[4:])
-            row.update(method=method, description=METHODS[method], checkpoint_mb=size_mb, shard_mb=args.shard_mb,
-                       growth_vs_checkpoint=row["peak_growth_mb"] / size_mb, mb_per_s=size_mb / row["seconds"])
+            row.update(
+                method=method,
+                description=METHODS[method],
+                checkpoint_mb=size_mb,
+                shard_mb=args.shard_mb,
+                growth_vs_checkpoint=row["peak_growth_mb"] / size_mb,
+                mb_per_s=size_mb / row["seconds"],
+            )
             rows.append(row)
     machine = f"{platform.machine()} {os.cpu_count()} CPU threads"
     date = time.strftime("%Y-%m-%d")
     for r in rows:
         r.update(machine=machine, date=date)
-    print(f"# bench_vectors — random Llama-shaped fp32 checkpoint of {size_mb:.0f} MB in {args.shard_mb} MB shards; "
-          f"{machine}; {date}")
+    print(
+        f"# bench_vectors — random Llama-shaped fp32 checkpoint of {size_mb:.0f} MB in {args.shard_mb} MB shards; "
+        f"{machine}; {date}"
+    )
     print(f"{'method':<18}{'seconds':>9}{'MB/s':>8}{'peak growth MB':>16}{'x checkpoint':>14}")
     for r in rows:
-        print(f"{r['method']:<18}{r['seconds']:>9.2f}{r['mb_per_s']:>8.0f}{r['peak_growth_mb']:>16.0f}"
-              f"{r['growth_vs_checkpoint']:>14.2f}")
+        print(
+            f"{r['method']:<18}{r['seconds']:>9.2f}{r['mb_per_s']:>8.0f}{r['peak_growth_mb']:>16.0f}"
+            f"{r['growth_vs_checkpoint']:>14.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

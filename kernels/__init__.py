@@ -11,6 +11,7 @@ from .dispatch import MAX_TERMS, kernel_backend
 from .hidden_mix import hidden_mix, hidden_mix_reference
 from .weight_mix import weight_mix, weight_mix_reference
 
+
 __all__ = [
     "MAX_TERMS", "hidden_mix", "hidden_mix_reference", "kernel_backend", "weight_mix", "weight_mix_reference",
 ]

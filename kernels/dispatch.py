@@ -7,6 +7,7 @@ import os
 
 import torch
 
+
 BACKENDS = ("torch", "triton")
 
 # The Triton kernels take up to this many mixed terms (adapters); the torch references take any number.

@@ -7,11 +7,13 @@ batch row. Accumulates in float32 and casts back to the dtype of `x`.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
 from .dispatch import MAX_TERMS, kernel_backend
+
 
 Alpha = Union[float, torch.Tensor]
 

@@ -7,7 +7,8 @@ belongs to sequence r // rows_per_seq (rows_per_seq = R for one alpha per adapte
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import triton
@@ -69,7 +70,9 @@ def _hidden_mix_bwd(G, DX, DY0, DY1, DY2, DY3, A, H, RPS, NSEQ, K: tl.constexpr,
     tl.store(DX + offs, (g * (1.0 - total)).to(DX.dtype.element_ty), mask=mask)
 
 
-def alpha_table(alphas: Sequence[Union[float, torch.Tensor]], batch: int, rows: int, device) -> tuple[torch.Tensor, int]:
+def alpha_table(
+    alphas: Sequence[Union[float, torch.Tensor]], batch: int, rows: int, device
+) -> tuple[torch.Tensor, int]:
     """(table [k, n_seq] float32, rows_per_seq): one column for scalar alphas, one per sequence otherwise."""
     if any(isinstance(a, torch.Tensor) for a in alphas):
         cols = [a.to(torch.float32) if isinstance(a, torch.Tensor) else torch.full((batch,), float(a)) for a in alphas]

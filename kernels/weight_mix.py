@@ -5,7 +5,8 @@ Written into an output buffer when alpha changes, not on every forward. Accumula
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

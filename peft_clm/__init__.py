@@ -12,11 +12,13 @@ Importing the package registers the method with PEFT:
 
 from .registry import register_clm
 
+
 register_clm()
 
 from .config import ClmConfig  # noqa: E402
 from .layer import ClmLayer  # noqa: E402
 from .model import ClmModel  # noqa: E402
+
 
 __all__ = ["ClmConfig", "ClmLayer", "ClmModel"]
 __version__ = "0.1.0"

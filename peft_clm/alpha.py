@@ -16,13 +16,15 @@ import contextlib
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from .constants import MAX_ABS_ALPHA, MAX_MIXED_ADAPTERS
+
 
 AlphaValue = Union[float, torch.Tensor]  # a number, or a 1-D float32 CPU tensor with one value per sequence
 Alpha = Union[float, int, Sequence[float], torch.Tensor, Mapping[str, Any]]
@@ -40,7 +42,9 @@ def check_alpha(value: Any, what: str = "alpha", rows: bool = True) -> AlphaValu
         (0.5, tensor([0.0000, 1.5000]))
         ```
     """
-    accepted = f"a finite number with |{what}| <= {MAX_ABS_ALPHA:g}" + (", or one such number per sequence" if rows else "")
+    accepted = f"a finite number with |{what}| <= {MAX_ABS_ALPHA:g}" + (
+        ", or one such number per sequence" if rows else ""
+    )
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         value = value.item()
     elif hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):  # a numpy scalar/0-d array
@@ -58,8 +62,10 @@ def check_alpha(value: Any, what: str = "alpha", rows: bool = True) -> AlphaValu
     if not rows or not isinstance(value, (list, tuple, torch.Tensor)) and not hasattr(value, "__array__"):
         raise ValueError(f"{what} must be {accepted}; got {type(value).__name__} {value!r}.")
     items = value.tolist() if hasattr(value, "tolist") else list(value)
-    if not isinstance(items, list) or not items or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items
+    if (
+        not isinstance(items, list)
+        or not items
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items)
     ):
         raise ValueError(f"{what} per sequence must be a non-empty 1-D list of numbers; got {value!r}.")
     try:
@@ -172,7 +178,7 @@ class CallState:
     labels: Optional[torch.Tensor] = None
     return_tuple: bool = False
     pushed_by: str = ""
-    previous: Optional["CallState"] = None
+    previous: Optional[CallState] = None
 
 
 _EMPTY = CallState()

@@ -11,6 +11,7 @@ from peft.utils import PeftType
 
 from .alpha import check_alpha
 
+
 INTERPOLATIONS = ("logits", "hidden", "weights")
 
 
@@ -54,7 +55,9 @@ class ClmConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={"help": "True: exact identity init; False: random outputs."})
     zero_modules: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Attention-output and MLP-down projection names inside a decoder layer (auto for known models)."},
+        metadata={
+            "help": "Attention-output and MLP-down projection names inside a decoder layer (auto for known models)."
+        },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Set automatically to the decoder layer at `layer_index`; leave unset."}
@@ -72,9 +75,13 @@ class ClmConfig(PeftConfig):
             raise ValueError(f"layer_index must be a non-negative int, got {self.layer_index!r}.")
         if self.zero_modules is not None:
             names = self.zero_modules
-            if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
-                isinstance(n, str) and n.strip() for n in names
-            ) or len(set(names)) != len(names):
+            if (
+                isinstance(names, str)
+                or not isinstance(names, (list, tuple))
+                or not names
+                or not all(isinstance(n, str) and n.strip() for n in names)
+                or len(set(names)) != len(names)
+            ):
                 raise ValueError(
                     "zero_modules must be a non-empty list of distinct module names inside one decoder layer (the "
                     f"attention output projection and the MLP down projection), got {names!r}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .kernels.dispatch import MAX_TERMS
 
+
 # Inside one decoder layer: the attention output projection and the MLP down projection. Zeroed in the copy, they
 # make it exactly the identity through the residual stream (`ClmConfig.zero_modules` overrides this per model).
 ZERO_MODULES: dict[str, tuple[str, ...]] = {

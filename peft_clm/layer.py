@@ -7,7 +7,8 @@ import copy
 import itertools
 import threading
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -19,9 +20,10 @@ from .config import ClmConfig
 from .constants import LAYER_ROW_KWARGS
 from .kernels import hidden_mix, weight_mix
 
+
 # What each KV cache was filled with, per CLM layer: a cache holds the hidden states of one alpha setting (hidden
 # and weights modes) or one set of paths (logits mode); continuing it under another gives wrong tokens silently.
-_CACHE_SIGNATURES: "weakref.WeakKeyDictionary[Any, dict[int, tuple]]" = weakref.WeakKeyDictionary()
+_CACHE_SIGNATURES: weakref.WeakKeyDictionary[Any, dict[int, tuple]] = weakref.WeakKeyDictionary()
 
 
 class MixedLayerCache:
@@ -56,7 +58,7 @@ class MixedLayerCache:
         with self._lock:
             self._entries.clear()
 
-    def __deepcopy__(self, memo: dict) -> "MixedLayerCache":
+    def __deepcopy__(self, memo: dict) -> MixedLayerCache:
         return MixedLayerCache(self.size)
 
     def __getstate__(self) -> dict:

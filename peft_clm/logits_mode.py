@@ -160,7 +160,8 @@ class DualPath:
             return None  # one path: the model's own logits and loss are exact
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels", None)
-        push_frame(self.layer, "top", mix_after_head=True, labels=labels, return_tuple=compat.wants_tuple(module, kwargs))
+        tuple_wanted = compat.wants_tuple(module, kwargs)
+        push_frame(self.layer, "top", mix_after_head=True, labels=labels, return_tuple=tuple_wanted)
         kwargs["return_dict"] = True
         return args, kwargs
 

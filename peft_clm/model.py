@@ -8,7 +8,8 @@ import logging
 import os
 import re
 import struct
-from typing import Any, Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -20,6 +21,7 @@ from .config import INTERPOLATIONS, ClmConfig
 from .constants import ZERO_MODULES
 from .layer import ClmLayer
 from .logits_mode import DualPath
+
 
 logger = logging.getLogger(__name__)
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}

@@ -26,6 +26,7 @@ import torch
 
 from peft_clm.tools.loading import load_model
 
+
 TOPICS = [
     "photosynthesis", "the water cycle", "black holes", "the French Revolution", "compound interest", "vaccines",
     "the internet", "volcanoes", "climate change", "the moon landing", "machine learning", "earthquakes",
@@ -35,8 +36,13 @@ TOPICS = [
     "chess", "the Great Wall of China", "sleep", "bread baking", "the speed of light", "coral reefs", "elections",
 ]
 TEMPLATES = [
-    "What is {t}?", "Explain {t} to me.", "Why does {t} matter?", "Tell me something interesting about {t}.",
-    "How would you describe {t} to a friend?", "What should everyone know about {t}?", "Give me a quick overview of {t}.",
+    "What is {t}?",
+    "Explain {t} to me.",
+    "Why does {t} matter?",
+    "Tell me something interesting about {t}.",
+    "How would you describe {t} to a friend?",
+    "What should everyone know about {t}?",
+    "Give me a quick overview of {t}.",
 ]
 INSTRUCTIONS = {
     "concise": (
@@ -63,13 +69,24 @@ def answer(model, tokenizer, system: str, questions: list[str], max_new_tokens: 
     tokenizer.padding_side = "left"
     out = []
     for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
-                                               tokenize=False, add_generation_prompt=True) for q in chunk]
+        chunk = questions[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for q in chunk
+        ]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.15,
-                             pad_token_id=tokenizer.pad_token_id)
-        out += [tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for g in gen]
+        gen = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            repetition_penalty=1.15,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        out += [tokenizer.decode(g[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip() for g in gen]
         print(f"  {start + len(chunk)}/{len(questions)}", flush=True)
     return out
 
@@ -102,19 +119,27 @@ def main() -> None:
         print(f"{dim}: rejected side", flush=True)
         rejected = answer(model, tokenizer, rejected_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
         rows = [
-            {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
-             "rejected": [{"role": "assistant", "content": r}]}
-            for q, c, r in zip(questions, chosen, rejected) if c and r and c != r
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}],
+            }
+            for q, c, r in zip(questions, chosen, rejected)
+            if c and r and c != r
         ]
         out = Path(args.out) / dim
         out.mkdir(parents=True, exist_ok=True)
-        split = {"heldout": [r for r in rows if r["prompt"][0]["content"] in set(questions[:n_heldout])],
-                 "train": [r for r in rows if r["prompt"][0]["content"] not in set(questions[:n_heldout])]}
+        split = {
+            "heldout": [r for r in rows if r["prompt"][0]["content"] in set(questions[:n_heldout])],
+            "train": [r for r in rows if r["prompt"][0]["content"] not in set(questions[:n_heldout])],
+        }
         for name, part in split.items():
             tmp = out / f"{name}.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
             tmp.replace(out / f"{name}.jsonl")
-        print(f"{dim}: {len(split['train'])} train / {len(split['heldout'])} held-out pairs in {time.time() - t0:.0f} s")
+        print(
+            f"{dim}: {len(split['train'])} train / {len(split['heldout'])} held-out pairs in {time.time() - t0:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 METRIC = {"concise": "words", "formal": "casualness"}
 
@@ -39,7 +40,7 @@ def train_run(kind: str, args, out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"training {kind} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[7:])
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
     summary.write_text(json.dumps(result, indent=1))
     return result
 
@@ -59,10 +60,10 @@ def main() -> None:
     from peft import PeftModel
 
     from peft_clm.tools.data import read_jsonl
-    from peft_clm.tools.preference import preference_metrics, preference_metrics_baseline
-    from peft_clm.tools.text_metrics import METRICS
     from peft_clm.tools.loading import load_model
+    from peft_clm.tools.preference import preference_metrics, preference_metrics_baseline
     from peft_clm.tools.sweep import _chat_text, spearman
+    from peft_clm.tools.text_metrics import METRICS
 
     out = Path(args.out) / args.dimension
     heldout = read_jsonl(ROOT / "data" / args.dimension / "heldout.jsonl", "dpo")
@@ -84,13 +85,27 @@ def main() -> None:
     base, tokenizer = load_model("smollm2")
     base_metric = metric_mean(base, tokenizer)
     clm = PeftModel.from_pretrained(base, out / "clm").eval()
-    rows.append({"method": "CLM (identity layer)", "held_out_reward_accuracy": preference_metrics(
-        clm, tokenizer, heldout, beta=args.beta, alpha=1.0)["reward_accuracy"], "metric_mean": metric_mean(clm, tokenizer)})
+    rows.append(
+        {
+            "method": "CLM (identity layer)",
+            "held_out_reward_accuracy": preference_metrics(clm, tokenizer, heldout, beta=args.beta, alpha=1.0)[
+                "reward_accuracy"
+            ],
+            "metric_mean": metric_mean(clm, tokenizer),
+        }
+    )
     clm.unload()
     base, tokenizer = load_model("smollm2")
     lora = PeftModel.from_pretrained(base, out / "lora").eval()
-    rows.append({"method": "LoRA-DPO (r=16, all linear)", "held_out_reward_accuracy": preference_metrics_baseline(
-        lora, tokenizer, heldout, beta=args.beta)["reward_accuracy"], "metric_mean": metric_mean(lora, tokenizer)})
+    rows.append(
+        {
+            "method": "LoRA-DPO (r=16, all linear)",
+            "held_out_reward_accuracy": preference_metrics_baseline(lora, tokenizer, heldout, beta=args.beta)[
+                "reward_accuracy"
+            ],
+            "metric_mean": metric_mean(lora, tokenizer),
+        }
+    )
     scales = [float(x) for x in args.lora_scales.split(",")]
     lora_sweep = []
     for s in scales:  # LoRA's own knob: the scale of every LoRA layer
@@ -101,31 +116,69 @@ def main() -> None:
     lora_rho = spearman(scales, [r["metric_mean"] for r in lora_sweep])
     full, tokenizer = load_model(str(out / "full"))
     reference, _ = load_model("smollm2")
-    rows.append({"method": "full DPO (all parameters)", "held_out_reward_accuracy": preference_metrics_baseline(
-        full, tokenizer, heldout, beta=args.beta, reference_model=reference)["reward_accuracy"],
-        "metric_mean": metric_mean(full, tokenizer)})
+    rows.append(
+        {
+            "method": "full DPO (all parameters)",
+            "held_out_reward_accuracy": preference_metrics_baseline(
+                full, tokenizer, heldout, beta=args.beta, reference_model=reference
+            )["reward_accuracy"],
+            "metric_mean": metric_mean(full, tokenizer),
+        }
+    )
     for row, kind in zip(rows, ("clm", "lora", "full")):
         r = runs[kind]
-        row.update(trainable_params=r["trainable_params"], train_seconds=r["seconds"],
-                   seconds_per_step=r["seconds_per_step"], peak_rss_mb=r["peak_rss_mb"])
-    result = {"dimension": args.dimension, "metric": METRIC[args.dimension], "base_metric_mean": base_metric,
-              "budget": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "beta": args.beta,
-                         "sft_weight": args.sft_weight},
-              "rows": rows, "lora_scale_sweep": lora_sweep, "lora_scale_spearman_rho": lora_rho,
-              "date": time.strftime("%Y-%m-%d")}
+        row.update(
+            trainable_params=r["trainable_params"],
+            train_seconds=r["seconds"],
+            seconds_per_step=r["seconds_per_step"],
+            peak_rss_mb=r["peak_rss_mb"],
+        )
+    result = {
+        "dimension": args.dimension,
+        "metric": METRIC[args.dimension],
+        "base_metric_mean": base_metric,
+        "budget": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "beta": args.beta,
+            "sft_weight": args.sft_weight,
+        },
+        "rows": rows,
+        "lora_scale_sweep": lora_sweep,
+        "lora_scale_spearman_rho": lora_rho,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     (out / "compare.json").write_text(json.dumps(result, indent=1))
-    (out / "full_dpo_reference.json").write_text(json.dumps({
-        f"{METRIC[args.dimension]}_mean": rows[2]["metric_mean"], "reward_accuracy": rows[2]["held_out_reward_accuracy"],
-        "label": "full DPO"}))
+    (out / "full_dpo_reference.json").write_text(
+        json.dumps(
+            {
+                f"{METRIC[args.dimension]}_mean": rows[2]["metric_mean"],
+                "reward_accuracy": rows[2]["held_out_reward_accuracy"],
+                "label": "full DPO",
+            }
+        )
+    )
     m = METRIC[args.dimension]
-    print(f"# {args.dimension}: same pairs, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, beta {args.beta}; "
-          f"base {m} = {base_metric:.2f}")
-    print(f"{'method':<30}{'held-out acc':>13}{m + ' mean':>16}{'trainable':>13}{'train s':>9}{'s/step':>8}{'peak MB':>9}")
+    print(
+        f"# {args.dimension}: same pairs, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, "
+        f"beta {args.beta}; "
+        f"base {m} = {base_metric:.2f}"
+    )
+    print(
+        f"{'method':<30}{'held-out acc':>13}{m + ' mean':>16}{'trainable':>13}{'train s':>9}{'s/step':>8}"
+        f"{'peak MB':>9}"
+    )
     for r in rows:
-        print(f"{r['method']:<30}{r['held_out_reward_accuracy']:>13.3f}{r['metric_mean']:>16.2f}"
-              f"{r['trainable_params']:>13,}{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}{r['peak_rss_mb']:>9.0f}")
-    print(f"LoRA scale sweep ({m}): " + ", ".join(f"{r['scale']:g}: {r['metric_mean']:.1f}" for r in lora_sweep)
-          + f"; Spearman rho {lora_rho:.3f}")
+        print(
+            f"{r['method']:<30}{r['held_out_reward_accuracy']:>13.3f}{r['metric_mean']:>16.2f}"
+            f"{r['trainable_params']:>13,}{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}{r['peak_rss_mb']:>9.0f}"
+        )
+    print(
+        f"LoRA scale sweep ({m}): "
+        + ", ".join(f"{r['scale']:g}: {r['metric_mean']:.1f}" for r in lora_sweep)
+        + f"; Spearman rho {lora_rho:.3f}"
+    )
 
 
 if __name__ == "__main__":

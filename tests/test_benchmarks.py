@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
@@ -15,8 +16,17 @@ def test_bench_generate_quick_schema(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert isinstance(rows, list)
-    assert {r["method"] for r in rows} >= {"base", "clm_weights", "clm_hidden", "clm_logits", "sequential_paths",
-                                         "two_model_mix", "instruction_prompt", "clm_two_adapters_logits", "lora_scale"}
+    assert {r["method"] for r in rows} >= {
+        "base",
+        "clm_weights",
+        "clm_hidden",
+        "clm_logits",
+        "sequential_paths",
+        "two_model_mix",
+        "instruction_prompt",
+        "clm_two_adapters_logits",
+        "lora_scale",
+    }
     for r in rows:
         for key in ("method", "mode", "batch", "decode_tok_s", "ratio_vs_base", "peak_mem_mb"):
             assert key in r, key
@@ -27,8 +37,12 @@ def test_bench_generate_quick_schema(tmp_path):
 
 def test_bench_train_quick_schema(tmp_path):
     out = tmp_path / "train.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--quick", "--json",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["method"] for r in rows] == ["clm", "lora", "lora_separate_ref", "full"]
@@ -37,16 +51,26 @@ def test_bench_train_quick_schema(tmp_path):
         assert 0 < r["trainable_params"] <= r["total_params"]
     by = {r["method"]: r for r in rows}
     assert by["full"]["trainable_params"] == by["full"]["total_params"]
-    assert by["clm"]["trainable_params"] < by["lora"]["trainable_params"] == by["lora_separate_ref"]["trainable_params"]
+    assert (
+        by["clm"]["trainable_params"] < by["lora"]["trainable_params"] == by["lora_separate_ref"]["trainable_params"]
+    )
     assert "s/step" in proc.stdout
 
 
 def test_bench_modes_inprocess_quick(tmp_path):
     out = tmp_path / "modes.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_modes_inprocess.py"), "--quick",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_modes_inprocess.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert {(r["mode"], r["alpha"]) for r in rows} == {("hidden", 0.0), ("hidden", 0.5), ("weights", 0.0),
-                                                        ("weights", 0.5)}
+    assert {(r["mode"], r["alpha"]) for r in rows} == {
+        ("hidden", 0.0),
+        ("hidden", 0.5),
+        ("weights", 0.0),
+        ("weights", 0.5),
+    }
     assert all(r["step_ms_median"] > 0 and r["layer_ms_median"] > 0 for r in rows)

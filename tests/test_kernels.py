@@ -7,12 +7,12 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import perturb
 from peft import get_peft_model
-from tiny_models import inputs, tiny_model
+from tiny_models import inputs, perturb, tiny_model
 
 from peft_clm import ClmConfig
 from peft_clm.kernels import hidden_mix_reference, kernel_backend, weight_mix_reference
+
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,18 +4,12 @@ import threading
 
 import pytest
 import torch
-from conftest import perturb
 from peft import get_peft_model
-from tiny_models import inputs, tiny_model
+from tiny_models import inputs, logits, perturb, tiny_model
 from transformers.generation.streamers import BaseStreamer
 
 from peft_clm import ClmConfig
 from peft_clm.transformers_compat import find_decoder_layers
-
-
-def logits(model, ids, mask, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
 def clm_model(arch="llama", mode="logits", alpha=0.5, scale=0.2, seed=0):
@@ -34,7 +28,9 @@ def test_per_sequence_alpha_equals_batch_of_one(arch, mode):
     got = logits(model, ids, mask)
     for i, a in enumerate(alphas):
         model.set_alpha(a)
-        torch.testing.assert_close(got[i : i + 1], logits(model, ids[i : i + 1], mask[i : i + 1]), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got[i : i + 1], logits(model, ids[i : i + 1], mask[i : i + 1]), atol=2e-5, rtol=1e-5
+        )
     # the same per call, without touching the global alpha
     model.set_alpha(0.3)
     torch.testing.assert_close(logits(model, ids, mask, clm_alpha=torch.tensor(alphas)), got, atol=0, rtol=0)
@@ -96,11 +92,17 @@ def test_loss_with_labels_is_the_loss_of_the_mixed_logits(arch):
 def test_sampling_and_beam_search_cached_equal_uncached(arch):
     ids, mask = inputs(batch=2, length=5, left_pad=1)
     model = clm_model(arch, alpha=0.7)
-    for kw in (dict(do_sample=True, top_k=5), dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2)):
+    for kw in (
+        {"do_sample": True, "top_k": 5},
+        {"num_beams": 3, "do_sample": False},
+        {"num_beams": 2, "num_return_sequences": 2},
+    ):
         outs = []
         for use_cache in (True, False):
             torch.manual_seed(1)
-            outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, use_cache=use_cache, **kw))
+            outs.append(
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, use_cache=use_cache, **kw)
+            )
         assert torch.equal(outs[0], outs[1]), kw
 
 
@@ -109,7 +111,7 @@ def test_beam_search_with_per_sequence_alpha_equals_batch_of_one(mode):
     alphas = [0.2, 1.4]
     ids, mask = inputs(batch=2, length=5, left_pad=1)
     model = clm_model("qwen2", mode)
-    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "num_return_sequences": 2}
     got = model.generate(input_ids=ids, attention_mask=mask, clm_alpha=alphas, **kw)
     for i, a in enumerate(alphas):
         ref = model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], clm_alpha=a, **kw)
@@ -142,8 +144,10 @@ def test_two_threads_never_see_each_others_alpha():
     ids, mask = inputs(batch=2, length=5)
     model = clm_model(alpha=0.5)
     settings = {"t0": [0.0, 1.5], "t1": [1.0, -0.5]}
-    expected = {k: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, clm_alpha=v)
-                for k, v in settings.items()}
+    expected = {
+        k: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, clm_alpha=v)
+        for k, v in settings.items()
+    }
     assert not torch.equal(expected["t0"], expected["t1"])
     results, errors = {}, []
     barrier = threading.Barrier(2)
@@ -152,8 +156,9 @@ def test_two_threads_never_see_each_others_alpha():
         try:
             barrier.wait()
             for _ in range(3):
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                     clm_alpha=settings[name])
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, clm_alpha=settings[name]
+                )
                 assert torch.equal(out, expected[name])
             results[name] = True
         except Exception as e:  # noqa: BLE001  reported below
@@ -198,9 +203,11 @@ def test_text_iterator_streamer_in_a_thread():
     batch = tokenizer(["tell me about the sea ?"], return_tensors="pt")
     expected = model.generate(**batch, max_new_tokens=6, do_sample=False, clm_alpha=0.7)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    thread = threading.Thread(target=model.generate, kwargs=dict(**batch, max_new_tokens=6, do_sample=False,
-                                                                 clm_alpha=0.7, streamer=streamer))
+    thread = threading.Thread(
+        target=model.generate,
+        kwargs=dict(**batch, max_new_tokens=6, do_sample=False, clm_alpha=0.7, streamer=streamer),
+    )
     thread.start()
     text = "".join(streamer)
     thread.join()
-    assert text.strip() == tokenizer.decode(expected[0, batch["input_ids"].shape[1]:]).strip()
+    assert text.strip() == tokenizer.decode(expected[0, batch["input_ids"].shape[1] :]).strip()

@@ -7,6 +7,7 @@ from peft import PeftModel, get_peft_model
 from peft_clm import ClmConfig
 from peft_clm.tools.loading import load_model
 
+
 pytestmark = pytest.mark.slow
 
 
@@ -15,8 +16,10 @@ def smollm2():
     model, tokenizer = load_model("smollm2")
     tokenizer.padding_side = "left"
     prompts = ["Write one sentence about the sea.", "What is 2 + 2?"]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**batch).logits
@@ -73,11 +76,23 @@ def test_dpo_on_real_pairs_beats_chance_on_held_out_pairs(tmp_path):
     from peft_clm.tools.train import train
 
     root = os.path.dirname(os.path.dirname(__file__))
-    result = train("smollm2", os.path.join(root, "data", "concise", "train.jsonl"), str(tmp_path / "adapter"),
-                   method="dpo", max_steps=8, batch_size=4, lr=5e-4, beta=0.1, seed=0, progress=False)
+    result = train(
+        "smollm2",
+        os.path.join(root, "data", "concise", "train.jsonl"),
+        str(tmp_path / "adapter"),
+        method="dpo",
+        max_steps=8,
+        batch_size=4,
+        lr=5e-4,
+        beta=0.1,
+        seed=0,
+        progress=False,
+    )
     assert result.steps == 8 and result.trainable_params == 3_540_096
     heldout = read_jsonl(os.path.join(root, "data", "concise", "heldout.jsonl"), "dpo")
-    train_prompts = {json.dumps(r["prompt"]) for r in read_jsonl(os.path.join(root, "data", "concise", "train.jsonl"), "dpo")}
+    train_prompts = {
+        json.dumps(r["prompt"]) for r in read_jsonl(os.path.join(root, "data", "concise", "train.jsonl"), "dpo")
+    }
     assert not any(json.dumps(r["prompt"]) in train_prompts for r in heldout)
     model, tokenizer = load_model("smollm2")
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -5,15 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import perturb
 from peft import get_peft_model
-from tiny_models import preference_rows, save_tiny_model_dir
+from tiny_models import perturb, preference_rows, save_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from peft_clm import ClmConfig
 from peft_clm.tools.cli import main
-from peft_clm.tools.text_metrics import casualness, word_count
 from peft_clm.tools.sweep import spearman
+from peft_clm.tools.text_metrics import casualness, word_count
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +31,32 @@ def tiny(tmp_path_factory):
 def test_sweep_writes_table_json_csv_and_png(tiny, tmp_path, capsys, mode):
     alphas = [-0.5, 0.0, 0.5, 1.0, 2.0]
     out = tmp_path / "sweep"
-    (tmp_path / "full_dpo.json").write_text(json.dumps({"words_mean": 3.0, "reward_accuracy": 0.8, "label": "full DPO"}))
-    code = main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alphas",
-                 ",".join(map(str, alphas)), "--prompts", str(tiny / "heldout.jsonl"), "--out", str(out),
-                 "--interpolation", mode, "--max-new-tokens", "6", "--metric", "words",
-                 "--reference", str(tmp_path / "full_dpo.json")])
+    (tmp_path / "full_dpo.json").write_text(
+        json.dumps({"words_mean": 3.0, "reward_accuracy": 0.8, "label": "full DPO"})
+    )
+    code = main(
+        [
+            "sweep",
+            "--model",
+            str(tiny / "model"),
+            "--adapter",
+            str(tiny / "adapter"),
+            "--alphas",
+            ",".join(map(str, alphas)),
+            "--prompts",
+            str(tiny / "heldout.jsonl"),
+            "--out",
+            str(out),
+            "--interpolation",
+            mode,
+            "--max-new-tokens",
+            "6",
+            "--metric",
+            "words",
+            "--reference",
+            str(tmp_path / "full_dpo.json"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Spearman rho" in printed
@@ -56,15 +76,49 @@ def test_sweep_writes_table_json_csv_and_png(tiny, tmp_path, capsys, mode):
 
 
 def test_generate_prints_answers_side_by_side(tiny, capsys):
-    assert main(["generate", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alpha", "0",
-                 "--alpha", "1.5", "--max-new-tokens", "4", "tell me about the sea ?"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny / "model"),
+                "--adapter",
+                str(tiny / "adapter"),
+                "--alpha",
+                "0",
+                "--alpha",
+                "1.5",
+                "--max-new-tokens",
+                "4",
+                "tell me about the sea ?",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "[alpha=0]" in out and "[alpha=1.5]" in out
 
 
 def test_two_adapters_generate(tiny, capsys):
-    assert main(["generate", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--adapter",
-                 str(tiny / "adapter2"), "--alpha", "0.5", "--max-new-tokens", "4", "hello"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny / "model"),
+                "--adapter",
+                str(tiny / "adapter"),
+                "--adapter",
+                str(tiny / "adapter2"),
+                "--alpha",
+                "0.5",
+                "--max-new-tokens",
+                "4",
+                "hello",
+            ]
+        )
+        == 0
+    )
     assert "[alpha=0.5]" in capsys.readouterr().out
 
 
@@ -77,11 +131,41 @@ def test_metrics_and_spearman():
 
 
 def test_bad_sweep_input_is_one_clear_error(tiny, tmp_path, capsys):
-    assert main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--alphas", "0,x",
-                 "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(tiny / "model"),
+                "--adapter",
+                str(tiny / "adapter"),
+                "--alphas",
+                "0,x",
+                "--prompts",
+                str(tiny / "heldout.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--alphas" in capsys.readouterr().err
-    assert main(["sweep", "--model", str(tiny / "nope"), "--adapter", str(tiny / "adapter"),
-                 "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(tiny / "nope"),
+                "--adapter",
+                str(tiny / "adapter"),
+                "--prompts",
+                str(tiny / "heldout.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_logits_mode_logprobs_from_two_passes_equal_one_pass_per_alpha(tiny):
@@ -108,10 +192,35 @@ def test_logits_mode_logprobs_from_two_passes_equal_one_pass_per_alpha(tiny):
 @pytest.mark.parametrize("mode", ["logits", "weights"])
 def test_two_adapter_grid_writes_heat_map_and_table(tiny, tmp_path, capsys, mode):
     out = tmp_path / "grid"
-    code = main(["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--adapter",
-                 str(tiny / "adapter2"), "--alphas", "0,1,2", "--alphas", "-1,0,1", "--metric", "words",
-                 "--metric", "casualness", "--target", "words=3", "--prompts", str(tiny / "heldout.jsonl"),
-                 "--interpolation", mode, "--max-new-tokens", "5", "--out", str(out)])
+    code = main(
+        [
+            "sweep",
+            "--model",
+            str(tiny / "model"),
+            "--adapter",
+            str(tiny / "adapter"),
+            "--adapter",
+            str(tiny / "adapter2"),
+            "--alphas",
+            "0,1,2",
+            "--alphas",
+            "-1,0,1",
+            "--metric",
+            "words",
+            "--metric",
+            "casualness",
+            "--target",
+            "words=3",
+            "--prompts",
+            str(tiny / "heldout.jsonl"),
+            "--interpolation",
+            mode,
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Spearman rho(alpha_adapter" in printed and "<- best" in printed
@@ -134,13 +243,21 @@ def test_grid_rows_match_single_adapter_generation(tiny, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny / "model")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), tiny / "adapter",
-                                      adapter_name="x")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny / "model"), tiny / "adapter", adapter_name="x"
+    )
     model.load_adapter(tiny / "adapter2", adapter_name="y")
     model.base_model.set_adapter(["x", "y"])
     model.eval()
-    result = grid_sweep(model, tok, {"x": [0.0, 1.5], "y": [0.0, 1.0]}, {"x": "words", "y": "words"}, prompts,
-                        tmp_path, max_new_tokens=6)
+    result = grid_sweep(
+        model,
+        tok,
+        {"x": [0.0, 1.5], "y": [0.0, 1.0]},
+        {"x": "words", "y": "words"},
+        prompts,
+        tmp_path,
+        max_new_tokens=6,
+    )
     examples = result["examples"]
     model.base_model.set_adapter("x")
     alone = generate_answers(model, tok, prompts, [1.5], max_new_tokens=6)[0]
@@ -151,8 +268,19 @@ def test_grid_rows_match_single_adapter_generation(tiny, tmp_path):
 
 
 def test_bad_grid_input_is_one_clear_error(tiny, tmp_path, capsys):
-    common = ["sweep", "--model", str(tiny / "model"), "--adapter", str(tiny / "adapter"), "--adapter",
-              str(tiny / "adapter2"), "--prompts", str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "o")]
+    common = [
+        "sweep",
+        "--model",
+        str(tiny / "model"),
+        "--adapter",
+        str(tiny / "adapter"),
+        "--adapter",
+        str(tiny / "adapter2"),
+        "--prompts",
+        str(tiny / "heldout.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(common + ["--metric", "words"]) == 2
     assert "--metric once per adapter" in capsys.readouterr().err
     assert main(common + ["--metric", "words", "--metric", "casualness", "--target", "words"]) == 2
@@ -181,18 +309,35 @@ def test_vector_grid_applies_each_point_and_restores_the_model(tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompts = [r["prompt"] for r in preference_rows(3)]
-    result = vector_grid_sweep(model, tok, {"a": tmp_path / "a.safetensors", "b": tmp_path / "b.safetensors"},
-                               {"a": [0.0, 1.0], "b": [0.0, 0.5]}, {"a": "words", "b": "casualness"}, prompts,
-                               tmp_path / "grid", targets={"words": 2.0}, max_new_tokens=5)
+    result = vector_grid_sweep(
+        model,
+        tok,
+        {"a": tmp_path / "a.safetensors", "b": tmp_path / "b.safetensors"},
+        {"a": [0.0, 1.0], "b": [0.0, 0.5]},
+        {"a": "words", "b": "casualness"},
+        prompts,
+        tmp_path / "grid",
+        targets={"words": 2.0},
+        max_new_tokens=5,
+    )
     assert len(result["rows"]) == 4 and result["interpolation"] == "vectors" and 0 <= result["best"] < 4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     aligned = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
-    assert result["examples"][json.dumps({"a": 1.0, "b": 0.0})] == generate_answers(aligned, tok, prompts, [None],
-                                                                                     max_new_tokens=5)[0][:2]
+    assert (
+        result["examples"][json.dumps({"a": 1.0, "b": 0.0})]
+        == generate_answers(aligned, tok, prompts, [None], max_new_tokens=5)[0][:2]
+    )
     assert (tmp_path / "grid" / "grid.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="one vector per knob"):
-        vector_grid_sweep(model, tok, {"a": tmp_path / "a.safetensors"}, {"a": [0.0], "b": [0.0]},
-                          {"a": "words", "b": "words"}, prompts, tmp_path / "g2")
+        vector_grid_sweep(
+            model,
+            tok,
+            {"a": tmp_path / "a.safetensors"},
+            {"a": [0.0], "b": [0.0]},
+            {"a": "words", "b": "words"},
+            prompts,
+            tmp_path / "g2",
+        )
 
 
 def test_vectors_grid_cli(tiny, tmp_path, capsys):
@@ -204,18 +349,60 @@ def test_vectors_grid_cli(tiny, tmp_path, capsys):
             p.mul_(1.01)
     m.save_pretrained(tmp_path / "aligned")
     extract(tiny / "model", tmp_path / "aligned", tmp_path / "v.safetensors")
-    common = ["vectors", "grid", "--base", str(tiny / "model"), "--vector", f"x={tmp_path / 'v.safetensors'}",
-              "--vector", f"y={tmp_path / 'v.safetensors'}", "--metric", "words", "--metric", "casualness",
-              "--prompts", str(tiny / "heldout.jsonl"), "--max-prompts", "2", "--max-new-tokens", "4"]
+    common = [
+        "vectors",
+        "grid",
+        "--base",
+        str(tiny / "model"),
+        "--vector",
+        f"x={tmp_path / 'v.safetensors'}",
+        "--vector",
+        f"y={tmp_path / 'v.safetensors'}",
+        "--metric",
+        "words",
+        "--metric",
+        "casualness",
+        "--prompts",
+        str(tiny / "heldout.jsonl"),
+        "--max-prompts",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(common + ["--scales", "-1,0,1", "--out", str(tmp_path / "g")]) == 0
     assert "Spearman rho(alpha_x" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "g" / "grid.json").read_text())["rows"]) == 9
-    assert main(common[:4] + ["--vector", "nonsense"] + common[6:] + ["--scales", "0,1", "--out", str(tmp_path / "h")]) == 2
+    assert (
+        main(common[:4] + ["--vector", "nonsense"] + common[6:] + ["--scales", "0,1", "--out", str(tmp_path / "h")])
+        == 2
+    )
     assert "NAME=PATH" in capsys.readouterr().err and not (tmp_path / "h").exists()
 
 
 def test_vectors_grid_rejects_a_name_given_twice(tiny, tmp_path, capsys):
-    assert main(["vectors", "grid", "--base", str(tiny / "model"), "--vector", "x=a.safetensors", "--vector",
-                 "x=b.safetensors", "--scales", "0,1", "--metric", "words", "--metric", "words", "--prompts",
-                 str(tiny / "heldout.jsonl"), "--out", str(tmp_path / "g")]) == 2
+    assert (
+        main(
+            [
+                "vectors",
+                "grid",
+                "--base",
+                str(tiny / "model"),
+                "--vector",
+                "x=a.safetensors",
+                "--vector",
+                "x=b.safetensors",
+                "--scales",
+                "0,1",
+                "--metric",
+                "words",
+                "--metric",
+                "words",
+                "--prompts",
+                str(tiny / "heldout.jsonl"),
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "given twice" in capsys.readouterr().err and not (tmp_path / "g").exists()

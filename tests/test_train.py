@@ -61,11 +61,25 @@ def test_training_with_trl_both_paths(tiny_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     dataset = Dataset.from_list(preference_rows(8))
-    args = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                learning_rate=5e-3, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    args = {
+        "output_dir": str(tmp_path),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "report_to": [],
+        "use_cpu": True,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    trainer = DPOTrainer(model=base, args=DPOConfig(**args), train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=ClmConfig(interpolation="hidden"))
+    trainer = DPOTrainer(
+        model=base,
+        args=DPOConfig(**args),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=ClmConfig(interpolation="hidden"),
+    )
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
@@ -84,15 +98,40 @@ def test_cli_sft(tiny_dir, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in preference_rows(8)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     out = tmp_path / "sft_adapter"
-    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--method", "sft", "--out", str(out),
-                 "--max-steps", "3", "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--method",
+                "sft",
+                "--out",
+                str(out),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_bad_rows_are_reported_with_line_numbers(tmp_path, tiny_dir, capsys):
     good = json.dumps(preference_rows(1)[0])
-    lines = [good, "{not json", json.dumps({"prompt": "x", "chosen": "y"}), json.dumps({"prompt": "x", "chosen": " ",
-             "rejected": "z"}), "", good]
+    lines = [
+        good,
+        "{not json",
+        json.dumps({"prompt": "x", "chosen": "y"}),
+        json.dumps({"prompt": "x", "chosen": " ", "rejected": "z"}),
+        "",
+        good,
+    ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as err:
@@ -107,8 +146,22 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path, tiny_dir, capsys):
 
 def test_resume_is_deterministic(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(16))
-    common = ["train", "--model", str(tiny_dir), "--data", str(data), "--batch-size", "4", "--lr", "5e-3",
-              "--seed", "3", "--quiet", "--max-steps", "4"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--seed",
+        "3",
+        "--quiet",
+        "--max-steps",
+        "4",
+    ]
     assert main(common + ["--out", str(tmp_path / "a")]) == 0
     assert main(common + ["--out", str(tmp_path / "b")]) == 0
     a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()

@@ -7,14 +7,20 @@ import textwrap
 
 import pytest
 import torch
-from conftest import perturb
 from peft import get_peft_model
-from tiny_models import tiny_model
+from tiny_models import perturb, tiny_model
 
 from peft_clm import ClmConfig
 from peft_clm.tools.cli import main
-from peft_clm.tools.vectors import (Checkpoint, VectorError, adapter_vector, apply_to_checkpoint, apply_to_model, extract,
-                              inspect_vector)
+from peft_clm.tools.vectors import (
+    Checkpoint,
+    VectorError,
+    adapter_vector,
+    apply_to_checkpoint,
+    apply_to_model,
+    extract,
+    inspect_vector,
+)
 
 
 def _checkpoint(path, seed=0, shift=0.0, dtype=torch.float32, arch="llama"):
@@ -78,7 +84,10 @@ def test_blocks_of_rows_give_the_same_vector_and_checkpoint(trio, monkeypatch):
     extract(base, a1, root / "blocks.safetensors")
     whole, blocks = _tensors(root / "whole.safetensors"), _tensors(root / "blocks.safetensors")
     assert whole.keys() == blocks.keys() and all(torch.equal(whole[k], blocks[k]) for k in whole)
-    got, expected = _tensors(apply_to_checkpoint(base, [(root / "blocks.safetensors", 1.0)], root / "out")), _tensors(a1)
+    got, expected = (
+        _tensors(apply_to_checkpoint(base, [(root / "blocks.safetensors", 1.0)], root / "out")),
+        _tensors(a1),
+    )
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
@@ -125,8 +134,21 @@ def test_errors_leave_nothing_behind(tmp_path):
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         extract(tmp_path / "nowhere", aligned, tmp_path / "x.safetensors")
-    assert main(["vectors", "apply", "--base", str(base), "--vector", f"{tmp_path / 'v.safetensors'}:abc",
-                 "--out", str(tmp_path / "cli_out")]) == 2
+    assert (
+        main(
+            [
+                "vectors",
+                "apply",
+                "--base",
+                str(base),
+                "--vector",
+                f"{tmp_path / 'v.safetensors'}:abc",
+                "--out",
+                str(tmp_path / "cli_out"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "cli_out").exists()
 
 
@@ -172,7 +194,7 @@ def test_extraction_streams_with_memory_well_under_the_model(tmp_path):
         import resource, json
         import torch, peft_clm.tools.vectors as v
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        v.extract({str(tmp_path / 'base')!r}, {str(tmp_path / 'aligned')!r}, {str(tmp_path / 'v.safetensors')!r})
+        v.extract({str(tmp_path / "base")!r}, {str(tmp_path / "aligned")!r}, {str(tmp_path / "v.safetensors")!r})
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({{"peak_growth_bytes": (after - before) * 1024}}))
     """)

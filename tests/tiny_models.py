@@ -1,11 +1,24 @@
-"""Tiny random models of several architectures, the unit-test workhorses (no download)."""
+"""Test helpers: tiny random models of several architectures (the unit-test workhorses, no download), a tiny
+tokenizer, synthetic preference pairs, and a stand-in for training."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+
+COMMON = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", num_key_value_heads=2, **COMMON),
@@ -13,14 +26,51 @@ TINY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2, **COMMON),
     "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=8, **COMMON),
     "gemma2": dict(
-        model_type="gemma2", num_key_value_heads=2, head_dim=8, sliding_window=4, final_logit_softcapping=3.0,
-        attn_logit_softcapping=20.0, query_pre_attn_scalar=8, **COMMON,
+        model_type="gemma2",
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        final_logit_softcapping=3.0,
+        attn_logit_softcapping=20.0,
+        query_pre_attn_scalar=8,
+        **COMMON,
     ),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, pad_token_id=0, **COMMON),
     "gpt_neox": dict(model_type="gpt_neox", rotary_pct=0.5, **COMMON),
-    "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_inner=64, n_positions=128),
+    "gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": 97,
+        "n_embd": 32,
+        "n_layer": 3,
+        "n_head": 4,
+        "n_inner": 64,
+        "n_positions": 128,
+    },
 }
 ARCHS = list(TINY_CONFIGS)
+MODES = ["hidden", "weights", "logits"]
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def perturb(peft_model, seed: int = 0, scale: float = 0.05, adapter: str = "default") -> None:
+    """Stand-in for training: move every parameter of one adapter's layer."""
+    g = torch.Generator().manual_seed(seed)
+    layer = peft_model.base_model.clm_layer().clm_layers[adapter]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+
+
+def logits(model, ids, mask, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process (cwd: tests/) and assert that it succeeds."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=TESTS_DIR)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -89,9 +139,12 @@ def preference_rows(n: int = 24, seed: int = 0):
     rows = []
     for _ in range(n):
         topic = rng.choice(["sea", "sky", "sun", "moon", "tree", "river", "cat", "dog", "bird"])
-        rows.append({
-            "prompt": f"tell me about the {topic} ?",
-            "chosen": f"the {topic} is fine .",
-            "rejected": f"well , so , perhaps the {topic} is very very good and great and fine indeed , thank you .",
-        })
+        rows.append(
+            {
+                "prompt": f"tell me about the {topic} ?",
+                "chosen": f"the {topic} is fine .",
+                "rejected": f"well , so , perhaps the {topic} is very very good and great and fine indeed , "
+                "thank you .",
+            }
+        )
     return rows

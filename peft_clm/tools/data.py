@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Union
 
+
 FORMATS = {
     "dpo": ("prompt", "chosen", "rejected"),
     "sft": ("prompt", "completion"),

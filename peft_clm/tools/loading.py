@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

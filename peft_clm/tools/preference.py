@@ -6,7 +6,8 @@ model at alpha 0 (adapter off), as in training.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +68,18 @@ def sequence_logprobs_at(model, tokenizer, prompts: Sequence, completions: Seque
     forward passes serve every alpha (exact up to rounding); other modes run one pass per alpha.
     """
     device = next(model.parameters()).device
-    layer = model.base_model.clm_layer() if hasattr(model, "base_model") and hasattr(model.base_model, "clm_layer") else None
-    lerp = (layer is not None and layer.interpolation == "logits" and len(layer.active_adapters) == 1
-            and all(isinstance(a, (int, float)) for a in alphas) and len(alphas) > 2)
+    layer = (
+        model.base_model.clm_layer()
+        if hasattr(model, "base_model") and hasattr(model.base_model, "clm_layer")
+        else None
+    )
+    lerp = (
+        layer is not None
+        and layer.interpolation == "logits"
+        and len(layer.active_adapters) == 1
+        and all(isinstance(a, (int, float)) for a in alphas)
+        and len(alphas) > 2
+    )
     out = [[] for _ in alphas]
     for ids, mask, target in _batches(tokenizer, prompts, completions, batch_size, max_length, device):
         if lerp:
@@ -85,20 +95,24 @@ def sequence_logprobs_at(model, tokenizer, prompts: Sequence, completions: Seque
     return torch.stack([torch.cat(o) for o in out])
 
 
-def preference_logprobs(model, tokenizer, rows: Sequence[dict], alpha=1.0, batch_size: int = 8,
-                        max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_logprobs(
+    model, tokenizer, rows: Sequence[dict], alpha=1.0, batch_size: int = 8, max_length: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(chosen|prompt), log p(rejected|prompt)) per pair at `alpha`."""
     c, r = preference_logprobs_at(model, tokenizer, rows, [alpha], batch_size, max_length)
     return c[0], r[0]
 
 
-def preference_logprobs_at(model, tokenizer, rows: Sequence[dict], alphas: Sequence, batch_size: int = 8,
-                           max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_logprobs_at(
+    model, tokenizer, rows: Sequence[dict], alphas: Sequence, batch_size: int = 8, max_length: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([len(alphas), N] chosen, [len(alphas), N] rejected) log-probs per pair at each alpha."""
     prompts = [r["prompt"] for r in rows]
-    kw = dict(batch_size=batch_size, max_length=max_length)
-    return (sequence_logprobs_at(model, tokenizer, prompts, [r["chosen"] for r in rows], alphas, **kw),
-            sequence_logprobs_at(model, tokenizer, prompts, [r["rejected"] for r in rows], alphas, **kw))
+    kw = {"batch_size": batch_size, "max_length": max_length}
+    return (
+        sequence_logprobs_at(model, tokenizer, prompts, [r["chosen"] for r in rows], alphas, **kw),
+        sequence_logprobs_at(model, tokenizer, prompts, [r["rejected"] for r in rows], alphas, **kw),
+    )
 
 
 def metrics_from_logprobs(policy: tuple, reference: tuple, beta: float = 0.1) -> dict:
@@ -116,8 +130,16 @@ def metrics_from_logprobs(policy: tuple, reference: tuple, beta: float = 0.1) ->
     }
 
 
-def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1, alpha: float = 1.0,
-                       batch_size: int = 8, max_length: int = 256, reference: Optional[tuple] = None) -> dict:
+def preference_metrics(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    batch_size: int = 8,
+    max_length: int = 256,
+    reference: Optional[tuple] = None,
+) -> dict:
     """DPO loss, reward accuracy and mean reward margin of a CLM model at `alpha` against alpha 0.
 
     `reference` (log-probs at alpha 0 from `preference_logprobs`) saves recomputing them across alphas.
@@ -127,18 +149,25 @@ def preference_metrics(model, tokenizer, rows: Sequence[dict], beta: float = 0.1
         >>> preference_metrics(model, tokenizer, heldout_rows)["reward_accuracy"]
         ```
     """
-    kw = dict(batch_size=batch_size, max_length=max_length)
+    kw = {"batch_size": batch_size, "max_length": max_length}
     if reference is None:
         reference = preference_logprobs(model, tokenizer, rows, alpha=0.0, **kw)
     policy = reference if alpha == 0 else preference_logprobs(model, tokenizer, rows, alpha=alpha, **kw)
     return metrics_from_logprobs(policy, reference, beta)
 
 
-def preference_metrics_baseline(model, tokenizer, rows: Sequence[dict], beta: float = 0.1, reference_model=None,
-                                batch_size: int = 8, max_length: int = 256) -> dict:
+def preference_metrics_baseline(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    beta: float = 0.1,
+    reference_model=None,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> dict:
     """Preference metrics of a non-CLM policy (LoRA, full fine-tuning) against its reference: `reference_model`,
     or for a PEFT model the same model with its adapters disabled."""
-    kw = dict(batch_size=batch_size, max_length=max_length)
+    kw = {"batch_size": batch_size, "max_length": max_length}
     policy = preference_logprobs(model, tokenizer, rows, alpha=None, **kw)
     if reference_model is not None:
         reference = preference_logprobs(reference_model, tokenizer, rows, alpha=None, **kw)

@@ -7,8 +7,9 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
@@ -158,7 +159,8 @@ def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
         ax2 = axes[0][1]
         ax2.plot(alphas, [r["reward_accuracy"] for r in rows], "s-", color="tab:green", label="CLM")
         if reference and reference.get("reward_accuracy") is not None:
-            ax2.axhline(reference["reward_accuracy"], color="tab:red", ls=":", label=reference.get("label", "full DPO"))
+            label = reference.get("label", "full DPO")
+            ax2.axhline(reference["reward_accuracy"], color="tab:red", ls=":", label=label)
         ax2.axhline(0.5, color="gray", ls="--", label="chance")
         ax2.set_xlabel("alpha")
         ax2.set_ylabel("held-out reward accuracy")
@@ -166,9 +168,20 @@ def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
     _save_figure(fig, path, title)
 
 
-def sweep(model, tokenizer, alphas: Sequence[float], prompts: Sequence, out: Union[str, Path], metric: str = "words",
-          pairs: Sequence[dict] = (), beta: float = 0.1, max_new_tokens: int = 64, batch_size: int = 16,
-          reference: Optional[dict] = None, title: str = "") -> dict:
+def sweep(
+    model,
+    tokenizer,
+    alphas: Sequence[float],
+    prompts: Sequence,
+    out: Union[str, Path],
+    metric: str = "words",
+    pairs: Sequence[dict] = (),
+    beta: float = 0.1,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    reference: Optional[dict] = None,
+    title: str = "",
+) -> dict:
     """Generate at each alpha, score with `metric` and (given pairs) held-out preference metrics; write
     sweep.json, sweep.csv and sweep.png to `out`; return the result.
 
@@ -234,8 +247,9 @@ def pareto_front(rows: list[dict], keys: Sequence[str]) -> list[int]:
     """Indices of the rows no other row beats on every key (lower is better, as for every metric in METRICS)."""
     front = []
     for i, r in enumerate(rows):
-        dominated = any(all(o[k] <= r[k] for k in keys) and any(o[k] < r[k] for k in keys)
-                        for j, o in enumerate(rows) if j != i)
+        dominated = any(
+            all(o[k] <= r[k] for k in keys) and any(o[k] < r[k] for k in keys) for j, o in enumerate(rows) if j != i
+        )
         if not dominated:
             front.append(i)
     return front
@@ -245,8 +259,9 @@ def target_distances(rows: list[dict], targets: dict, scale_rows: Optional[list[
     """Each row's distance to {metric: value} targets: the sum over metrics of the gap in units of that metric's
     spread over `scale_rows` (default: the rows), so words and casualness weigh alike."""
     scale_rows = scale_rows or rows
-    spread = {m: (max(r[f"{m}_mean"] for r in scale_rows) - min(r[f"{m}_mean"] for r in scale_rows)) or 1.0
-              for m in targets}
+    spread = {
+        m: (max(r[f"{m}_mean"] for r in scale_rows) - min(r[f"{m}_mean"] for r in scale_rows)) or 1.0 for m in targets
+    }
     return [sum(abs(r[f"{m}_mean"] - t) / spread[m] for m, t in targets.items()) for r in rows]
 
 
@@ -261,8 +276,7 @@ def plot_grid(rows: list[dict], knobs: Sequence[str], metrics: Sequence[str], pa
     a_vals = sorted({r[f"alpha_{a_name}"] for r in rows})
     b_vals = sorted({r[f"alpha_{b_name}"] for r in rows})
     c_vals = sorted({r[f"alpha_{knobs[2]}"] for r in rows}) if len(knobs) > 2 else [None]
-    fig, axes = plt.subplots(len(c_vals), len(metrics), figsize=(4.6 * len(metrics), 3.8 * len(c_vals)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(c_vals), len(metrics), figsize=(4.6 * len(metrics), 3.8 * len(c_vals)), squeeze=False)
     for ci, c in enumerate(c_vals):
         for mi, metric in enumerate(metrics):
             ax = axes[ci][mi]
@@ -304,8 +318,16 @@ def _grid_points(knobs: dict) -> list[dict]:
     return [dict(zip(names, map(float, values))) for values in itertools.product(*(knobs[n] for n in names))]
 
 
-def _write_grid(points: list[dict], answers: dict, knobs: dict, metrics: dict, out: Path, targets: Optional[dict],
-                extra: dict, title: str) -> dict:
+def _write_grid(
+    points: list[dict],
+    answers: dict,
+    knobs: dict,
+    metrics: dict,
+    out: Path,
+    targets: Optional[dict],
+    extra: dict,
+    title: str,
+) -> dict:
     """Score every grid point with every metric; write grid.json, grid.csv and grid.png; return the result."""
     names = list(knobs)
     metric_names = list(dict.fromkeys(metrics[n] for n in names))
@@ -323,8 +345,10 @@ def _write_grid(points: list[dict], answers: dict, knobs: dict, metrics: dict, o
         **extra,
         "rows": rows,
         # does each knob move its own metric (and leave the others alone)? rank correlation over the whole grid
-        "spearman_rho": {n: {m: spearman([r[f"alpha_{n}"] for r in rows], [r[f"{m}_mean"] for r in rows])
-                             for m in metric_names} for n in names},
+        "spearman_rho": {
+            n: {m: spearman([r[f"alpha_{n}"] for r in rows], [r[f"{m}_mean"] for r in rows]) for m in metric_names}
+            for n in names
+        },
         "pareto_front": pareto_front(rows, keys),
         "n_prompts": len(answers[0]),
         "examples": {json.dumps(p): answers[j][:2] for j, p in enumerate(points)},
@@ -339,8 +363,18 @@ def _write_grid(points: list[dict], answers: dict, knobs: dict, metrics: dict, o
     return result
 
 
-def grid_sweep(model, tokenizer, knobs: dict, metrics: dict, prompts: Sequence, out: Union[str, Path],
-               targets: Optional[dict] = None, max_new_tokens: int = 64, batch_size: int = 16, title: str = "") -> dict:
+def grid_sweep(
+    model,
+    tokenizer,
+    knobs: dict,
+    metrics: dict,
+    prompts: Sequence,
+    out: Union[str, Path],
+    targets: Optional[dict] = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    title: str = "",
+) -> dict:
     """Several CLM adapters, one knob each: generate at every point of the grid of their alphas, score every
     dimension's metric, write grid.json, grid.csv and grid.png (heat maps); return the result.
 
@@ -367,14 +401,26 @@ def grid_sweep(model, tokenizer, knobs: dict, metrics: dict, prompts: Sequence, 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, prompts, points, max_new_tokens, batch_size)
-    extra = {"interpolation": model.base_model.clm_layer().interpolation,
-             "generation_seconds": time.perf_counter() - t0}
+    extra = {
+        "interpolation": model.base_model.clm_layer().interpolation,
+        "generation_seconds": time.perf_counter() - t0,
+    }
     return _write_grid(points, answers, knobs, metrics, out, targets, extra, title)
 
 
-def vector_grid_sweep(model, tokenizer, vectors: dict, knobs: dict, metrics: dict, prompts: Sequence,
-                      out: Union[str, Path], targets: Optional[dict] = None, max_new_tokens: int = 64,
-                      batch_size: int = 16, title: str = "") -> dict:
+def vector_grid_sweep(
+    model,
+    tokenizer,
+    vectors: dict,
+    knobs: dict,
+    metrics: dict,
+    prompts: Sequence,
+    out: Union[str, Path],
+    targets: Optional[dict] = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    title: str = "",
+) -> dict:
     """The same grid for alignment vectors of full checkpoints: at each point, `theta + sum_i s_i * vector_i` is
     applied to the loaded model in place, the prompts are answered, and the model is restored bit for bit.
 
@@ -400,8 +446,11 @@ def vector_grid_sweep(model, tokenizer, vectors: dict, knobs: dict, metrics: dic
     for j, point in enumerate(points):
         with applied(model, [(vectors[n], s) for n, s in point.items() if s != 0.0]):
             answers[j] = generate_answers(model, tokenizer, prompts, [None], max_new_tokens, batch_size)[0]
-    extra = {"interpolation": "vectors", "vectors": {n: str(v) for n, v in vectors.items()},
-             "generation_seconds": time.perf_counter() - t0}
+    extra = {
+        "interpolation": "vectors",
+        "vectors": {n: str(v) for n, v in vectors.items()},
+        "generation_seconds": time.perf_counter() - t0,
+    }
     return _write_grid(points, answers, knobs, metrics, out, targets, extra, title)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+
 CASUAL_WORDS = {
     "hey", "hi", "yeah", "yep", "nope", "gonna", "wanna", "gotta", "kinda", "sorta", "awesome", "cool", "super",
     "totally", "lol", "omg", "dude", "buddy", "stuff", "pretty", "basically", "literally", "y'know", "ya", "wow",

@@ -34,7 +34,8 @@ class TrainResult:
 
     def summary(self) -> str:
         lines = [
-            f"trained {self.method.upper()} for {self.steps} steps in {self.seconds:.1f} s ({self.seconds_per_step:.2f} s/step)",
+            f"trained {self.method.upper()} for {self.steps} steps in {self.seconds:.1f} s "
+            f"({self.seconds_per_step:.2f} s/step)",
             f"trainable params: {self.trainable_params:,} of {self.total_params:,} "
             f"({100 * self.trainable_params / self.total_params:.2f}%)",
             f"loss: {self.first_loss:.4f} -> {self.final_loss:.4f}" if self.final_loss is not None else "loss: n/a",
@@ -127,48 +128,57 @@ def train(
     elif adapter == "lora":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
     elif adapter == "full":
         peft_config = None
     else:
         raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
-    common = dict(
-        output_dir=out,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        learning_rate=lr,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        seed=seed,
-        data_seed=seed,
-        logging_steps=logging_steps,
-        save_strategy="steps",
-        save_steps=max(1, max_steps // 2) if max_steps > 0 else 500,
-        save_total_limit=1,
-        report_to=[],
-        gradient_checkpointing=gradient_checkpointing,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not progress,
-        max_length=max_length,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-    )
+    common = {
+        "output_dir": out,
+        "num_train_epochs": epochs,
+        "max_steps": max_steps,
+        "learning_rate": lr,
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "seed": seed,
+        "data_seed": seed,
+        "logging_steps": logging_steps,
+        "save_strategy": "steps",
+        "save_steps": max(1, max_steps // 2) if max_steps > 0 else 500,
+        "save_total_limit": 1,
+        "report_to": [],
+        "gradient_checkpointing": gradient_checkpointing,
+        "bf16": bf16,
+        "use_cpu": not torch.cuda.is_available(),
+        "disable_tqdm": not progress,
+        "max_length": max_length,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+    }
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         # sft_weight > 0 adds the NLL of the chosen answers (RPO), which keeps the policy fluent.
-        losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight > 0 else {}
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
         args = DPOConfig(beta=beta, **losses, **common)
         ref_model = load_model(model, dtype=dtype)[0].eval() if separate_reference else None
-        trainer = DPOTrainer(model=base, ref_model=ref_model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = DPOTrainer(
+            model=base,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     else:
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**common)
-        trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
+        trainer = SFTTrainer(
+            model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
     timer = _StepTimer()
     trainer.add_callback(timer.callback)
     if not progress:
@@ -189,7 +199,7 @@ def train(
         trainable, total = trainer.model.get_nb_trainable_parameters()
     history = [h for h in trainer.state.log_history if "loss" in h]
     accuracies = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
-    tail = accuracies[-max(1, len(accuracies) // 4):]
+    tail = accuracies[-max(1, len(accuracies) // 4) :]
     steps = output.global_step
     return TrainResult(
         out_dir=out,

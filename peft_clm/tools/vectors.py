@@ -19,13 +19,15 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
 
 PathLike = Union[str, Path]
 _ST_DTYPES = {

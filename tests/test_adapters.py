@@ -1,0 +1,72 @@
+"""Adapters of one model: adding, activating, deleting, what trains, one mode for all, copies and configs."""
+
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import MODES, inputs, perturb, tiny_model
+
+from peft_clm import ClmConfig
+
+
+def test_adapter_management():
+    model = get_peft_model(tiny_model("llama"), ClmConfig(interpolation="hidden"))
+    model.add_adapter("b", ClmConfig(interpolation="hidden"))
+    layer = model.base_model.clm_layer()
+    assert sorted(layer.clm_layers) == ["b", "default"]
+    assert layer.cache_slot == {"default": 3, "b": 4}
+    model.set_adapter("b")
+    assert model.active_adapters == ["b"]
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        model.base_model.set_adapter(["b", "nope"])
+    model.delete_adapter("default")
+    assert list(layer.clm_layers) == ["b"] and "default" not in layer.alpha
+    with pytest.raises(ValueError, match="share"):
+        model.add_adapter("c", ClmConfig(layer_index=1))
+    assert "c" not in model.peft_config
+
+
+def test_only_the_new_layer_is_trainable_and_learns():
+    base = tiny_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, ClmConfig(interpolation="hidden"))
+    trainable, total = model.get_nb_trainable_parameters()
+    layer_params = sum(p.numel() for p in model.base_model.clm_layer().clm_layers["default"].parameters())
+    assert trainable == layer_params
+    assert total == sum(before[k].numel() for k in before if "rotary" not in k) + layer_params
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".clm_layers.default." in n for n in names)
+    ids, mask = inputs()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".clm_layers.default." in n for n in grads)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "o_proj" in n or "down_proj" in n)
+    opt.step()
+    unloaded = model.unload()
+    for k, v in unloaded.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_checkpointing_and_dtypes(mode, dtype):
+    ids, mask = inputs()
+    results = []
+    for checkpointing in (False, True):
+        model = get_peft_model(tiny_model("qwen2", dtype=dtype), ClmConfig(interpolation=mode, alpha=0.7))
+        perturb(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+        results.append((loss.detach().float(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(results[0][1], results[1][1], atol=tol, rtol=tol)
