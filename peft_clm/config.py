@@ -24,7 +24,8 @@ class ClmConfig(PeftConfig):
 
     Args:
         interpolation: How alpha mixes the aligned and the unaligned model.
-            `"logits"` (paper-exact): `(1-a) * logits(base) + a * logits(aligned)`, both paths in one batched pass.
+            `"logits"` (paper-exact, arXiv 2503.04346): `(1-a) * logits(base) + a * logits(aligned)`, both paths in
+            one batched pass.
             `"hidden"`: `x + a * (layer(x) - x)` right after the new layer, one pass.
             `"weights"`: the new layer runs with parameters `w0 + a * (w - w0)`, `w0` being its identity
             initialisation; zero overhead and mergeable at any alpha.

@@ -60,9 +60,10 @@ def main() -> None:
     from peft import PeftModel
 
     from peft_clm.tools.data import read_jsonl
+    from peft_clm.tools.generation import chat_text
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.preference import preference_metrics, preference_metrics_baseline
-    from peft_clm.tools.sweep import _chat_text, spearman
+    from peft_clm.tools.sweep import spearman
     from peft_clm.tools.text_metrics import METRICS
 
     out = Path(args.out) / args.dimension
@@ -75,7 +76,7 @@ def main() -> None:
         tokenizer.padding_side = "left"
         values = []
         for s in range(0, len(prompts), 24):
-            batch = tokenizer([_chat_text(tokenizer, p) for p in prompts[s:s + 24]], return_tensors="pt", padding=True)
+            batch = tokenizer([chat_text(tokenizer, p) for p in prompts[s:s + 24]], return_tensors="pt", padding=True)
             with torch.no_grad():
                 gen = model.generate(**batch, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             values += [score(tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for g in gen]

@@ -49,8 +49,9 @@ def main() -> None:
 
     from peft_clm.tools.cli import _parse_targets
     from peft_clm.tools.data import read_jsonl
+    from peft_clm.tools.generation import generate_answers
     from peft_clm.tools.loading import load_model
-    from peft_clm.tools.sweep import format_grid, generate_answers, grid_sweep, target_distances
+    from peft_clm.tools.sweep import format_grid, grid_sweep, target_distances
     from peft_clm.tools.text_metrics import METRICS
     from peft_clm.tools.train import train
 

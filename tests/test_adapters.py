@@ -1,12 +1,14 @@
 """Adapters of one model: adding, activating, deleting, what trains, one mode for all, copies and configs."""
 
+import copy
+import json
 
 import pytest
 import torch
-from peft import get_peft_model
-from tiny_models import MODES, inputs, perturb, tiny_model
+from peft import PeftConfig, get_peft_model
+from tiny_models import MODES, inputs, logits, perturb, tiny_model
 
-from peft_clm import ClmConfig
+from peft_clm import ClmConfig, ClmLayer
 
 
 def test_adapter_management():
@@ -59,7 +61,7 @@ def test_gradient_checkpointing_and_dtypes(mode, dtype):
         model = get_peft_model(tiny_model("qwen2", dtype=dtype), ClmConfig(interpolation=mode, alpha=0.7))
         perturb(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
             model.enable_input_require_grads()
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -70,3 +72,43 @@ def test_gradient_checkpointing_and_dtypes(mode, dtype):
     torch.testing.assert_close(results[0][0], results[1][0])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(results[0][1], results[1][1], atol=tol, rtol=tol)
+
+
+def test_a_second_adapter_adopts_the_models_mode_and_is_saved_with_it(tmp_path):
+    ids, mask = inputs()
+    model = get_peft_model(tiny_model("llama"), ClmConfig(interpolation="logits", alpha=0.5))
+    model.add_adapter("b", ClmConfig(interpolation="weights", alpha=0.5))
+    perturb(model, adapter="b", seed=3)
+    assert model.peft_config["b"].interpolation == "logits" == model.base_model.interpolation
+    model.base_model.set_adapter("b")
+    got = logits(model, ids, mask)
+    model.set_interpolation("logits")  # explicit: the same mode, so the same logits
+    assert torch.equal(logits(model, ids, mask), got)
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    saved = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert saved["interpolation"] == "logits"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deep_copy_is_independent(mode):
+    ids, mask = inputs(left_pad=1)
+    model = get_peft_model(tiny_model("gemma2"), ClmConfig(interpolation=mode, alpha=0.6))
+    perturb(model)
+    before = logits(model, ids, mask)
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, ids, mask), before)
+    perturb(twin, seed=5, scale=0.3)  # changes the copy only
+    assert torch.equal(logits(model, ids, mask), before)
+    assert not torch.allclose(logits(twin, ids, mask), before, atol=1e-4)
+    twin.unload()  # removes the copy's hooks, not the original's
+    assert torch.equal(logits(model, ids, mask), before)
+    assert not any(isinstance(m, ClmLayer) for m in twin.base_model.model.modules())
+
+
+def test_a_config_directory_round_trips(tmp_path):
+    config = ClmConfig(interpolation="hidden", alpha=0.25, layer_index=1)
+    config.save_pretrained(tmp_path)
+    loaded = ClmConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, ClmConfig)
+    assert (loaded.interpolation, loaded.alpha, loaded.layer_index) == ("hidden", 0.25, 1)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), ClmConfig)

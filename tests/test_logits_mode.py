@@ -211,3 +211,24 @@ def test_text_iterator_streamer_in_a_thread():
     text = "".join(streamer)
     thread.join()
     assert text.strip() == tokenizer.decode(expected[0, batch["input_ids"].shape[1] :]).strip()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_logits_mode_mixes_after_any_final_norm(arch):
+    # Gemma's RMSNorm scales by (1 + w): the mix of the decoder's outputs is exact whatever the norm is.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, intermediate_size=64, pad_token_id=0)
+
+    def base():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+    ids, mask = inputs(left_pad=1)
+    base_logits = logits(base(), ids, mask)
+    model = get_peft_model(base(), ClmConfig(alpha=1.0))
+    perturb(model, scale=0.2)
+    aligned = logits(model, ids, mask)
+    model.set_alpha(0.3)
+    torch.testing.assert_close(logits(model, ids, mask), 0.7 * base_logits + 0.3 * aligned, atol=2e-5, rtol=1e-5)

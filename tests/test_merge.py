@@ -1,10 +1,11 @@
 """Merging: a merged model reproduces the unmerged one, reloads with plain transformers, and refuses what is not
 exact."""
 
+import copy
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tiny_models import ARCHS, TINY_CONFIGS, inputs, logits, perturb, run_python, tiny_model
 
@@ -97,3 +98,21 @@ def test_unload_returns_the_base_model():
     base = model.unload()
     assert torch.equal(logits(base, ids, mask), ref)
     assert base.config.num_hidden_layers == 3 and not any(isinstance(m, ClmLayer) for m in base.modules())
+
+
+def test_merged_state_is_registered_and_follows_to_and_deepcopy():
+    ids, mask = inputs()
+    model = get_peft_model(tiny_model("llama"), ClmConfig(interpolation="weights", alpha=0.4))
+    perturb(model)
+    model.merge_adapter()
+    merged_keys = [k for k in model.state_dict() if ".merged_layer." in k]
+    assert merged_keys  # state_dict sees the merged layer
+    twin = copy.deepcopy(model)
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.base_model.clm_layer().merged_layer.parameters())
+    got = logits(model, ids, mask)
+    assert got.dtype == torch.float64
+    model.unmerge_adapter()
+    torch.testing.assert_close(got, logits(model, ids, mask), atol=1e-10, rtol=1e-10)
+    assert twin.base_model.clm_layer().merged and logits(twin, ids, mask).dtype == torch.float32
+    assert not any(".merged_layer." in k for k in get_peft_model_state_dict(twin))  # derived: never saved

@@ -237,7 +237,8 @@ def test_grid_rows_match_single_adapter_generation(tiny, tmp_path):
     """A grid point (a, 0) gives exactly what the first adapter alone gives at a: the per-row alphas are right."""
     from peft import PeftModel
 
-    from peft_clm.tools.sweep import generate_answers, grid_sweep
+    from peft_clm.tools.generation import generate_answers
+    from peft_clm.tools.sweep import grid_sweep
 
     prompts = [r["prompt"] for r in preference_rows(4)]
     from transformers import AutoTokenizer
@@ -294,7 +295,8 @@ def test_vector_grid_applies_each_point_and_restores_the_model(tiny, tmp_path):
     """Full-checkpoint vectors as knobs: point (1, 0) answers as the first aligned checkpoint does, exactly."""
     from transformers import AutoTokenizer
 
-    from peft_clm.tools.sweep import generate_answers, vector_grid_sweep
+    from peft_clm.tools.generation import generate_answers
+    from peft_clm.tools.sweep import vector_grid_sweep
     from peft_clm.tools.vectors import extract
 
     for name, seed in (("a", 2), ("b", 3)):

@@ -28,7 +28,7 @@ def _load_clm(args: argparse.Namespace):
 
     from .loading import load_model
 
-    adapters = args.adapter if isinstance(args.adapter, list) else [args.adapter]
+    adapters = args.adapter
     names = adapter_names(adapters)
     model, tokenizer = load_model(args.model)
     peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
@@ -63,7 +63,8 @@ def _parse_alphas(text: str) -> list[float]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .sweep import generate_answers, read_prompts
+    from .data import read_prompts
+    from .generation import generate_answers
 
     if not args.prompt and not args.prompts:
         raise ValueError("give a prompt, or --prompts FILE.")
@@ -117,7 +118,8 @@ def _grid(args: argparse.Namespace, prompts: list) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from .sweep import format_table, read_prompts, sweep
+    from .data import read_prompts
+    from .sweep import format_table, sweep
 
     if args.metric:
         from .text_metrics import METRICS
@@ -157,8 +159,9 @@ def _parse_vector(text: str) -> tuple[str, float]:
 
 
 def _vector_grid(args: argparse.Namespace) -> int:
+    from .data import read_prompts
     from .loading import load_model
-    from .sweep import format_grid, read_prompts, vector_grid_sweep
+    from .sweep import format_grid, vector_grid_sweep
 
     named = {}
     for item in args.vector:

@@ -1,10 +1,12 @@
-"""Reading training data in TRL's standard formats, with every bad row reported by line number."""
+"""Reading data files: training pairs in TRL's standard formats and prompt files, every bad row reported with its
+file and line number; nothing is returned from a half-read file."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 
 FORMATS = {
@@ -17,7 +19,7 @@ class DataError(ValueError):
     """A data file with bad rows; the message lists each one with its line number."""
 
 
-def _check_field(value, key: str) -> str | None:
+def _check_field(value: Any, key: str) -> str | None:
     if isinstance(value, str):
         return None if value.strip() else f"field {key!r} is an empty string"
     if isinstance(value, list):  # conversational: a list of {"role", "content"} messages
@@ -32,9 +34,43 @@ def _check_field(value, key: str) -> str | None:
     return f"field {key!r} must be a string or a list of messages, got {type(value).__name__}"
 
 
+def _lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 text file (a byte-order mark is accepted)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No {what} file at {path}.")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError(f"{path} is not a UTF-8 text file (it holds NUL bytes: binary, or UTF-16/32).")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not a UTF-8 text file (byte {e.start} cannot be decoded).") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield lineno, line
+
+
+def _report(path: Path, problems: list[str], what: str) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{path}: {len(problems)} bad row(s), nothing was {what}:\n  {shown}")
+
+
+def _json_object(line: str, lineno: int, problems: list[str]) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        problems.append(f"line {lineno}: not JSON ({e.msg})")
+        return None
+    if not isinstance(row, dict):
+        problems.append(f"line {lineno}: expected a JSON object, got {type(row).__name__}")
+        return None
+    return row
+
+
 def read_jsonl(path: Union[str, Path], method: str) -> list[dict]:
     """Read and check a JSONL file for `method` ("dpo": prompt/chosen/rejected, "sft": prompt/completion or
-    messages). Raises one `DataError` listing every bad row; nothing is returned from a half-read file.
+    messages). Raises one `DataError` listing every bad row.
 
     Example:
         ```py
@@ -44,34 +80,62 @@ def read_jsonl(path: Union[str, Path], method: str) -> list[dict]:
     if method not in FORMATS:
         raise ValueError(f"method={method!r} is not one of {sorted(FORMATS)}.")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No data file at {path}.")
     rows, problems = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"line {lineno}: not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"line {lineno}: expected a JSON object, got {type(row).__name__}")
-                continue
-            keys = ("messages",) if method == "sft" and "messages" in row else FORMATS[method]
-            missing = [k for k in keys if k not in row]
-            if missing:
-                problems.append(f"line {lineno}: missing field(s) {missing} (a {method} row needs {list(keys)})")
-                continue
-            bad = next((msg for k in keys if (msg := _check_field(row[k], k))), None)
-            if bad:
-                problems.append(f"line {lineno}: {bad}")
-                continue
-            rows.append({k: row[k] for k in keys})
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise DataError(f"{path}: {len(problems)} bad row(s), nothing was trained:\n  {shown}")
+    for lineno, line in _lines(path, "data"):
+        row = _json_object(line, lineno, problems)
+        if row is None:
+            continue
+        keys = ("messages",) if method == "sft" and "messages" in row else FORMATS[method]
+        missing = [k for k in keys if k not in row]
+        if missing:
+            problems.append(f"line {lineno}: missing field(s) {missing} (a {method} row needs {list(keys)})")
+            continue
+        bad = next((msg for k in keys if (msg := _check_field(row[k], k))), None)
+        if bad:
+            problems.append(f"line {lineno}: {bad}")
+            continue
+        rows.append({k: row[k] for k in keys})
+    _report(path, problems, "trained")
     if not rows:
         raise DataError(f"{path} holds no rows.")
     return rows
+
+
+def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
+    """Prompts from a file: JSONL rows with a "prompt" (a string or chat messages), or plain text, one prompt a line.
+
+    Returns (prompts, preference rows): rows that also carry chosen/rejected are kept for preference metrics. Raises
+    one `DataError` listing every bad row.
+
+    Example:
+        ```py
+        >>> prompts, pairs = read_prompts("data/concise/heldout.jsonl")
+        ```
+    """
+    path = Path(path)
+    prompts, pairs, problems = [], [], []
+    for lineno, line in _lines(path, "prompts"):
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        row = _json_object(line, lineno, problems)
+        if row is None:
+            continue
+        if "prompt" not in row:
+            problems.append(f"line {lineno}: no 'prompt' field")
+            continue
+        bad = _check_field(row["prompt"], "prompt")
+        if bad:
+            problems.append(f"line {lineno}: {bad}")
+            continue
+        prompts.append(row["prompt"])
+        if "chosen" in row and "rejected" in row:
+            bad = next((msg for k in ("chosen", "rejected") if (msg := _check_field(row[k], k))), None)
+            if bad:
+                problems.append(f"line {lineno}: {bad}")
+                continue
+            pairs.append(row)
+    _report(path, problems, "read")
+    if not prompts:
+        raise DataError(f"{path} holds no prompts.")
+    return prompts, pairs

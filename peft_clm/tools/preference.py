@@ -53,13 +53,6 @@ def _completion_logprob(logits: torch.Tensor, ids: torch.Tensor, target: torch.T
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence, batch_size: int = 8,
-                      max_length: int = 256, alpha=None) -> torch.Tensor:
-    """Sum of log p(completion | prompt) per pair, under `model` (at `alpha` if given, for a CLM model)."""
-    return sequence_logprobs_at(model, tokenizer, prompts, completions, [alpha], batch_size, max_length)[0]
-
-
-@torch.no_grad()
 def sequence_logprobs_at(model, tokenizer, prompts: Sequence, completions: Sequence, alphas: Sequence,
                          batch_size: int = 8, max_length: int = 256) -> torch.Tensor:
     """[len(alphas), N] sums of log p(completion | prompt) at each alpha.

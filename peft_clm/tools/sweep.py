@@ -1,4 +1,4 @@
-"""Generating at several alphas, scoring, and the alpha sweep (table, CSV, JSON, plot)."""
+"""The alpha sweep and the grid of several knobs: answer at each alpha, score, write table, CSV, JSON and plots."""
 
 from __future__ import annotations
 
@@ -11,85 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-
+from .generation import generate_answers
 from .preference import metrics_from_logprobs, preference_logprobs_at
 from .text_metrics import METRICS
-
-
-def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
-    """Prompts from a file: JSONL rows with a "prompt" (string or messages), or plain text, one prompt a line.
-
-    Returns (prompts, preference rows): rows that also carry chosen/rejected are kept for preference metrics.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No prompts file at {path}.")
-    prompts, pairs = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}).") from e
-            if "prompt" not in row:
-                raise ValueError(f"{path} line {lineno}: no 'prompt' field.")
-            prompts.append(row["prompt"])
-            if "chosen" in row and "rejected" in row:
-                pairs.append(row)
-        else:
-            prompts.append(line.strip())
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts.")
-    return prompts, pairs
-
-
-def _chat_text(tokenizer, prompt) -> str:
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return messages[-1]["content"]
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence, alphas: Sequence, max_new_tokens: int = 64,
-                     batch_size: int = 16, per_sequence: Optional[bool] = None) -> dict:
-    """Greedy answers to every prompt at every alpha: {index of the alpha: [answer, ...]}.
-
-    In hidden and logits modes the (prompt, alpha) pairs share batches, each row with its own alpha.
-    An alpha is a number, or a dict {adapter: number} for several active adapters; a plain (non-CLM) model takes
-    `alphas=[None]`.
-    """
-    tokenizer.padding_side = "left"
-    clm = hasattr(model.base_model, "clm_layer")
-    if not clm and any(a is not None for a in alphas):
-        raise ValueError("alphas need a CLM model; a plain model takes alphas=[None].")
-    if per_sequence is None:  # per-row alphas need hidden or logits mode; a plain model has no alpha at all
-        per_sequence = clm and model.base_model.clm_layer().interpolation != "weights"
-    texts = [_chat_text(tokenizer, p) for p in prompts]
-    jobs = [(j, i) for j in range(len(alphas)) for i in range(len(texts))]
-    answers = {j: [None] * len(texts) for j in range(len(alphas))}
-    groups = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)] if per_sequence else [
-        [(j, i) for i in range(s, min(s + batch_size, len(texts)))] for j in range(len(alphas))
-        for s in range(0, len(texts), batch_size)]
-    for group in groups:
-        batch = tokenizer([texts[i] for _, i in group], return_tensors="pt", padding=True).to(model.device)
-        if per_sequence:
-            first = alphas[group[0][0]]
-            if isinstance(first, dict):
-                clm_alpha = {k: [alphas[j][k] for j, _ in group] for k in first}
-            else:
-                clm_alpha = [alphas[j] for j, _ in group]
-        else:
-            clm_alpha = alphas[group[0][0]]
-        kwargs = {"clm_alpha": clm_alpha} if clm else {}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **kwargs)
-        for (j, i), seq in zip(group, out):
-            answers[j][i] = tokenizer.decode(seq[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    return {j: answers[j] for j in answers}
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

@@ -2,7 +2,7 @@
 
 - `word_count`: words in an answer (the concise dimension: lower is more concise).
 - `casualness`: casual markers minus formal markers per 100 words (the formal dimension: lower is more formal).
-  Markers are fixed word lists and punctuation counts, printed by `casualness_markers()`.
+  Markers are the fixed word lists `CASUAL_WORDS` and `FORMAL_WORDS`, contractions, '!' and emoji.
 """
 
 from __future__ import annotations
@@ -46,8 +46,3 @@ def casualness(text: str) -> float:
 
 METRICS = {"words": word_count, "casualness": casualness}
 DIMENSION_METRIC = {"concise": "words", "formal": "casualness"}
-
-
-def casualness_markers() -> dict:
-    return {"casual_words": sorted(CASUAL_WORDS), "formal_words": sorted(FORMAL_WORDS),
-            "also_casual": ["contractions", "'!'", "emoji"]}

@@ -149,7 +149,7 @@ def train(
         "save_steps": max(1, max_steps // 2) if max_steps > 0 else 500,
         "save_total_limit": 1,
         "report_to": [],
-        "gradient_checkpointing": gradient_checkpointing,
+        "activation_checkpointing": gradient_checkpointing,  # the current name of gradient checkpointing
         "bf16": bf16,
         "use_cpu": not torch.cuda.is_available(),
         "disable_tqdm": not progress,

@@ -356,19 +356,3 @@ def adapter_vector(peft_model, adapter_name: str = "default") -> dict[str, torch
     layer = peft_model.base_model.clm_layer()
     w0 = layer.identity_parameters()
     return {k: (v.detach() - w0[k].detach()) for k, v in layer.adapter_parameters(adapter_name).items()}
-
-
-def save_adapter_vector(peft_model, out: PathLike, adapter_name: str = "default") -> None:
-    """Save a CLM adapter's vector as a vector file (tensor names inside the decoder layer)."""
-    from safetensors.torch import save_file
-
-    vec = adapter_vector(peft_model, adapter_name)
-    norms = {k: float(v.float().norm()) for k, v in vec.items()}
-    meta = {"format": "peft-clm alignment vector", "base": "identity init", "aligned": f"CLM adapter {adapter_name}",
-            "source_dtypes": str(next(iter(vec.values())).dtype).removeprefix("torch."),
-            "n_tensors_total": str(len(vec)), "n_tensors_differ": str(sum(n > 0 for n in norms.values())),
-            "total_norm": repr(math.sqrt(sum(v * v for v in norms.values()))), "norms": json.dumps(norms)}
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in vec.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, out)
