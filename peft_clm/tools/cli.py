@@ -18,6 +18,7 @@ def _train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, resume=args.resume,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(result.summary())
     return 0
@@ -26,9 +27,11 @@ def _train(args: argparse.Namespace) -> int:
 def _load_clm(args: argparse.Namespace):
     from peft import PeftModel
 
-    from .loading import load_model
+    from .loading import load_model, read_adapter_config
 
     adapters = args.adapter
+    for path in adapters:  # checked before the model loads
+        read_adapter_config(path)
     names = adapter_names(adapters)
     model, tokenizer = load_model(args.model)
     peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
@@ -55,11 +58,48 @@ def adapter_names(paths: Sequence[str]) -> list[str]:
     return [f"adapter_{i}" for i in range(len(paths))]  # the same directory given twice
 
 
-def _parse_alphas(text: str) -> list[float]:
+def _parse_alphas(text: str, what: str = "--alphas") -> list[float]:
+    """Comma-separated alphas (or scales), each checked as alpha is; before any model loads."""
+    from ..alpha import check_alpha
+
+    items = [a.strip() for a in text.split(",")]
+    if not all(items):
+        raise ValueError(f"{what} must be comma-separated numbers such as -0.5,0,1; got {text!r}.")
+    values = []
+    for item in items:
+        try:
+            number = float(item)
+        except ValueError:
+            raise ValueError(f"{what} must be comma-separated numbers such as -0.5,0,1; {item!r} is not a number.") \
+                from None
+        values.append(check_alpha(number, what, rows=False))
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} lists a value twice: {text!r}.")
+    return values
+
+
+def _check_out(path: str) -> None:
+    """An output directory may exist (its files are replaced), but not as a file; checked before anything loads."""
+    from pathlib import Path
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"--out {path} is an existing file; give a directory.")
+
+
+def _read_reference(path: str) -> dict:
+    import json
+
     try:
-        return [float(a) for a in text.split(",") if a.strip()]
-    except ValueError as e:
-        raise ValueError(f"--alphas must be comma-separated numbers, got {text!r}.") from e
+        reference = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--reference {path} is not a readable JSON file ({e}).") from None
+    bad = {k: v for k, v in reference.items() if k != "label" and not isinstance(v, (int, float))} if isinstance(
+        reference, dict) else None
+    if bad is None or bad:
+        example = '{"words_mean": 20.5, "reward_accuracy": 1.0, "label": "full DPO"}'
+        got = bad or type(reference).__name__
+        raise ValueError(f"--reference {path} must be a JSON object of numbers (e.g. {example}); got {got}.")
+    return reference
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,8 +109,8 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.prompts:
         raise ValueError("give a prompt, or --prompts FILE.")
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)[0]
+    alphas = _parse_alphas(",".join(args.alpha), "--alpha") if args.alpha else [1.0]
     model, tokenizer = _load_clm(args)
-    alphas = args.alpha or [1.0]
     answers = generate_answers(model, tokenizer, prompts, alphas, args.max_new_tokens, args.batch_size)
     for i, prompt in enumerate(prompts):
         print(f"### {prompt if isinstance(prompt, str) else prompt[-1]['content']}")
@@ -104,6 +144,7 @@ def _grid(args: argparse.Namespace, prompts: list) -> int:
                          f"adapter (in the same order); got {len(alphas)} --alphas and {len(metrics)} --metric.")
     values = [_parse_alphas(alphas[i if len(alphas) > 1 else 0]) for i in range(n)]  # checked before loading
     targets = _parse_targets(args.target)
+    _check_out(args.out)
     model, tokenizer = _load_clm(args)
     names = list(model.base_model.active_adapters)
     knobs = dict(zip(names, values))
@@ -116,8 +157,6 @@ def _grid(args: argparse.Namespace, prompts: list) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import json
-
     from .data import read_prompts
     from .sweep import format_table, sweep
 
@@ -136,7 +175,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ValueError("one adapter takes one --metric and one --alphas; several are for a grid of adapters.")
     alphas = _parse_alphas((args.alphas or ["-0.5,0,0.25,0.5,0.75,1,1.5,2"])[0])
     metric = (args.metric or ["words"])[0]
-    reference = json.loads(open(args.reference).read()) if args.reference else None
+    reference = _read_reference(args.reference) if args.reference else None
+    _check_out(args.out)
     model, tokenizer = _load_clm(args)
     result = sweep(model, tokenizer, alphas, prompts, args.out, metric=metric, pairs=pairs,
                    beta=args.beta, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -151,11 +191,7 @@ def _parse_vector(text: str) -> tuple[str, float]:
     path, sep, scale = text.rpartition(":")
     if not sep or not path:
         raise ValueError(f"--vector takes PATH:SCALE, got {text!r}.")
-    try:
-        value = float(scale)
-    except ValueError as e:
-        raise ValueError(f"--vector {text!r}: the scale {scale!r} is not a number.") from e
-    return path, value
+    return path, _parse_alphas(scale, f"--vector {text!r}: the scale")[0]
 
 
 def _vector_grid(args: argparse.Namespace) -> int:
@@ -176,8 +212,10 @@ def _vector_grid(args: argparse.Namespace) -> int:
         raise ValueError(f"{n} vectors: give --scales once (shared) or once per vector, and --metric once per "
                          f"vector; got {len(args.scales)} --scales and {len(args.metric)} --metric.")
     prompts = read_prompts(args.prompts)[0][: args.max_prompts]
-    knobs = {name: _parse_alphas(args.scales[i if len(args.scales) > 1 else 0]) for i, name in enumerate(named)}
+    knobs = {name: _parse_alphas(args.scales[i if len(args.scales) > 1 else 0], "--scales")
+             for i, name in enumerate(named)}
     targets = _parse_targets(args.target)
+    _check_out(args.out)
     model, tokenizer = load_model(args.base)
     result = vector_grid_sweep(model.eval(), tokenizer, named, knobs, dict(zip(named, args.metric)), prompts,
                                args.out, targets=targets, max_new_tokens=args.max_new_tokens,
@@ -236,12 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--resume", help="checkpoint directory, or 'last'")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="answer prompts at one or several alphas, side by side")
     g.add_argument("--model", required=True)
     g.add_argument("--adapter", required=True, action="append", help="adapter directory (repeat for several)")
-    g.add_argument("--alpha", type=float, action="append", help="repeat for several alphas")
+    g.add_argument("--alpha", action="append", help="repeat for several alphas")
     g.add_argument("--interpolation", choices=["logits", "hidden", "weights"])
     g.add_argument("--prompts", help="file of prompts (JSONL with 'prompt', or text lines)")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -312,8 +351,13 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_join_negative_values(argv))
+    from .train import TrainingDiverged
+
     try:
         return args.func(args)
+    except TrainingDiverged as e:  # the run failed loudly; nothing was saved
+        print(f"peft-clm {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
         print(f"peft-clm {args.command}: error: {e}", file=sys.stderr)
         return 2

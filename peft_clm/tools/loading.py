@@ -5,8 +5,10 @@ GGUF loading dequantises on every load (~30 s), so a converted safetensors copy 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -71,6 +73,7 @@ def resolve_model_path(model: str) -> Path:
     if model == "smollm2":
         target = cache_dir() / "SmolLM2-135M-Instruct"
         if not (target / "config.json").is_file():
+            print(f"converting SmolLM2's GGUF to a cached safetensors copy in {target} (once, ~30 s)", file=sys.stderr)
             convert_gguf(smollm2_gguf_path(), target)
         return target
     path = Path(model)
@@ -80,6 +83,7 @@ def resolve_model_path(model: str) -> Path:
         stat = path.stat()
         target = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         if not (target / "config.json").is_file():
+            print(f"converting {path} to a cached safetensors copy in {target} (once)", file=sys.stderr)
             convert_gguf(path, target)
         return target
     if path.is_dir() and (path / "config.json").is_file():
@@ -105,3 +109,34 @@ def load_model(model: str, dtype: Optional[torch.dtype] = None, **kwargs):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return loaded.eval(), tokenizer
+
+
+def read_adapter_config(directory: Union[str, Path]) -> dict:
+    """The `adapter_config.json` of a CLM adapter directory, checked: one clear error when the directory, the file,
+    its JSON or its `peft_type` is not what a CLM adapter has.
+
+    Example:
+        ```py
+        >>> read_adapter_config("runs/concise")["interpolation"]
+        'logits'
+        ```
+    """
+    directory = Path(directory)
+    path = directory / "adapter_config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No adapter directory at {directory}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no adapter_config.json; it is not a saved adapter.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    peft_type = config.get("peft_type")
+    if peft_type != "CLM":
+        if isinstance(peft_type, str) and peft_type.upper() == "CLM":
+            raise ValueError(f"{path}: peft_type is {peft_type!r}; it must be 'CLM' exactly.")
+        what = f"a {peft_type} adapter" if peft_type else "an adapter config without a peft_type"
+        raise ValueError(f"{path} is {what}; peft-clm needs a CLM adapter (peft_type 'CLM').")
+    return config

@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -40,24 +40,48 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def _write_table(rows: list[dict], out: Path, name: str = "sweep.csv") -> None:
-    keys = list(rows[0])
-    with (out / name).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+def write_outputs(out: Union[str, Path], files: dict[str, Callable[[Path], None]]) -> None:
+    """Write several result files into `out` together: each is written to a temporary file first, and only when all
+    are written are they renamed into place, so a failure never leaves new JSON beside an old plot.
+
+    `files` maps a file name to a function that writes that file's content to the path it is given.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, Path] = {}
+    try:
+        for name, write in files.items():
+            tmps[name] = out / f".tmp-{name}"  # the suffix stays, so writers that look at it still work
+            write(tmps[name])
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _json_writer(result: dict) -> Callable[[Path], None]:
+    return lambda path: path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def _csv_writer(rows: list[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write
 
 
 def _save_figure(fig, path: Path, title: str) -> None:
-    """Title, lay out and write a figure atomically (a temporary file, then rename), and free it."""
+    """Title, lay out and write a figure (PNG), and free it."""
     import matplotlib.pyplot as plt
 
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
@@ -118,8 +142,6 @@ def sweep(
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
     alphas = [float(a) for a in alphas]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, prompts, alphas, max_new_tokens, batch_size)
     gen_s = time.perf_counter() - t0
@@ -149,9 +171,12 @@ def sweep(
         "total_seconds": time.perf_counter() - t0,
         "examples": {str(a): answers[j][:3] for j, a in enumerate(alphas)},
     }
-    (out / "sweep.json").write_text(json.dumps(result, indent=1))
-    _write_table(rows, out)
-    plot_sweep(rows, metric, out / "sweep.png", base_value if base_value is not None else means[0], reference, title)
+    base = base_value if base_value is not None else means[0]
+    write_outputs(out, {
+        "sweep.json": _json_writer(result),
+        "sweep.csv": _csv_writer(rows),
+        "sweep.png": lambda path: plot_sweep(rows, metric, path, base, reference, title),
+    })
     return result
 
 
@@ -247,7 +272,7 @@ def _write_grid(
     answers: dict,
     knobs: dict,
     metrics: dict,
-    out: Path,
+    out: Union[str, Path],
     targets: Optional[dict],
     extra: dict,
     title: str,
@@ -281,9 +306,11 @@ def _write_grid(
         dist = target_distances(rows, targets)
         result["targets"] = dict(targets)
         result["best"] = min(range(len(rows)), key=dist.__getitem__)
-    (out / "grid.json").write_text(json.dumps(result, indent=1))
-    _write_table(rows, out, "grid.csv")
-    plot_grid(rows, names, metric_names, out / "grid.png", title)
+    write_outputs(out, {
+        "grid.json": _json_writer(result),
+        "grid.csv": _csv_writer(rows),
+        "grid.png": lambda path: plot_grid(rows, names, metric_names, path, title),
+    })
     return result
 
 
@@ -321,8 +348,6 @@ def grid_sweep(
     if missing:
         raise ValueError(f"knobs {missing} are not active adapters; active: {sorted(active)}.")
     points = _grid_points(knobs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, prompts, points, max_new_tokens, batch_size)
     extra = {
@@ -363,8 +388,6 @@ def vector_grid_sweep(
     if set(vectors) != set(names):
         raise ValueError(f"give one vector per knob: knobs {names}, vectors for {sorted(vectors)}.")
     points = _grid_points(knobs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     answers = {}
     for j, point in enumerate(points):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +77,96 @@ class _StepTimer:
         self.callback = Callback()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the trained weights became NaN or infinite; nothing was saved."""
+
+
+def check_hyperparameters(**values: float) -> None:
+    """Refuse non-finite or out-of-range hyper-parameters before anything loads (one error naming each bad one)."""
+    rules = {
+        "lr": (lambda v: v > 0, "a finite number > 0"),
+        "beta": (lambda v: v > 0, "a finite number > 0"),
+        "sft_weight": (lambda v: v >= 0, "a finite number >= 0"),
+        "epochs": (lambda v: v > 0, "a finite number > 0"),
+        "batch_size": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+        "grad_accum": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+        "max_length": (lambda v: v >= 8 and v == int(v), "an integer >= 8"),
+        "max_steps": (lambda v: v == -1 or (v >= 1 and v == int(v)), "-1 (use epochs) or an integer >= 1"),
+    }
+    bad = []
+    for name, value in values.items():
+        ok, accepted = rules[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            bad.append(f"{name}={value!r} (must be {accepted})")
+    if bad:
+        raise ValueError("bad training settings: " + "; ".join(bad) + ". Nothing was trained.")
+
+
+def prepare_output_dir(out: str, model_dir: Optional[Path], resume: Optional[str], overwrite: bool) -> bool:
+    """Check where a run may write; returns whether the directory is new (then a failed run removes it).
+
+    `out` must not be (or be inside) the model's own directory, nor a file; an existing non-empty directory is
+    refused unless the run resumes from it or `overwrite` is set (then it is emptied first).
+    """
+    path = Path(out).resolve()
+    if model_dir is not None:
+        model_dir = Path(model_dir).resolve()
+        if path == model_dir or model_dir in path.parents:
+            raise ValueError(f"--out {out} is the model's own directory {model_dir} (or inside it); choose another.")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is an existing file; choose a directory.")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return False
+        if not overwrite:
+            raise ValueError(f"--out {out} is not empty (it may hold an adapter); choose a new directory, resume from "
+                             "it with --resume, or pass --overwrite to replace what is there.")
+        shutil.rmtree(path)
+    new = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    return new
+
+
+def _finite_guard():
+    """A callback that stops training at the first non-finite loss, gradient norm or trained weight."""
+    from transformers import TrainerCallback
+
+    class FiniteGuard(TrainerCallback):
+        def __init__(self) -> None:
+            self.problem: Optional[str] = None
+
+        def _stop(self, control, problem: str):
+            self.problem = self.problem or problem
+            control.should_training_stop = True
+            control.should_save = False
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    return self._stop(control, f"{key} became {value} at step {state.global_step}")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            params = [p for p in (model.parameters() if model is not None else []) if p.requires_grad]
+            if any(not torch.isfinite(p).all() for p in params):
+                return self._stop(control, f"trained weights became non-finite at step {state.global_step}")
+
+    return FiniteGuard()
+
+
+def _save_atomically(model, tokenizer, out: str) -> None:
+    # written beside `out`, then moved in file by file: a crash never leaves a half-written adapter file
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, Path(out) / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def train(
     model: str,
     data: str,
@@ -95,6 +189,7 @@ def train(
     separate_reference: bool = False,
     logging_steps: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a CLM adapter on `data` (JSONL) and save it to `out`.
 
@@ -105,6 +200,8 @@ def train(
     keeps a frozen reference copy of the model). `sft_weight` adds the chosen answers' NLL to the DPO loss.
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
+    `out` must be new or empty (or `resume` from it, or `overwrite` it), and never the model's own directory. A run
+    whose loss or weights become non-finite raises `TrainingDiverged` and saves nothing.
 
     Example:
         ```py
@@ -115,9 +212,18 @@ def train(
     from datasets import Dataset
     from transformers import set_seed
 
-    from .loading import load_model
+    from .loading import load_model, resolve_model_path
 
+    check_hyperparameters(lr=lr, beta=beta, sft_weight=sft_weight, epochs=epochs, batch_size=batch_size,
+                          grad_accum=grad_accum, max_length=max_length, max_steps=max_steps)
+    if method not in ("dpo", "sft"):
+        raise ValueError(f"method={method!r} is not one of 'dpo', 'sft'.")
+    if adapter not in ("clm", "lora", "full"):
+        raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
     rows = read_jsonl(data, method)  # checked in full before anything loads
+    model_dir = resolve_model_path(model)
+    new_out = prepare_output_dir(out, model_dir, resume, overwrite)
+    before = set(Path(out).iterdir())
     set_seed(seed)
     random.seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -131,10 +237,8 @@ def train(
         peft_config = LoraConfig(
             r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
         )
-    elif adapter == "full":
-        peft_config = None
     else:
-        raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
+        peft_config = None
     common = {
         "output_dir": out,
         "num_train_epochs": epochs,
@@ -156,6 +260,7 @@ def train(
         "max_length": max_length,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
+        "logging_nan_inf_filter": False,  # log the real loss, so a NaN is seen (and stops the run)
     }
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -179,8 +284,9 @@ def train(
         trainer = SFTTrainer(
             model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
         )
-    timer = _StepTimer()
+    timer, guard = _StepTimer(), _finite_guard()
     trainer.add_callback(timer.callback)
+    trainer.add_callback(guard)
     if not progress:
         from transformers import PrinterCallback
 
@@ -191,8 +297,14 @@ def train(
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if guard.problem:
+        if new_out:
+            shutil.rmtree(out, ignore_errors=True)
+        else:  # keep what was there before this run, drop what it wrote
+            for item in set(Path(out).iterdir()) - before:
+                shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
+        raise TrainingDiverged(f"training diverged: {guard.problem}; nothing was saved. Lower --lr or check the data.")
+    _save_atomically(trainer.model, tokenizer, out)
     if adapter == "full":
         trainable = total = sum(p.numel() for p in trainer.model.parameters())
     else:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -27,6 +28,9 @@ from typing import Optional, Union
 import torch
 from safetensors import safe_open
 from torch import nn
+
+
+logger = logging.getLogger(__name__)
 
 
 PathLike = Union[str, Path]
@@ -62,9 +66,11 @@ class Checkpoint:
         else:
             raise FileNotFoundError(f"No safetensors checkpoint at {path} (only safetensors are read).")
         self.where: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
         self.meta: dict[str, tuple[str, list[int]]] = {}
         for f in files:
             header = _read_header(f)
+            self.metadata.update(header.get("__metadata__") or {})
             for name, info in header.items():
                 if name != "__metadata__":
                     self.where[name] = f
@@ -100,9 +106,20 @@ def _row_blocks(shape: Sequence[int], itemsize: int, budget: Optional[int] = Non
 
 
 def _read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file; one clear error for anything that is not one (empty, random bytes)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise VectorError(f"{path} is not a safetensors file (its {size} bytes hold no valid header).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise VectorError(f"{path} is not a safetensors file (its header is not a JSON object).")
+    return header
 
 
 def _check_scale(scale: float) -> float:
@@ -170,6 +187,10 @@ def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
         >>> extract("base_dir", "dpo_dir", "dpo.safetensors")
         ```
     """
+    out = Path(out)
+    if out.exists():
+        raise VectorError(f"{out} already exists (a vector never overwrites a file, least of all an input); choose a "
+                          "new path.")
     b, a = Checkpoint(base), Checkpoint(aligned)
     missing, extra = sorted(set(b.names()) - set(a.names())), sorted(set(a.names()) - set(b.names()))
     if missing or extra:
@@ -181,7 +202,7 @@ def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
     if wrong:
         raise VectorError(f"shapes differ for {len(wrong)} tensor(s), e.g. {wrong[0]}: {b.meta[wrong[0]][1]} vs "
                           f"{a.meta[wrong[0]][1]}.")
-    specs, norms, dtypes = [], {}, set()
+    specs, norms, dtypes, base_sums = [], {}, set(), {}
     for name in b.names():  # pass 1: which tensors differ, and their norms
         dtype = _dtype_of(b.meta[name][0])
         if not dtype.is_floating_point:
@@ -198,7 +219,7 @@ def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
         if nonzero:
             specs.append((name, wide, list(b.meta[name][1])))
             norms[name] = math.sqrt(sq)
-    out = Path(out)
+            base_sums[name] = _tensor_sum(b.get(name))
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "peft-clm alignment vector",
@@ -209,6 +230,9 @@ def extract(base: PathLike, aligned: PathLike, out: PathLike) -> dict:
         "n_tensors_differ": str(len(specs)),
         "total_norm": repr(math.sqrt(sum(v * v for v in norms.values()))),
         "norms": json.dumps(norms),
+        # what the vector was taken from: the architecture is checked on apply, the base's sums warn on another base
+        "base_model_type": _model_type(b.directory) or "",
+        "base_sums": json.dumps(base_sums),
     }
     writer = _StreamWriter(out, specs, metadata)
     try:
@@ -251,6 +275,37 @@ def _check_fits(vectors, shapes: dict[str, tuple], what: str) -> None:
                                   f"{tuple(shapes[name])}.")
 
 
+def _tensor_sum(tensor: torch.Tensor) -> float:
+    """A fingerprint of a tensor's values: their sum in float64 (exact under an upcast to a wider float)."""
+    return float(tensor.detach().to(torch.float64).sum())
+
+
+def _model_type(directory: Path) -> Optional[str]:
+    config = Path(directory) / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    except (ValueError, OSError):
+        return None
+
+
+def _check_source(vectors, model_type: Optional[str], get: Callable[[str], torch.Tensor], what: str) -> None:
+    """Refuse vectors of another architecture; warn when the target is not the checkpoint a vector was taken
+    from (checked on up to three of the tensors it changes)."""
+    for ckpt, _ in vectors:
+        meta = ckpt.metadata
+        source = meta.get("base_model_type")
+        if source and model_type and source != model_type:
+            raise VectorError(f"the vector {ckpt.files[0]} was extracted from a {source!r} checkpoint; {what} is a "
+                              f"{model_type!r} model. Vectors only apply to their own architecture.")
+        sums = json.loads(meta.get("base_sums", "{}"))
+        for name in sorted(sums, key=lambda n: math.prod(ckpt.meta[n][1]))[:3]:
+            got = _tensor_sum(get(name))
+            if not math.isclose(got, sums[name], rel_tol=1e-9, abs_tol=1e-9):
+                logger.warning("%s is not the checkpoint the vector %s was extracted from (%s differs), or it was "
+                               "loaded in another dtype; the vector is applied anyway.", what, ckpt.files[0], name)
+                break
+
+
 def _apply_one(tensor: torch.Tensor, name: str, vectors, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """`tensor + sum scale_i * vector_i[name]` in the wide dtype, rounded once; `rows` when `tensor` is a block."""
     wide = _wide(tensor.dtype)
@@ -271,11 +326,15 @@ def apply_to_checkpoint(base: PathLike, vectors: Sequence[tuple[PathLike, float]
     ckpt = Checkpoint(base)
     loaded = _load_vectors(vectors)
     _check_fits(loaded, {n: ckpt.meta[n][1] for n in ckpt.names()}, f"the checkpoint {base}")
+    _check_source(loaded, _model_type(ckpt.directory), ckpt.get, f"the checkpoint {base}")
     out = Path(out)
     if out.exists():
         raise VectorError(f"{out} already exists; choose a new output directory.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is a normal directory
     try:
         for item in ckpt.directory.iterdir():  # config, tokenizer, index: copied as they are
             if item.suffix != ".safetensors" and item.is_file():
@@ -313,7 +372,7 @@ class AppliedVectors:
         params = dict(self.model.state_dict(keep_vars=True))
         with torch.no_grad():
             for name, original in self.originals.items():
-                params[name].data.copy_(original)
+                params[name].copy_(original)  # through the parameter: its version moves, so caches of it refresh
         self.originals = {}
 
 
@@ -330,11 +389,13 @@ def apply_to_model(model: nn.Module, vectors: Sequence[tuple[PathLike, float]]) 
     loaded = _load_vectors(vectors)
     params = dict(model.state_dict(keep_vars=True))
     _check_fits(loaded, {n: tuple(p.shape) for n, p in params.items()}, "the model")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    _check_source(loaded, model_type, lambda n: params[n], "the model")
     touched = sorted({n for ckpt, _ in loaded for n in ckpt.names()})
     originals = {n: params[n].detach().clone() for n in touched}  # checked in full first: nothing half-applied
     with torch.no_grad():
         for n in touched:
-            params[n].data.copy_(_apply_one(params[n].detach(), n, loaded))
+            params[n].copy_(_apply_one(params[n].detach(), n, loaded))
     return AppliedVectors(model, originals)
 
 
