@@ -179,5 +179,6 @@ class DualPath:
         if frame.labels is not None:
             extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
             vocab_size = compat.text_config(module.config).vocab_size
-            output.loss = module.loss_function(output.logits, frame.labels, vocab_size, **extra)
+            loss = module.loss_function(output.logits, frame.labels, vocab_size, **extra)
+            output = type(output)(**{**dict(output.items()), "loss": loss})  # rebuilt: fields keep their order
         return output.to_tuple() if frame.return_tuple else output

@@ -232,3 +232,63 @@ def test_logits_mode_mixes_after_any_final_norm(arch):
     aligned = logits(model, ids, mask)
     model.set_alpha(0.3)
     torch.testing.assert_close(logits(model, ids, mask), 0.7 * base_logits + 0.3 * aligned, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen2_sliding", "gemma3_text"])
+def test_static_cache_with_per_attention_type_masks(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch == "gemma2":
+        base_fn = lambda: tiny_model("gemma2")  # noqa: E731
+    else:
+        extra = ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+                 if arch == "qwen2_sliding" else {"model_type": "gemma3_text", "sliding_window": 4, "head_dim": 8,
+                                                    "query_pre_attn_scalar": 8})
+        model_type = extra.pop("model_type")
+        config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      pad_token_id=0, **extra)
+
+        def base_fn():
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+    ids, mask = inputs(batch=2, length=5, left_pad=1)
+    model = get_peft_model(base_fn(), ClmConfig(alpha=0.6))
+    perturb(model, scale=0.2)
+    kw = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False}
+    static = model.generate(input_ids=ids, cache_implementation="static", **kw)
+    assert torch.equal(static, model.generate(input_ids=ids, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["logits", "hidden", "weights"])
+def test_hidden_states_and_attentions_keep_the_base_models_count_and_shapes(arch, mode):
+    ids, mask = inputs(batch=2, left_pad=1)
+    with torch.no_grad():
+        ref = tiny_model(arch)(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    model = clm_model(arch, mode)
+    for alpha in (0.0, 0.5, 1.0):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True,
+                        clm_alpha=alpha)
+        assert [t.shape for t in out.hidden_states] == [t.shape for t in ref.hidden_states], alpha
+        assert [t.shape for t in out.attentions] == [t.shape for t in ref.attentions], alpha
+        if alpha == 0.0:  # the base model, exactly, entry by entry
+            assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states))
+        decoder = model.base_model.model.get_decoder()
+        with torch.no_grad(), model.base_model.alpha_context(alpha):
+            alone = decoder(input_ids=ids, attention_mask=mask)
+        assert alone.last_hidden_state.shape[0] == ids.shape[0]
+
+
+def test_soft_capped_labels_with_return_dict_false():
+    ids, mask = inputs(batch=2)
+    model = clm_model("gemma2", alpha=0.6)
+    full = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, return_dict=False)
+    assert isinstance(out, tuple)
+    loss, mixed = out[0], out[1]
+    assert mixed.shape[0] == ids.shape[0]
+    torch.testing.assert_close(loss, full.loss)
+    torch.testing.assert_close(mixed, full.logits)

@@ -120,3 +120,42 @@ def test_bad_second_adapter_load_keeps_the_first(tmp_path):
     assert list(model.base_model.clm_layer().clm_layers) == ["default"]
     assert "b" not in model.peft_config
     assert torch.equal(logits(model, ids, mask), before)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("base_key", "outside the CLM layer"),
+    ("nan", "NaN or infinite"),
+    ("int", "float tensors only"),
+    ("layer_index", "decoder layer 1"),
+])
+def test_adapter_files_cannot_reach_outside_the_clm_layer(tmp_path, damage, message):
+    d = _saved_adapter(tmp_path)
+    path = d / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(iter(tensors))
+    if damage == "base_key":
+        tensors["base_model.model.lm_head.weight"] = torch.zeros(97, 32)
+    elif damage == "nan":
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+    elif damage == "int":
+        tensors[key] = tensors[key].to(torch.int32)
+    else:
+        tensors = {k.replace(".layers.0.", ".layers.1."): v for k, v in tensors.items()}
+    save_file(tensors, path)
+    base = tiny_model("llama")
+    ids, mask = inputs()
+    ref = logits(base, ids, mask)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, d)
+    _assert_untouched(base, ref, ids, mask)
+
+
+def test_loading_onto_another_base_checkpoint_warns(tmp_path, caplog):
+    model = get_peft_model(tiny_model("llama"), ClmConfig())
+    model.peft_config["default"].base_model_name_or_path = "some/other-model"
+    model.save_pretrained(tmp_path)
+    base = tiny_model("llama")
+    base.name_or_path = "my/model"
+    with caplog.at_level("WARNING", logger="peft_clm.model"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert "trained on 'some/other-model'" in caplog.text
