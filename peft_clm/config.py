@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -38,6 +39,17 @@ class ClmConfig(PeftConfig):
             `False`: the same copy with small random output projections, a non-identity layer for tests.
         zero_modules: Names, inside the decoder layer, of the attention output projection and MLP down projection.
             Inferred for known architectures; set it to use CLM with another architecture.
+        r: With a rank, the inserted layer is still the identity-initialised copy of layer `layer_index`, but only
+            rank-r factors of its linear modules are trained and saved (`W0 + s * B @ A`; the zeroed projections
+            learn `s * B @ A` from zero); its other weights are derived from the base model when it loads, so the
+            adapter file is a small fraction of a full layer. `None` (default): the full layer.
+        lora_alpha: The factors' scale is `lora_alpha / r` (default `r`: a scale of 1). Not the knob's alpha.
+        lowrank_modules: Linear modules that get factors (default: every linear module of the layer; must include
+            the zeroed ones).
+        train_norms: Low-rank only: train the layer's norm weights too (default: frozen, the base model's).
+        base_fingerprint: A hash of the wrapped layer's weights, set when the adapter is created. Loading onto
+            another base is refused for a low-rank adapter (its weights are derived from the base) and warned for
+            a full one.
 
     Example:
         ```py
@@ -59,6 +71,19 @@ class ClmConfig(PeftConfig):
         metadata={
             "help": "Attention-output and MLP-down projection names inside a decoder layer (auto for known models)."
         },
+    )
+    r: Optional[int] = field(
+        default=None, metadata={"help": "Rank of a low-rank CLM layer; None trains (and saves) the full layer."}
+    )
+    lora_alpha: Optional[float] = field(
+        default=None, metadata={"help": "Low-rank updates are scaled by lora_alpha / r (default: r, a scale of 1)."}
+    )
+    lowrank_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Linear modules of the layer with low-rank factors (default: all of them)."}
+    )
+    train_norms: bool = field(default=False, metadata={"help": "Low-rank: train the layer's norms too."})
+    base_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "Set at injection: a hash of the wrapped layer, checked when loading."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Set automatically to the decoder layer at `layer_index`; leave unset."}
@@ -88,6 +113,25 @@ class ClmConfig(PeftConfig):
                     f"attention output projection and the MLP down projection), got {names!r}."
                 )
             self.zero_modules = list(names)
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+            raise ValueError(f"r must be a positive int (the rank) or None (the full layer), got {self.r!r}.")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(
+                self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}.")
+        if self.r is None and (self.lora_alpha is not None or self.lowrank_modules is not None or self.train_norms):
+            raise ValueError("lora_alpha, lowrank_modules and train_norms apply to a low-rank layer: set r too.")
+        if self.lowrank_modules is not None:
+            names = self.lowrank_modules
+            if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
+                isinstance(n, str) and n.strip() for n in names
+            ):
+                raise ValueError(f"lowrank_modules must be a non-empty list of module names, got {names!r}.")
+            self.lowrank_modules = list(names)
+
+    @property
+    def scaling(self) -> float:
+        """The factors' scale, `lora_alpha / r` (low-rank layers only)."""
+        return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

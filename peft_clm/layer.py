@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import itertools
 import threading
 import weakref
@@ -19,6 +20,7 @@ from .alpha import AlphaValue, Terms, active_terms, call_state
 from .config import ClmConfig
 from .constants import LAYER_ROW_KWARGS
 from .kernels import hidden_mix, weight_mix
+from .low_rank import LowRankFactors, build_runner
 
 
 # What each KV cache was filled with, per CLM layer: a cache holds the hidden states of one alpha setting (hidden
@@ -26,16 +28,27 @@ from .kernels import hidden_mix, weight_mix
 _CACHE_SIGNATURES: weakref.WeakKeyDictionary[Any, dict[int, tuple]] = weakref.WeakKeyDictionary()
 
 
-class MixedLayerCache:
-    """Weights mode's inference layers: a plain copy of the layer per recent (adapters, alphas), holding the mixed
-    parameters `w0 + sum_i a_i (w_i - w0)` in tensors of its own.
+def layer_fingerprint(layer: nn.Module) -> str:
+    """A hash of a layer's parameters (names, shapes and values rounded to bfloat16, so the same checkpoint loaded in
+    float32 or bfloat16 gives the same hash): which base an adapter was made on."""
+    digest = hashlib.sha256()
+    for name, p in layer.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+        digest.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:32]
 
-    Lifecycle: `get` builds an entry the first time a key is asked for (under a lock, so two threads never build
+
+class DerivedLayers:
+    """Decoder layers derived from the registered state, never registered themselves: weights mode's inference
+    layers (a plain copy holding `w0 + sum_i a_i (w_i - w0)` in tensors of its own, per recent adapters and alphas)
+    and the runners of low-rank adapters (`low_rank.build_runner`).
+
+    Lifecycle: `get` builds an entry the first time its key is asked for (under a lock, so two threads never build
     or evict at once) and keeps the `size` most recent. An entry is never written after it is built, so a thread
-    can run one while another builds the next, and the trained weights are only ever read. The key holds every
-    input tensor's identity, version counter and storage, so an optimiser step or a `load_state_dict` makes a new
-    entry (writes through `.data` bypass version counters: call `clear()` after them). `copy.deepcopy` and pickling
-    start the copy empty.
+    can run one while another builds the next, and the trained weights are only ever read. A weights-mode key holds
+    every input tensor's identity, version counter and storage, so an optimiser step or a `load_state_dict` makes a
+    new entry (writes through `.data` bypass version counters: call `clear()` after them). `copy.deepcopy` and
+    pickling start the copy empty, so a copy's entries are built from its own tensors.
     """
 
     def __init__(self, size: int = 2) -> None:
@@ -58,8 +71,8 @@ class MixedLayerCache:
         with self._lock:
             self._entries.clear()
 
-    def __deepcopy__(self, memo: dict) -> MixedLayerCache:
-        return MixedLayerCache(self.size)
+    def __deepcopy__(self, memo: dict) -> DerivedLayers:
+        return DerivedLayers(self.size)
 
     def __getstate__(self) -> dict:
         return {"size": self.size}
@@ -94,7 +107,8 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         self.interpolation = config.interpolation  # the one owner of the mode; ClmModel.set_interpolation sets it
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._mixed_layers = MixedLayerCache()
+        self._mixed_layers = DerivedLayers(size=2)  # one layer of weights each: keep few
+        self._runners = DerivedLayers(size=64)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -102,10 +116,14 @@ class ClmLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: ClmConfig, **kwargs: Any) -> None:
         """Add adapter `adapter_name`: a copy of the wrapped layer with the `zero_modules` zeroed (the identity),
         or, with `init_weights=False`, given small random values (a non-identity layer, for tests)."""
-        layer = copy.deepcopy(self.base_layer)
-        with torch.no_grad():
-            for p in self._zeroed_parameters(layer):
-                p.zero_() if config.init_weights else p.normal_(0.0, 0.02)
+        if config.r is not None:  # only the factors are state of the adapter; the runner is derived from them
+            layer = LowRankFactors(self.base_layer, self.zero_modules, config.r, config.scaling,
+                                   config.lowrank_modules, config.train_norms, config.init_weights)
+        else:
+            layer = copy.deepcopy(self.base_layer)
+            with torch.no_grad():
+                for p in self._zeroed_parameters(layer):
+                    p.zero_() if config.init_weights else p.normal_(0.0, 0.02)
         used = set(self.cache_slot.values())
         slot = next(i for i in itertools.count(self.num_base_layers) if i not in used)
         compat.set_layer_index(layer, slot)  # the copy carries layer L's slot; give it one of its own
@@ -122,8 +140,25 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         return any(param_name.startswith(name + ".") for name in self.zero_modules)
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """`w_i`: the trained parameters of one adapter's layer, by name inside the decoder layer."""
-        return dict(self.clm_layers[adapter_name].named_parameters())
+        """`w_i`: every parameter of one adapter's layer as it runs, by name inside the decoder layer (a low-rank
+        adapter's are derived from the wrapped layer and its factors, differentiably)."""
+        adapter = self.clm_layers[adapter_name]
+        if isinstance(adapter, LowRankFactors):
+            return adapter.effective_parameters(self.base_layer)
+        return dict(adapter.named_parameters())
+
+    def adapter_layer(self, adapter_name: str) -> nn.Module:
+        """The decoder layer adapter `adapter_name` runs: its full copy, or the runner of its low-rank factors."""
+        adapter = self.clm_layers[adapter_name]
+        if not isinstance(adapter, LowRankFactors):
+            return adapter
+        slot = self.cache_slot[adapter_name]
+        runner = self._runners.get((adapter_name, id(adapter), slot),
+                                   lambda: build_runner(self.base_layer, adapter, slot))
+        for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):  # follow the wrapped layer's setting
+            if hasattr(self.base_layer, attr):
+                setattr(runner, attr, getattr(self.base_layer, attr))
+        return runner
 
     def identity_parameters(self) -> dict[str, torch.Tensor]:
         """`w0`: the identity initialisation (the wrapped layer's parameters with the zeroed modules at zero),
@@ -144,7 +179,7 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         args, kwargs = call
         x = args[0]
         with torch.no_grad():
-            y = self._run(self.clm_layers[adapter_name], self.cache_slot[adapter_name], x, args[1:], kwargs)
+            y = self._run(self.adapter_layer(adapter_name), self.cache_slot[adapter_name], x, args[1:], kwargs)
         if not torch.equal(y, x):
             raise ValueError(
                 f"zero_modules={list(self.zero_modules)} do not make the copied layer the identity (its output "
@@ -230,7 +265,7 @@ class ClmLayer(nn.Module, BaseTunerLayer):
     def _forward_hidden(self, x: torch.Tensor, args, kwargs, terms: Terms) -> torch.Tensor:
         if terms.identity:
             return x
-        ys = [self._run(self.clm_layers[n], self.cache_slot[n], x, args, kwargs) for n in terms.names]
+        ys = [self._run(self.adapter_layer(n), self.cache_slot[n], x, args, kwargs) for n in terms.names]
         return ys[0] if terms.single else hidden_mix(x, ys, list(terms.alphas))
 
     def _forward_weights(self, x: torch.Tensor, args, kwargs, terms: Terms) -> torch.Tensor:
@@ -238,7 +273,7 @@ class ClmLayer(nn.Module, BaseTunerLayer):
             return x  # w0 is exactly the identity
         slot = self.cache_slot[terms.names[0]]
         if terms.single:
-            return self._run(self.clm_layers[terms.single], slot, x, args, kwargs)
+            return self._run(self.adapter_layer(terms.single), slot, x, args, kwargs)
         names, alphas = list(terms.names), [float(a) for a in terms.alphas]
         trained = [p for n in names for p in self.clm_layers[n].parameters()]
         if torch.is_grad_enabled() and any(p.requires_grad for p in trained):  # training: differentiable mix
@@ -268,14 +303,15 @@ class ClmLayer(nn.Module, BaseTunerLayer):
             return x
         if plan.num_paths == 1:
             name = plan.paths[0]
-            return self._run(self.clm_layers[name], self.cache_slot[name], x, args, kwargs)
+            return self._run(self.adapter_layer(name), self.cache_slot[name], x, args, kwargs)
         total, blocks = x.shape[0], []
         for j, name in enumerate(plan.paths[:-1]):  # aligned paths: this adapter's copy on its block of rows
             block_args = compat.rows_block(tuple(args), j, plan.num_paths, total)
             block_kwargs = {k: compat.rows_block(v, j, plan.num_paths, total) if k in LAYER_ROW_KWARGS else v
                             for k, v in kwargs.items()}
             rows = slice(j * plan.batch, (j + 1) * plan.batch)
-            blocks.append(self._run(self.clm_layers[name], self.cache_slot[name], x[rows], block_args, block_kwargs))
+            layer, slot = self.adapter_layer(name), self.cache_slot[name]
+            blocks.append(self._run(layer, slot, x[rows], block_args, block_kwargs))
         blocks.append(x[(plan.num_paths - 1) * plan.batch :])  # the unaligned path enters the original layers as is
         return torch.cat(blocks, dim=0)
 

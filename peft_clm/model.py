@@ -19,7 +19,7 @@ from . import transformers_compat as compat
 from .alpha import Alpha, active_terms, call_alpha, check_mode_accepts, repeat_rows, resolve_alpha
 from .config import INTERPOLATIONS, ClmConfig
 from .constants import ZERO_MODULES
-from .layer import ClmLayer
+from .layer import ClmLayer, layer_fingerprint
 from .logits_mode import DualPath
 
 
@@ -60,7 +60,8 @@ class ClmModel(BaseTuner):
         directory = config.__dict__.pop("_loaded_from", None)
         if directory is not None:
             check_adapter_file(directory, _checkpoint_prefix(model, config.layer_index))
-            _warn_other_base(config, model)
+            if config.base_fingerprint is None:  # saved before fingerprints: compare the names at least
+                _warn_other_base(config, model)
         super().inject_adapter(model, adapter_name, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: ClmConfig, model_config: dict) -> ClmConfig:
@@ -102,6 +103,7 @@ class ClmModel(BaseTuner):
             if module is None or not list(module.parameters()):
                 raise ValueError(f"zero_modules entry {name!r} is not a module with parameters of the decoder layer "
                                  f"{type(target).__name__}.")
+        _check_base(peft_config, target)
         peft_config.target_modules = [f"{layers_name}.{peft_config.layer_index}"]
         return peft_config
 
@@ -406,6 +408,25 @@ def _check_shapes(model: nn.Module, adapter_name: str, remapped: dict) -> None:
     raise ValueError(f"The CLM adapter {adapter_name!r} does not fit this model ({'; '.join(detail)}). It was saved "
                      "for a model of another architecture or size; load it onto the base model it was trained on. "
                      "The model was left as it was.")
+
+
+def _check_base(config: ClmConfig, layer: nn.Module) -> None:
+    """Record which base layer an adapter is made on, or check it on load: refused for a low-rank adapter (its
+    weights are derived from that layer), warned for a full one (weights mode mixes towards the base's layer)."""
+    if any(p.device.type == "meta" for p in layer.parameters()):
+        return
+    current = layer_fingerprint(layer)
+    if config.base_fingerprint is None:
+        config.base_fingerprint = current
+    elif config.base_fingerprint != current:
+        if config.r is not None:
+            raise ValueError(
+                "this low-rank CLM adapter was made on another base model: its frozen weights are derived from the "
+                f"base's decoder layer {config.layer_index}, whose weights differ here (fingerprint "
+                f"{current} vs {config.base_fingerprint}). Load it onto the model it was trained on."
+            )
+        logger.warning("this CLM adapter was made on another base model (decoder layer %d differs); its alpha 0 is "
+                       "this model, and its alignment was learned on the other.", config.layer_index)
 
 
 def _warn_other_base(config: ClmConfig, model: nn.Module) -> None:

@@ -58,6 +58,20 @@ def recurrent_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+def linear_modules(layer: nn.Module) -> dict[str, tuple[nn.Module, int, int, bool]]:
+    """{name: (module, in_features, out_features, transposed)} of the linear modules of a decoder layer:
+    `nn.Linear` (weight [out, in]) and transformers' `Conv1D` of GPT-2 (weight [in, out], so `transposed`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Linear):
+            found[name] = (module, module.in_features, module.out_features, False)
+        elif isinstance(module, Conv1D):
+            found[name] = (module, module.weight.shape[0], module.weight.shape[1], True)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------- KV-cache slots
 def set_layer_index(module: nn.Module, index: int) -> None:
     """Give every submodule with an int `layer_idx` (the attention) the KV-cache slot `index`.

@@ -172,3 +172,17 @@ def test_resume_is_deterministic(tiny_dir, tmp_path):
     assert main(two + ["--out", str(tmp_path / "r")]) == 0
     assert main(common + ["--out", str(tmp_path / "r"), "--resume", "last"]) == 0
     assert (tmp_path / "r" / "adapter_model.safetensors").read_bytes() == a
+
+
+def test_cli_trains_a_low_rank_layer(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(8))
+    out = tmp_path / "low"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--rank", "2",
+                 "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet"]) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all(".factors." in k for k in saved)
+    assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in saved.items())  # trained from B = 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out)
+    assert model.peft_config["default"].r == 2

@@ -173,6 +173,7 @@ def train(
     out: str,
     method: str = "dpo",
     adapter: str = "clm",
+    rank: Optional[int] = None,
     interpolation: str = "logits",
     epochs: float = 1.0,
     max_steps: int = -1,
@@ -196,8 +197,9 @@ def train(
     `model` is a local HF directory, a `.gguf` file or `smollm2`. `method` is "dpo" (prompt/chosen/rejected) or
     "sft" (prompt/completion or messages). The reference policy of DPO is the same model with the adapter off.
     `resume` is a checkpoint directory under `out`, or "last". `adapter` picks what is trained: "clm" (the
-    identity layer), or the baselines "lora" (rank 16 on every linear layer) and "full" (every parameter; TRL then
-    keeps a frozen reference copy of the model). `sft_weight` adds the chosen answers' NLL to the DPO loss.
+    identity layer; with `rank`, a low-rank CLM layer whose file holds only rank-r factors), or the baselines
+    "lora" (rank 16 on every linear layer) and "full" (every parameter; TRL then keeps a frozen reference copy of
+    the model). `sft_weight` adds the chosen answers' NLL to the DPO loss.
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
     `out` must be new or empty (or `resume` from it, or `overwrite` it), and never the model's own directory. A run
@@ -220,6 +222,9 @@ def train(
         raise ValueError(f"method={method!r} is not one of 'dpo', 'sft'.")
     if adapter not in ("clm", "lora", "full"):
         raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
+    if rank is not None and adapter != "clm":
+        raise ValueError("--rank makes a low-rank CLM layer; it does not apply to --adapter-type lora or full.")
+    ClmConfig(r=rank)  # the rank is checked before anything loads
     rows = read_jsonl(data, method)  # checked in full before anything loads
     model_dir = resolve_model_path(model)
     new_out = prepare_output_dir(out, model_dir, resume, overwrite)
@@ -230,7 +235,7 @@ def train(
     base, tokenizer = load_model(model, dtype=dtype)
     dataset = Dataset.from_list(rows)
     if adapter == "clm":
-        peft_config = ClmConfig(interpolation=interpolation, alpha=1.0)
+        peft_config = ClmConfig(interpolation=interpolation, alpha=1.0, r=rank)
     elif adapter == "lora":
         from peft import LoraConfig
 
