@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Optional
 
@@ -353,6 +354,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_join_negative_values(argv))
     from .train import TrainingDiverged
+
+    # PEFT and TRL still read transformers' old `gradient_checkpointing` names (peft-clm passes the new ones); a
+    # user of the command cannot act on that warning, so it is not shown
+    warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
     try:
         return args.func(args)
