@@ -154,13 +154,6 @@ def repeat_rows(alpha: Alpha, repeats: int) -> Alpha:
     return alpha
 
 
-def alpha_rows(alpha: Alpha) -> Optional[int]:
-    """How many sequences a (checked) alpha is for, or None when it is one number for all."""
-    values = alpha.values() if isinstance(alpha, Mapping) else [alpha]
-    counts = {v.shape[0] for v in values if isinstance(v, torch.Tensor)}
-    return counts.pop() if len(counts) == 1 else (None if not counts else -1)
-
-
 # ---------------------------------------------------------------------------------------------- per-call state
 @dataclasses.dataclass(frozen=True)
 class CallState:
@@ -200,9 +193,14 @@ def _set(owner: object, state: Optional[CallState]):
 
 
 @contextlib.contextmanager
-def call_alpha(owner: object, alpha: Mapping[str, AlphaValue]) -> Iterator[None]:
-    """Use `alpha` (already resolved) for the calls made inside the block, in this context only."""
-    token = _set(owner, dataclasses.replace(call_state(owner), alpha=MappingProxyType(dict(alpha))))
+def call_scope(owner: object, alpha: Optional[Mapping[str, AlphaValue]] = None) -> Iterator[None]:
+    """One call of a CLM model: use `alpha` (already resolved; None keeps the current one) for the calls made
+    inside the block, in this context only, and restore the call state as it was on the way out, whatever ends the
+    block (frames a hook could not pop, on a KeyboardInterrupt say, are dropped with it)."""
+    state = call_state(owner)
+    if alpha is not None:
+        state = dataclasses.replace(state, alpha=MappingProxyType(dict(alpha)))
+    token = _set(owner, state)
     try:
         yield
     finally:

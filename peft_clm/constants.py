@@ -21,6 +21,13 @@ ZERO_MODULES: dict[str, tuple[str, ...]] = {
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
 }
 
+
+
+def is_in_modules(name: str, modules: tuple[str, ...] | list[str]) -> bool:
+    """Whether a module or parameter name lies inside (or is) one of `modules`, e.g. the zeroed projections."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 # Layers with a recurrent state (state-space and linear-attention models): the copied layer would need a state slot
 # of its own, which their caches do not offer. Refused at injection.
 RECURRENT_MODEL_TYPES = frozenset({

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import hashlib
 import itertools
 import threading
 import weakref
@@ -18,24 +17,50 @@ from torch import nn
 from . import transformers_compat as compat
 from .alpha import AlphaValue, Terms, active_terms, call_state
 from .config import ClmConfig
-from .constants import LAYER_ROW_KWARGS
+from .constants import LAYER_ROW_KWARGS, is_in_modules
 from .kernels import hidden_mix, weight_mix
 from .low_rank import LowRankFactors, build_runner
 
 
-# What each KV cache was filled with, per CLM layer: a cache holds the hidden states of one alpha setting (hidden
-# and weights modes) or one set of paths (logits mode); continuing it under another gives wrong tokens silently.
-_CACHE_SIGNATURES: weakref.WeakKeyDictionary[Any, dict[int, tuple]] = weakref.WeakKeyDictionary()
+class CacheGuard:
+    """Keeps a KV cache to the setting that filled it: the alphas (hidden and weights modes), the set of paths
+    (logits mode), merged or adapters off. Continuing a cache under another setting would give wrong tokens.
 
+    Lifecycle: a call whose cache is empty at the wrapped layer's slot (a new, reset or fully cropped cache) records
+    its setting; later calls with that cache must bring the same setting, or raise; a cache that already holds tokens
+    but was never seen here was filled without the CLM layer, and is refused. Caches are held by weak reference, so
+    they go when generation drops them; `copy.deepcopy` and pickling start the copy empty.
+    """
 
-def layer_fingerprint(layer: nn.Module) -> str:
-    """A hash of a layer's parameters (names, shapes and values rounded to bfloat16, so the same checkpoint loaded in
-    float32 or bfloat16 gives the same hash): which base an adapter was made on."""
-    digest = hashlib.sha256()
-    for name, p in layer.named_parameters():
-        digest.update(f"{name}:{tuple(p.shape)};".encode())
-        digest.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()[:32]
+    def __init__(self) -> None:
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def check(self, cache: Any, filled: bool, setting: tuple) -> None:
+        if cache is None:
+            return
+        if not filled:
+            self._seen[cache] = setting
+            return
+        seen = self._seen.get(cache)
+        if seen is None:
+            raise ValueError(
+                "This KV cache already holds tokens computed without the CLM layer; start generation with a new cache "
+                "(or without one) while the adapter is active."
+            )
+        if seen != setting:
+            raise ValueError(
+                f"alpha changed between calls sharing one KV cache (the cache was filled with {seen}, this call runs "
+                f"{setting}). Keep alpha, the mode and the adapters fixed for a generation, or start a new cache."
+            )
+
+    def __deepcopy__(self, memo: dict) -> CacheGuard:
+        return CacheGuard()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 class DerivedLayers:
@@ -45,10 +70,12 @@ class DerivedLayers:
 
     Lifecycle: `get` builds an entry the first time its key is asked for (under a lock, so two threads never build
     or evict at once) and keeps the `size` most recent. An entry is never written after it is built, so a thread
-    can run one while another builds the next, and the trained weights are only ever read. A weights-mode key holds
-    every input tensor's identity, version counter and storage, so an optimiser step or a `load_state_dict` makes a
-    new entry (writes through `.data` bypass version counters: call `clear()` after them). `copy.deepcopy` and
-    pickling start the copy empty, so a copy's entries are built from its own tensors.
+    can run one while another builds the next, and the trained weights are only ever read. A key holds every input
+    tensor's identity (and, for weights mode's mixed values, its version counter and storage), the train/eval mode
+    and the activation-checkpointing setting, so an optimiser step, a `load_state_dict`, `.train()` or a new
+    checkpointing setting makes a new entry; writes through `.data` bypass version counters (call `clear()` after
+    them), and `ClmLayer.delete_adapter` clears both caches. `copy.deepcopy` and pickling start the copy empty, so a
+    copy's entries are built from its own tensors.
     """
 
     def __init__(self, size: int = 2) -> None:
@@ -108,9 +135,11 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._mixed_layers = DerivedLayers(size=2)  # one layer of weights each: keep few
-        self._runners = DerivedLayers(size=64)
+        self._runners = DerivedLayers(size=64)  # no weights of their own: views of the factors and the base
+        self._cache_guard = CacheGuard()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self.train(base_layer.training)  # a new module starts in training mode; this one follows what it wraps
 
     # ------------------------------------------------------------------------------------------ parameters
     def update_layer(self, adapter_name: str, config: ClmConfig, **kwargs: Any) -> None:
@@ -126,7 +155,7 @@ class ClmLayer(nn.Module, BaseTunerLayer):
                     p.zero_() if config.init_weights else p.normal_(0.0, 0.02)
         used = set(self.cache_slot.values())
         slot = next(i for i in itertools.count(self.num_base_layers) if i not in used)
-        compat.set_layer_index(layer, slot)  # the copy carries layer L's slot; give it one of its own
+        compat.set_layer_index(layer, slot)  # a full copy carries layer L's slot; give it one of its own
         layer.requires_grad_(True)
         self.clm_layers[adapter_name] = layer
         self.alpha[adapter_name] = config.alpha
@@ -136,8 +165,11 @@ class ClmLayer(nn.Module, BaseTunerLayer):
     def _zeroed_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return [p for name in self.zero_modules for p in layer.get_submodule(name).parameters()]
 
-    def _is_zeroed(self, param_name: str) -> bool:
-        return any(param_name.startswith(name + ".") for name in self.zero_modules)
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter, and every layer derived from it."""
+        super().delete_adapter(adapter_name)
+        self._mixed_layers.clear()
+        self._runners.clear()
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """`w_i`: every parameter of one adapter's layer as it runs, by name inside the decoder layer (a low-rank
@@ -153,17 +185,21 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         if not isinstance(adapter, LowRankFactors):
             return adapter
         slot = self.cache_slot[adapter_name]
-        runner = self._runners.get((adapter_name, id(adapter), slot),
-                                   lambda: build_runner(self.base_layer, adapter, slot))
-        for attr in ("gradient_checkpointing", "_gradient_checkpointing_func"):  # follow the wrapped layer's setting
-            if hasattr(self.base_layer, attr):
-                setattr(runner, attr, getattr(self.base_layer, attr))
-        return runner
+        shared = itertools.chain(adapter.parameters(), self.base_layer.parameters(), self.base_layer.buffers())
+        key = (adapter_name, slot, self.training, compat.checkpointing_setting(self.base_layer),
+               tuple(id(t) for t in shared))
+        return self._runners.get(key, lambda: self._derived(build_runner(self.base_layer, adapter, slot)))
+
+    def _derived(self, layer: nn.Module, checkpointing: bool = True) -> nn.Module:
+        """A derived layer in this layer's train/eval mode, and with its activation-checkpointing setting (or none)."""
+        compat.copy_checkpointing_setting(self.base_layer if checkpointing else None, layer)
+        return layer.train(self.training)
 
     def identity_parameters(self) -> dict[str, torch.Tensor]:
         """`w0`: the identity initialisation (the wrapped layer's parameters with the zeroed modules at zero),
         derived from the frozen wrapped layer so nothing is stored twice."""
-        return {n: torch.zeros_like(p) if self._is_zeroed(n) else p for n, p in self.base_layer.named_parameters()}
+        return {n: torch.zeros_like(p) if is_in_modules(n, self.zero_modules) else p
+                for n, p in self.base_layer.named_parameters()}
 
     def mixed_parameters(self, names: Sequence[str], alphas: Sequence[float], out: bool = False) -> dict:
         """`w0 + sum_i alphas[i] (w_i - w0)` for every parameter: differentiable, or (`out=True`) written into new
@@ -188,14 +224,13 @@ class ClmLayer(nn.Module, BaseTunerLayer):
             )
 
     def _plain_copy(self, slot: int) -> nn.Module:
-        """A copy of the wrapped layer's structure that shares its tensors (no new memory), with its own cache slot."""
+        """A copy of the wrapped layer's structure that shares its tensors (no new memory), with its own cache slot,
+        in this layer's train/eval mode and without activation checkpointing (a checkpointed recompute would run
+        without the parameters a functional call gives it)."""
         memo = {id(t): t for t in itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())}
         layer = copy.deepcopy(self.base_layer, memo)
         compat.set_layer_index(layer, slot)
-        if hasattr(layer, "gradient_checkpointing"):
-            # activation checkpointing would recompute this layer in backward without the mixed parameters
-            layer.gradient_checkpointing = False
-        return layer
+        return self._derived(layer, checkpointing=False)
 
     def _layer_with(self, params: dict[str, torch.Tensor], slot: int) -> nn.Module:
         """A plain decoder layer holding `params` (no autograd), running in KV-cache slot `slot`."""
@@ -243,23 +278,19 @@ class ClmLayer(nn.Module, BaseTunerLayer):
                 h = self._forward_weights(hidden_states, args, kwargs, terms)
         return self.base_layer(h, *args, **kwargs)
 
-    def _check_cache(self, cache: Any, signature: tuple) -> None:
-        if cache is None:
-            return
-        seen = _CACHE_SIGNATURES.setdefault(cache, {})
-        if compat.cache_length(cache) == 0 or id(self) not in seen:
-            seen[id(self)] = signature
-        elif seen[id(self)] != signature:
-            raise ValueError(
-                f"alpha changed between calls sharing one KV cache (the cache was filled with {seen[id(self)]}, this "
-                f"call runs {signature}). Keep alpha, the mode and the adapters fixed for a generation, or start a "
-                "new cache."
-            )
+    def _check_cache(self, cache: Any, setting: tuple) -> None:
+        if cache is not None:  # the wrapped layer's slot: this forward has not written it yet
+            self._cache_guard.check(cache, compat.slot_length(cache, compat.layer_index(self.base_layer)) > 0, setting)
 
-    def _run(self, module: nn.Module, slot: int, x: torch.Tensor, args: Sequence, kwargs: dict) -> torch.Tensor:
+    def _run(self, module: nn.Module, slot: int, x: torch.Tensor, args: Sequence, kwargs: dict,
+             params: Optional[dict] = None) -> torch.Tensor:
+        """Run a layer in KV-cache slot `slot`, unrecorded by output capture; with `params`, as a functional call."""
         compat.ensure_cache_slots(compat.find_cache(args, kwargs), slot + 1, compat.layer_index(self.base_layer))
         with compat.outputs_not_captured():  # hidden_states/attentions keep the base model's count
-            out = module(x, *args, **kwargs)
+            if params is None:
+                out = module(x, *args, **kwargs)
+            else:
+                out = torch.func.functional_call(module, params, (x, *args), kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def _forward_hidden(self, x: torch.Tensor, args, kwargs, terms: Terms) -> torch.Tensor:
@@ -277,14 +308,9 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         names, alphas = list(terms.names), [float(a) for a in terms.alphas]
         trained = [p for n in names for p in self.clm_layers[n].parameters()]
         if torch.is_grad_enabled() and any(p.requires_grad for p in trained):  # training: differentiable mix
-            compat.ensure_cache_slots(compat.find_cache(args, kwargs), slot + 1, compat.layer_index(self.base_layer))
-            with compat.outputs_not_captured():
-                out = torch.func.functional_call(
-                    self._plain_copy(slot), self.mixed_parameters(names, alphas), (x, *args), kwargs
-                )
-            return out[0] if isinstance(out, tuple) else out
+            return self._run(self._plain_copy(slot), slot, x, args, kwargs, self.mixed_parameters(names, alphas))
         tensors = itertools.chain(trained, self.base_layer.parameters())
-        key = (tuple(names), tuple(alphas), slot,
+        key = (tuple(names), tuple(alphas), slot, self.training,
                tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
         layer = self._mixed_layers.get(key, lambda: self._layer_with(self.mixed_parameters(names, alphas, True), slot))
         return self._run(layer, slot, x, args, kwargs)
@@ -295,6 +321,13 @@ class ClmLayer(nn.Module, BaseTunerLayer):
             raise RuntimeError(
                 "logits mode runs through the model's forward, which lays out the paths; this layer was called on "
                 "its own. Call the model, or use interpolation='hidden'."
+            )
+        rows = compat.cache_rows(cache)
+        if rows is not None and rows != plan.num_paths * plan.batch:
+            raise ValueError(
+                f"alpha changed between calls sharing one KV cache: it holds {rows} rows, from a call with another "
+                f"set of paths; this call runs {plan.num_paths} path(s) x {plan.batch} sequences. Start a new cache "
+                "when alpha changes."
             )
         self._check_cache(cache, ("logits", plan.paths))
         if x.shape[0] != plan.num_paths * plan.batch:
@@ -316,11 +349,12 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         return torch.cat(blocks, dim=0)
 
     # ------------------------------------------------------------------------------------------ merging
-    def build_merged_layer(self, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+    def build_merged_layer(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> nn.Module:
         """One plain decoder layer equal to what the adapters compute at their current alpha.
 
         Exact in weights mode at any alpha, and in hidden/logits modes where no adapter contributes (alpha 0) or one
-        adapter runs alone at alpha 1; anything else raises, saying what to do instead.
+        adapter runs alone at alpha 1; anything else raises, saying what to do instead. `safe_merge` refuses
+        non-finite weights.
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         unknown = [n for n in names if n not in self.clm_layers]
@@ -340,6 +374,8 @@ class ClmLayer(nn.Module, BaseTunerLayer):
                 "single layer reproduces; merge with set_interpolation('weights') (exact at any alpha, with slightly "
                 "different outputs), or at alpha 0 or 1 with one adapter, or keep the adapter unmerged."
             )
+        if safe_merge and not all(torch.isfinite(p).all() for p in params.values()):
+            raise ValueError(f"NaNs or infs found while merging adapter(s) {names}.")
         return self._layer_with(params, slot)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -348,10 +384,7 @@ class ClmLayer(nn.Module, BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        layer = self.build_merged_layer(adapter_names)
-        if safe_merge and not all(torch.isfinite(p).all() for p in layer.parameters()):
-            raise ValueError(f"NaNs or infs found while merging adapter(s) {adapter_names}.")
-        self.merged_layer = layer
+        self.merged_layer = self.build_merged_layer(adapter_names, safe_merge)
         self.merged_adapters = list(adapter_names)
 
     def unmerge(self) -> None:

@@ -84,7 +84,9 @@ class DualPath:
        logits (Gemma 2) are not affine in the hidden state: there the decoder hands its P*B rows on, and
     5. loss (`_hold_labels` / `_mix_logits`, top-model pre- and post-hooks) mixes the capped logits and computes
        the loss on them, with the labels held back from the model's own loss.
-    6. clear: the post-hooks run also when the forward raises, and pop the frames the pre-hooks pushed.
+    6. clear: the post-hooks run also when the forward raises an exception, and pop the frames the pre-hooks
+       pushed; `ClmModel.forward`/`generate` restore the call state they started with in any case (a
+       KeyboardInterrupt, which torch's hooks do not see, included).
 
     Beam search reorders the cache with indices for B rows; `attach()` makes generate() reorder each path's block.
     """
@@ -94,10 +96,6 @@ class DualPath:
         self.layer = layer
         self.decoder = compat.decoder_of(model)
         self._handles: list = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
 
     def attach(self) -> None:
         if self._handles:
@@ -133,11 +131,11 @@ class DualPath:
         if plan.num_paths == 1:
             push_frame(self.layer, "decoder", plan=plan, return_tuple=False)
             return None
-        push_frame(self.layer, "decoder", plan=plan, return_tuple=compat.wants_tuple(module, kwargs))
-        args = tuple(compat.repeat_rows(a, plan.num_paths, batch) for a in args)
-        kwargs = {k: compat.repeat_rows(v, plan.num_paths, batch) if k in MODEL_ROW_KWARGS else v
+        kwargs, as_tuple = compat.ask_for_output_object(module, kwargs)  # mixed field by field below
+        push_frame(self.layer, "decoder", plan=plan, return_tuple=as_tuple)
+        args = tuple(compat.repeat_blocks(a, plan.num_paths, batch) for a in args)
+        kwargs = {k: compat.repeat_blocks(v, plan.num_paths, batch) if k in MODEL_ROW_KWARGS else v
                   for k, v in kwargs.items()}
-        kwargs["return_dict"] = True  # mixed field by field below; a tuple is made at the end if one was asked for
         return args, kwargs
 
     def _mix_outputs(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -149,7 +147,7 @@ class DualPath:
             update_frame(self.layer, outer, plan=frame.plan)  # soft-capped: the top model mixes the logits
         else:
             output = mix_output(output, frame.plan)
-        return output.to_tuple() if frame.return_tuple else output
+        return compat.finish_output(output, frame.return_tuple)
 
     # ------------------------------------------------------------------------------------------ top-model hooks
     def _hold_labels(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -158,11 +156,9 @@ class DualPath:
         terms = self.layer.terms()
         if terms.identity or terms.single:
             return None  # one path: the model's own logits and loss are exact
-        kwargs = dict(kwargs)
+        kwargs, as_tuple = compat.ask_for_output_object(module, kwargs)
         labels = kwargs.pop("labels", None)
-        tuple_wanted = compat.wants_tuple(module, kwargs)
-        push_frame(self.layer, "top", mix_after_head=True, labels=labels, return_tuple=tuple_wanted)
-        kwargs["return_dict"] = True
+        push_frame(self.layer, "top", mix_after_head=True, labels=labels, return_tuple=as_tuple)
         return args, kwargs
 
     def _mix_logits(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -177,8 +173,5 @@ class DualPath:
                 )
             output = mix_output(output, frame.plan)
         if frame.labels is not None:
-            extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
-            vocab_size = compat.text_config(module.config).vocab_size
-            loss = module.loss_function(output.logits, frame.labels, vocab_size, **extra)
-            output = type(output)(**{**dict(output.items()), "loss": loss})  # rebuilt: fields keep their order
-        return output.to_tuple() if frame.return_tuple else output
+            output = compat.with_causal_lm_loss(module, output, frame.labels, kwargs)
+        return compat.finish_output(output, frame.return_tuple)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import transformers_compat as compat
+from .constants import is_in_modules
 
 
 class LowRankFactor(nn.Module):
@@ -41,40 +42,57 @@ class LowRankFactors(nn.Module):
     def __init__(self, base_layer: nn.Module, zero_modules: Sequence[str], r: int, scaling: float,
                  modules: Optional[Sequence[str]], train_norms: bool, init_weights: bool) -> None:
         super().__init__()
-        self.r, self.scaling, self.zero_modules = r, scaling, tuple(zero_modules)
+        self.scaling, self.zero_modules = scaling, tuple(zero_modules)
+        factored, norms = self._plan(base_layer, self.zero_modules, modules, train_norms)
+        linears = compat.linear_modules(base_layer)
+        self.factors = nn.ModuleDict()
+        for name in factored:
+            module, in_features, out_features, _ = linears[name]
+            self.factors[name.replace(".", "__")] = LowRankFactor(
+                in_features, out_features, r, module.weight.dtype, module.weight.device, init_b=not init_weights
+            )
+        params = dict(base_layer.named_parameters())
+        self.norms = nn.ParameterDict({n.replace(".", "__"): nn.Parameter(params[n].detach().clone()) for n in norms})
+
+    @staticmethod
+    def _plan(base_layer: nn.Module, zero_modules: tuple[str, ...], modules: Optional[Sequence[str]],
+              train_norms: bool) -> tuple[list[str], list[str]]:
+        """(linear modules that get factors, parameters trained as norms), checked."""
         linears = compat.linear_modules(base_layer)
         names = list(linears) if modules is None else list(modules)
         unknown = [n for n in names if n not in linears]
         if unknown:
             raise ValueError(f"lowrank_modules {unknown} are not linear modules of the decoder layer; it has "
                              f"{sorted(linears)}.")
-        missing = [z for z in self.zero_modules if z not in names]
+        missing = [z for z in zero_modules if z not in names]
         if missing:  # with its output projections at zero the layer could never leave the identity
             raise ValueError(f"lowrank_modules must include the zeroed modules {missing}, the only way the layer "
                              "departs from the identity.")
-        self.factors = nn.ModuleDict()
-        for name in names:
-            module, in_features, out_features, _ = linears[name]
-            weight = module.weight
-            self.factors[name.replace(".", "__")] = LowRankFactor(
-                in_features, out_features, r, weight.dtype, weight.device, init_b=not init_weights
-            )
-        self.norms = nn.ParameterDict()
-        if train_norms:
-            zeroed = tuple(z + "." for z in self.zero_modules)
-            for pname, p in base_layer.named_parameters():
-                owner = pname.rpartition(".")[0]
-                if owner not in linears and not pname.startswith(zeroed):
-                    self.norms[pname.replace(".", "__")] = nn.Parameter(p.detach().clone())
+        norms = [n for n, _ in base_layer.named_parameters()
+                 if train_norms and n.rpartition(".")[0] not in linears and not is_in_modules(n, zero_modules)]
+        return names, norms
+
+    @classmethod
+    def state_shapes(cls, base_layer: nn.Module, zero_modules: tuple[str, ...], r: int,
+                     modules: Optional[Sequence[str]], train_norms: bool) -> dict[str, tuple]:
+        """The shapes of this state for a layer, by key inside the adapter, without building it."""
+        factored, norms = cls._plan(base_layer, zero_modules, modules, train_norms)
+        linears, params = compat.linear_modules(base_layer), dict(base_layer.named_parameters())
+        shapes = {}
+        for name in factored:
+            _, in_features, out_features, _ = linears[name]
+            shapes[f"factors.{name.replace('.', '__')}.A"] = (r, in_features)
+            shapes[f"factors.{name.replace('.', '__')}.B"] = (out_features, r)
+        shapes.update({f"norms.{n.replace('.', '__')}": tuple(params[n].shape) for n in norms})
+        return shapes
 
     def effective_parameters(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         """Every parameter of the layer as it runs: `W0 + s * B @ A` (transposed for Conv1D weights), zero for the
         zeroed modules' parameters where no factor applies, the (trained) norms; differentiable in the factors."""
         linears = compat.linear_modules(base_layer)
-        zeroed = tuple(z + "." for z in self.zero_modules)
         out = {}
         for pname, p in base_layer.named_parameters():
-            out[pname] = torch.zeros_like(p) if pname.startswith(zeroed) else p
+            out[pname] = torch.zeros_like(p) if is_in_modules(pname, self.zero_modules) else p
             key = pname.replace(".", "__")
             if key in self.norms:
                 out[pname] = self.norms[key]
@@ -101,7 +119,7 @@ class LowRankLinear(nn.Module):
 def build_runner(base_layer: nn.Module, factors: LowRankFactors, slot: int) -> nn.Module:
     """The decoder layer a low-rank adapter runs: the wrapped layer's structure, sharing its tensors and the
     factors (nothing is copied), with `LowRankLinear` modules and its own KV-cache slot. Not registered anywhere:
-    it is derived state, rebuilt whenever it is asked for after a copy."""
+    derived state, cached by `ClmLayer.adapter_layer` under the identities of the tensors it shares."""
     memo = {id(t): t for t in itertools.chain(base_layer.parameters(), base_layer.buffers())}
     runner = copy.deepcopy(base_layer, memo)
     compat.set_layer_index(runner, slot)
@@ -109,7 +127,7 @@ def build_runner(base_layer: nn.Module, factors: LowRankFactors, slot: int) -> n
         name = key.replace("__", ".")
         parent_name, _, attr = name.rpartition(".")
         parent = runner.get_submodule(parent_name)
-        zeroed = any(name == z or name.startswith(z + ".") for z in factors.zero_modules)
+        zeroed = is_in_modules(name, factors.zero_modules)
         setattr(parent, attr, LowRankLinear(getattr(parent, attr), factor, factors.scaling, zeroed))
     for pname, _ in base_layer.named_parameters():  # trained norms replace the wrapped layer's
         key = pname.replace(".", "__")

@@ -12,18 +12,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from . import transformers_compat as compat
-from .alpha import Alpha, active_terms, call_alpha, check_mode_accepts, repeat_rows, resolve_alpha
+from .alpha import Alpha, active_terms, call_scope, check_mode_accepts, repeat_rows, resolve_alpha
 from .config import INTERPOLATIONS, ClmConfig
 from .constants import ZERO_MODULES
 from .layer import ClmLayer
-from .load_checks import (
-    check_adapter_file,
-    check_adapter_tensors,
-    check_base,
-    check_shapes,
-    checkpoint_prefix,
-    warn_other_base,
-)
+from .load_checks import check_adapter_tensors, check_load, check_shapes, checkpoint_prefix, layer_sketch
 from .logits_mode import DualPath
 
 
@@ -48,7 +41,7 @@ class ClmModel(BaseTuner):
 
     prefix: str = "clm_"
     tuner_layer_cls = ClmLayer
-    target_module_mapping = ZERO_MODULES
+    target_module_mapping: dict = {}  # the target is found structurally, in _prepare_adapter_config
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self.dual_path: Optional[DualPath] = None
@@ -56,17 +49,6 @@ class ClmModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------------------------------ injection
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        """Inject adapter `adapter_name`; a config read from a directory has its weights file checked first, so a
-        bad file leaves the model exactly as it was."""
-        config = self.peft_config[adapter_name]
-        directory = config.__dict__.pop("_loaded_from", None)
-        if directory is not None:
-            check_adapter_file(directory, checkpoint_prefix(model, config.layer_index))
-            if config.base_fingerprint is None:  # saved before fingerprints: compare the names at least
-                warn_other_base(config, model)
-        super().inject_adapter(model, adapter_name, **kwargs)
-
     def _prepare_adapter_config(self, peft_config: ClmConfig, model_config: dict) -> ClmConfig:
         reason = compat.recurrent_reason(self.model)
         if reason:
@@ -106,38 +88,49 @@ class ClmModel(BaseTuner):
             if module is None or not list(module.parameters()):
                 raise ValueError(f"zero_modules entry {name!r} is not a module with parameters of the decoder layer "
                                  f"{type(target).__name__}.")
-        check_base(peft_config, target)
+        directory = peft_config.__dict__.pop("_loaded_from", None)
+        if directory is not None:  # a load: everything the file brings is checked before the model changes
+            check_load(directory, peft_config, target, self.model)
+        elif not any(p.device.type == "meta" for p in target.parameters()):
+            peft_config.base_fingerprint = layer_sketch(target)  # a new adapter: record the base it is made on
         peft_config.target_modules = [f"{layers_name}.{peft_config.layer_index}"]
         return peft_config
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, ClmLayer):
-            probe = self._probe(target)
-            target.update_layer(adapter_name, peft_config)
+        new = not isinstance(target, ClmLayer)
+        probe = self._probe(target) if peft_config.init_weights else None  # captured before anything changes
+        if new:
+            _, layers = compat.find_decoder_layers(self.model)
+            layer = ClmLayer(target, adapter_name, peft_config, zero_modules=peft_config.zero_modules,
+                             num_base_layers=len(layers))
+        else:
+            layer = target
+            layer.update_layer(adapter_name, peft_config)
+        adapter_on_meta = any(p.device.type == "meta" for p in layer.clm_layers[adapter_name].parameters())
+        if probe is not None and not adapter_on_meta:  # meta: created empty for a load, nothing to run yet
             try:
-                if probe is not None and peft_config.init_weights:
-                    target.check_identity(adapter_name, probe)
+                layer.check_identity(adapter_name, probe)
             except ValueError:
-                target.delete_adapter(adapter_name)
+                if not new:
+                    layer.delete_adapter(adapter_name)
                 raise
-            return
-        _, layers = compat.find_decoder_layers(self.model)
-        layer = ClmLayer(target, adapter_name, peft_config, zero_modules=peft_config.zero_modules,
-                         num_base_layers=len(layers))
-        probe = self._probe(target)
-        if probe is not None and peft_config.init_weights:
-            layer.check_identity(adapter_name, probe)  # before the model is changed
-        if adapter_name not in self.active_adapters:
-            layer.requires_grad_(False)
-        setattr(parent, target_name, layer)
+        if new:
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            setattr(parent, target_name, layer)
 
     def _probe(self, target: nn.Module) -> Optional[tuple]:
-        # The real inputs of the wrapped layer on a few tokens, with any CLM adapter off while they are captured.
+        """The real inputs of the wrapped layer on a few tokens (any CLM adapter off while they are captured), to
+        check that a fresh copy is the identity; None when the model cannot run such a probe here."""
         disabled = getattr(target, "_disable_adapters", None)
         if disabled is not None:
             target._disable_adapters = True
         try:
             return compat.capture_layer_inputs(self.model, target)
+        except Exception as e:  # noqa: BLE001  a model that needs other inputs: no probe, say so
+            logger.warning("could not probe that the new CLM layer is the identity (%s: %s); zero_modules are "
+                           "trusted as given.", type(e).__name__, e)
+            return None
         finally:
             if disabled is not None:
                 target._disable_adapters = disabled
@@ -201,7 +194,7 @@ class ClmModel(BaseTuner):
             ```
         """
         layer = self._unmerged_layer()
-        with call_alpha(layer, resolve_alpha(alpha, list(layer.clm_layers), layer.alpha, layer.interpolation)):
+        with call_scope(layer, resolve_alpha(alpha, list(layer.clm_layers), layer.alpha, layer.interpolation)):
             yield
 
     @property
@@ -234,32 +227,34 @@ class ClmModel(BaseTuner):
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
-    def _call_alpha(self, clm_alpha: Optional[Alpha], batch: Optional[int], repeats: int = 1):
-        if clm_alpha is None:
+    def _call(self, clm_alpha: Optional[Alpha], batch: Optional[int] = None, repeats: int = 1):
+        """The call state of one forward or generate: `clm_alpha` (checked against the caller's `batch`, repeated
+        for generate's beams or returned sequences), or a per-sequence `set_alpha` repeated the same way."""
+        layer = self.clm_layer()
+        if layer is None:
             return contextlib.nullcontext()
+        if clm_alpha is None and not (repeats > 1 and any(isinstance(a, torch.Tensor) for a in layer.alpha.values())):
+            return call_scope(layer)
         layer = self._unmerged_layer()
-        values = resolve_alpha(clm_alpha, list(layer.clm_layers), layer.alpha, layer.interpolation)
+        source = layer.alpha if clm_alpha is None else clm_alpha
+        values = resolve_alpha(source, list(layer.clm_layers), layer.alpha, layer.interpolation)
         active_terms(list(values.items()), batch)  # per-sequence counts checked against the caller's batch
-        return call_alpha(layer, repeat_rows(values, repeats))
+        return call_scope(layer, repeat_rows(values, repeats))
 
     def forward(self, *args: Any, clm_alpha: Optional[Alpha] = None, **kwargs: Any):
         """The model's forward; `clm_alpha` overrides alpha for this call only."""
-        with self._call_alpha(clm_alpha, None):
+        with self._call(clm_alpha):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, clm_alpha: Optional[Alpha] = None, **kwargs: Any):
         """transformers' `generate`; `clm_alpha` (a number, one per sequence, or a dict) applies to this call only.
 
-        A per-sequence alpha follows its sequence through beam search and `num_return_sequences`.
+        A per-sequence alpha (here or from `set_alpha`) follows its sequence through beam search and
+        `num_return_sequences`.
         """
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
-        config = kwargs.get("generation_config") or self.model.generation_config
-        # generate() repeats each sequence in place: num_beams times in beam search (the returned sequences are
-        # picked among the beams), else num_return_sequences times
-        beams = int(kwargs.get("num_beams", config.num_beams) or 1)
-        repeats = beams if beams > 1 else int(kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
-        with self._call_alpha(clm_alpha, batch, repeats):
+        with self._call(clm_alpha, batch, compat.generate_repeats(self.model, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ merge and unload
@@ -271,9 +266,7 @@ class ClmModel(BaseTuner):
         layers_name, layers = compat.find_decoder_layers(self.model)
         index = next(i for i, m in enumerate(layers) if m is layer)
         if merge:
-            new_layer = layer.build_merged_layer(adapter_names)  # raises, model untouched, when not exact
-            if safe_merge and not all(torch.isfinite(p).all() for p in new_layer.parameters()):
-                raise ValueError("NaNs or infs found in the merged CLM layer.")
+            new_layer = layer.build_merged_layer(adapter_names, safe_merge)  # raises, model untouched, if not exact
             modules = list(layers)
             modules[index] = layer.base_layer
             modules.insert(index, new_layer)
@@ -327,7 +320,10 @@ class ClmModel(BaseTuner):
             if tuner is not None:
                 check_adapter_tensors(state_dict, checkpoint_prefix(tuner.model, config.layer_index), "the adapter")
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            check_shapes(model, adapter_name, remapped)
+            inside = f".clm_layers.{adapter_name}."
+            expected = {k.partition(inside)[2]: tuple(v.shape) for k, v in model.state_dict().items() if inside in k}
+            got = {k.partition(inside)[2]: tuple(v.shape) for k, v in remapped.items() if inside in k}
+            check_shapes(expected, got, adapter_name)
         except ValueError:
             if tuner is not None:
                 tuner._rollback_adapter(adapter_name)

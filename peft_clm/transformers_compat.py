@@ -98,9 +98,20 @@ def find_cache(args: Sequence[Any], kwargs: dict) -> Optional[Cache]:
     return None
 
 
-def cache_length(cache: Cache) -> int:
-    """Tokens already in the cache (`Cache.get_seq_length`, read from slot 0)."""
-    return cache.get_seq_length()
+def slot_length(cache: Cache, index: int) -> int:
+    """Tokens already in slot `index` of the cache (0 for a slot not created yet: caches may grow lazily)."""
+    return cache.layers[index].get_seq_length() if index < len(cache.layers) else 0
+
+
+def cache_rows(cache: Optional[Cache]) -> Optional[int]:
+    """The batch rows the cache was built for (`keys` of its first filled slot), or None when nothing is in it."""
+    if cache is None:
+        return None
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() > 0:
+            return keys.shape[0]
+    return None
 
 
 def ensure_cache_slots(cache: Optional[Cache], needed: int, template_index: int) -> None:
@@ -145,14 +156,41 @@ def install_beam_reorder(model: nn.Module, reorder: Optional[Callable[[Cache, to
         model._reorder_cache = reorder
 
 
+# ------------------------------------------------------------------------------------------ activation checkpointing
+def checkpointing_setting(layer: nn.Module) -> tuple:
+    """A decoder layer's activation-checkpointing setting: `GradientCheckpointingLayer.gradient_checkpointing` and
+    the function `_gradient_checkpointing_func` it recomputes through."""
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    return (getattr(layer, "gradient_checkpointing", False), id(function))
+
+
+def copy_checkpointing_setting(source: Optional[nn.Module], target: nn.Module) -> None:
+    """Give every decoder layer inside `target` the activation-checkpointing setting of `source` (None: off)."""
+    for module in target.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = bool(source is not None and getattr(source, "gradient_checkpointing", 0))
+            if source is not None and hasattr(source, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = source._gradient_checkpointing_func
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def generate_repeats(model: nn.Module, kwargs: dict) -> int:
+    """How many times generate() repeats each input sequence in place: `num_beams` in beam search (the returned
+    sequences are picked among the beams), else `num_return_sequences`."""
+    config = kwargs.get("generation_config") or model.generation_config
+    beams = int(kwargs.get("num_beams", config.num_beams) or 1)
+    return beams if beams > 1 else int(kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+
+
 # ---------------------------------------------------------------------------------------------- rows of a batch
-def repeat_rows(value: Any, times: int, batch: int) -> Any:
-    """Repeat a per-sequence input `times` along the batch: tensors with `batch` rows, and the dicts of masks per
-    attention type that generate() passes with a static cache."""
+def repeat_blocks(value: Any, times: int, batch: int) -> Any:
+    """Repeat a per-sequence input `times` as whole blocks along the batch ([x; x; ...], one block per path):
+    tensors with `batch` rows, and the dicts of masks per attention type that generate() passes with a static
+    cache."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return torch.cat([value] * times, dim=0)
     if isinstance(value, dict):
-        return {k: repeat_rows(v, times, batch) for k, v in value.items()}
+        return {k: repeat_blocks(v, times, batch) for k, v in value.items()}
     return value
 
 
@@ -196,9 +234,29 @@ def final_logit_softcapping(model: nn.Module) -> Optional[float]:
     return getattr(text_config(model.config), "final_logit_softcapping", None)
 
 
-def wants_tuple(module: nn.Module, kwargs: dict) -> bool:
-    """Whether a call asked for a tuple (`return_dict=False`, or the config's `return_dict`)."""
-    return kwargs.get("return_dict", getattr(module.config, "return_dict", True)) is False
+def ask_for_output_object(module: nn.Module, kwargs: dict) -> tuple[dict, bool]:
+    """(kwargs with `return_dict=True`, whether the caller asked for a tuple): outputs are mixed field by field, and
+    `finish_output` makes the tuple at the end (`return_dict=False`, or the config's `return_dict`)."""
+    wanted_tuple = kwargs.get("return_dict", getattr(module.config, "return_dict", True)) is False
+    return {**kwargs, "return_dict": True}, wanted_tuple
+
+
+def finish_output(output: Any, as_tuple: bool) -> Any:
+    """A `ModelOutput` as the caller asked for it (`to_tuple()` drops the fields that are None)."""
+    return output.to_tuple() if as_tuple else output
+
+
+def with_causal_lm_loss(module: nn.Module, output: Any, labels: torch.Tensor, kwargs: dict) -> Any:
+    """`output` with the model's own causal-LM loss (`PreTrainedModel.loss_function`) of its logits; rebuilt, so the
+    loss comes first in its tuple as the model would put it."""
+    extra = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
+    loss = module.loss_function(output.logits, labels, text_config(module.config).vocab_size, **extra)
+    return type(output)(**{**dict(output.items()), "loss": loss})
+
+
+def name_or_path(model: nn.Module) -> str:
+    """Where a model was loaded from (`PreTrainedModel.name_or_path`; empty for a model built from a config)."""
+    return str(getattr(model, "name_or_path", "") or "")
 
 
 # ---------------------------------------------------------------------------------------------- merged config

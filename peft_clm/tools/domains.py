@@ -34,6 +34,8 @@ DECLINE_PHRASES = (
     "i'm not a lawyer", "i am not a lawyer", "i'm not a financial", "i am not a financial", "not a substitute for",
     "beyond what i can", "outside what i can", "i don't give", "i do not give", "i shouldn't", "i should not",
     "not able to give", "not able to provide", "can't advise", "cannot advise", "unable to advise",
+    # The assistant-style non-answers SmolLM2 gives unprompted ("As an AI ... I don't have the ability to ...").
+    "as an ai", "i don't have the ability to", "i do not have the ability to", "i'm sorry, but",
 )
 # Phrases that send the user to someone else (a professional or a service).
 REFERRAL_PHRASES = (
