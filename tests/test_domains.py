@@ -52,6 +52,8 @@ def test_refusal_phrases_counted_once():
     assert refusal_counts("Please ask a pharmacist.") == {"decline": 0, "referral": 2}
     # Words only match whole: "consultant" and "seeking" are not referrals, "Tasks" is not "ask".
     assert refusal_score("The consultant's tasks") == 0
+    # SmolLM2's own unprompted non-answers count as declines.
+    assert refusal_counts("I'm sorry, but as an AI I don't have the ability to see your lease.")["decline"] == 3
     # Curly apostrophes read as straight ones.
     assert refusal_counts("I can’t say.")["decline"] == 1
 
