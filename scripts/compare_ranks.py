@@ -96,13 +96,16 @@ def evaluate_row(args, out: Path) -> dict:
 
 
 def adapter_sizes(config: dict, ranks: list[int]) -> dict:
-    """Parameters of the full CLM layer and of rank-r factors on every linear module of one decoder layer of a
-    Llama-shaped model, counted on the meta device (no weights)."""
+    """Parameters of the full CLM layer and of rank-r factors of one Llama-shaped decoder layer, counted on the meta
+    device (no weights): on every linear module (the default), and on the two zeroed projections only
+    (`ClmConfig(lowrank_modules=["self_attn.o_proj", "mlp.down_proj"])`, the smallest layer that can leave the
+    identity). A file stores 4 bytes a parameter in float32, 2 in bfloat16."""
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from peft_clm import transformers_compat as compat
+    from peft_clm.constants import ZERO_MODULES
 
     with torch.device("meta"):
         layer = LlamaDecoderLayer(LlamaConfig(**config), 0)
@@ -110,10 +113,19 @@ def adapter_sizes(config: dict, ranks: list[int]) -> dict:
     linears = compat.linear_modules(layer)
     sizes = {"full_params": full}
     for r in ranks:
-        params = sum(r * (i + o) for _, i, o, _ in linears.values())
-        sizes[f"r{r}_params"] = params
-        sizes[f"r{r}_percent_of_full"] = 100 * params / full
+        for label, names in (("all_linear", list(linears)), ("zeroed_only", list(ZERO_MODULES["llama"]))):
+            params = sum(r * (linears[n][1] + linears[n][2]) for n in names)
+            sizes[f"r{r}_{label}_params"] = params
+            sizes[f"r{r}_{label}_percent_of_full"] = 100 * params / full
     return sizes
+
+
+def smollm2_shape() -> dict:
+    """SmolLM2's decoder shape, read from its config."""
+    from peft_clm.tools.loading import resolve_model_path
+
+    config = json.loads((resolve_model_path("smollm2") / "config.json").read_text())
+    return {k: config[k] for k in LLAMA_8B}
 
 
 def main() -> None:
@@ -165,6 +177,7 @@ def main() -> None:
         "alphas": [float(a) for a in ALPHAS.split(",")], "max_prompts": args.max_prompts,
         "rows": table,
         "analytic_llama_8b": adapter_sizes(LLAMA_8B, ranks),
+        "analytic_this_model": adapter_sizes(smollm2_shape(), ranks),
         "date": time.strftime("%Y-%m-%d"),
     }
     (out / "ranks.json").write_text(json.dumps(result, indent=1))
@@ -184,9 +197,11 @@ def main() -> None:
         pct = f"{r['file_percent_of_full']:.2f}" if r["file_percent_of_full"] is not None else "-"
         print(f"{r['row']:<12}{r['lr']:>8g}{r['file_bytes']:>12,}{pct:>8}{r['trainable_params']:>12,}"
               f"{r['step_s']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['heldout_reward_accuracy']:>7.3f}{r['sweep_rho']:>8.3f}")
-    sizes = result["analytic_llama_8b"]
-    print(f"8B Llama shape, one layer: full {sizes['full_params']:,} params; "
-          + ", ".join(f"r{r} {sizes[f'r{r}_params']:,} ({sizes[f'r{r}_percent_of_full']:.2f}%)" for r in ranks))
+    for label in ("analytic_this_model", "analytic_llama_8b"):
+        sizes = result[label]
+        print(f"{label}: full layer {sizes['full_params']:,} params; " + ", ".join(
+            f"r{r} {sizes[f'r{r}_all_linear_params']:,} ({sizes[f'r{r}_all_linear_percent_of_full']:.2f}%; "
+            f"o/down only {sizes[f'r{r}_zeroed_only_percent_of_full']:.2f}%)" for r in ranks))
 
 
 if __name__ == "__main__":
