@@ -1,9 +1,11 @@
-"""DPO training cost of CLM against LoRA (reference by switching the adapter off, and with a separate reference
-model) and full fine-tuning: same data, same batch, same steps, each method in a fresh process.
+"""DPO training cost of CLM (the full layer, and low-rank layers of rank 4, 16 and 64) against LoRA (reference by
+switching the adapter off, and with a separate reference model) and full fine-tuning: same data, same batch, same
+steps, each method in a fresh process.
 
 Reports per-step time (median over the steps after the first; checkpoint saving excluded), peak RSS of the
-process (model, reference, optimiser, activations), and trainable parameters. Prints a table and writes a JSON list
-of rows with `method`, `step_s`, `peak_mem_mb`, `trainable_params`, `total_params`, and ratios against CLM.
+process (model, reference, optimiser, activations), trainable parameters and the size of the saved files. Prints a
+table and writes a JSON list of rows with `method`, `step_s`, `peak_mem_mb`, `trainable_params`, `total_params`,
+`saved_bytes`, and ratios against CLM.
 
     python benchmarks/bench_train.py --json benchmarks/results/train_smollm2_cpu.json   # SmolLM2, ~10 min on 2 cores
     python benchmarks/bench_train.py --quick --json out.json                            # tiny random model (schema)
@@ -20,16 +22,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = {
-    # name: (description, train() adapter, separate reference model)
-    "clm": ("CLM layer; reference = same model, adapter off", "clm", False),
-    "lora": ("LoRA r=16 all linear; reference = adapter off (TRL default)", "lora", False),
-    "lora_separate_ref": ("LoRA r=16 all linear; separate frozen reference model", "lora", True),
-    "full": ("full fine-tuning; TRL's frozen reference copy", "full", True),
+    # name: (description, train() adapter, separate reference model, CLM rank)
+    "clm": ("CLM layer; reference = same model, adapter off", "clm", False, None),
+    "clm_r4": ("low-rank CLM layer, r=4 on every linear module of the copy", "clm", False, 4),
+    "clm_r16": ("low-rank CLM layer, r=16 on every linear module of the copy", "clm", False, 16),
+    "clm_r64": ("low-rank CLM layer, r=64 on every linear module of the copy", "clm", False, 64),
+    "lora": ("LoRA r=16 all linear; reference = adapter off (TRL default)", "lora", False, None),
+    "lora_separate_ref": ("LoRA r=16 all linear; separate frozen reference model", "lora", True, None),
+    "full": ("full fine-tuning; TRL's frozen reference copy", "full", True, None),
 }
 
 
@@ -39,16 +45,18 @@ def _measure(method: str, model: str, data: str, steps: int, batch: int, max_len
     from peft_clm.tools.train import train
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    _, adapter, separate = METHODS[method]
+    _, adapter, separate, rank = METHODS[method]
     with tempfile.TemporaryDirectory() as out:
-        r = train(model, data, out, method="dpo", adapter=adapter, max_steps=steps, batch_size=batch, lr=5e-5,
-                  beta=0.1, max_length=max_length, seed=0, progress=False,
+        r = train(model, data, out, method="dpo", adapter=adapter, rank=rank, max_steps=steps, batch_size=batch,
+                  lr=5e-5, beta=0.1, max_length=max_length, seed=0, progress=False,
                   separate_reference=separate and adapter != "full")  # full: TRL loads its own reference copy
+        # what a user keeps: the adapter file (the whole model for full fine-tuning), not the checkpoints
+        saved = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     timed = r.step_seconds[1:] or r.step_seconds  # the first step pays one-off set-up
     return {"method": method, "description": METHODS[method][0], "steps": r.steps, "batch": batch,
                 "step_s": statistics.median(timed), "first_step_s": r.step_seconds[0] if r.step_seconds else None,
                 "peak_mem_mb": r.peak_rss_mb, "trainable_params": r.trainable_params, "total_params": r.total_params,
-                "final_loss": r.final_loss}
+                "final_loss": r.final_loss, "saved_bytes": saved}
 
 
 def _quick_inputs(tmp: str) -> tuple[str, str]:
@@ -109,12 +117,13 @@ def main() -> None:
         f"{args.steps} steps (median of steps 2..), max length {args.max_length}; {machine}; {date}"
     )
     print(
-        f"{'method':<20}{'s/step':>9}{'peak MB':>9}{'trainable':>14}{'% of total':>11}{'step/CLM':>10}{'mem/CLM':>9}"
+        f"{'method':<20}{'s/step':>9}{'peak MB':>9}{'trainable':>14}{'% of total':>11}{'saved MB':>10}"
+        f"{'step/CLM':>10}{'mem/CLM':>9}"
     )
     for r in rows:
         print(
             f"{r['method']:<20}{r['step_s']:>9.2f}{r['peak_mem_mb']:>9.0f}{r['trainable_params']:>14,}"
-            f"{100 * r['trainable_params'] / r['total_params']:>10.2f}%"
+            f"{100 * r['trainable_params'] / r['total_params']:>10.2f}%{r['saved_bytes'] / 1e6:>10.2f}"
             f"{(r['step_ratio_vs_clm'] or 0):>10.2f}{(r['mem_ratio_vs_clm'] or 0):>9.2f}"
         )
     if args.json:

@@ -21,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
     )
-    print(result.summary())
+    if result.is_main_process:  # one summary, not one per process
+        print(result.summary())
     return 0
 
 

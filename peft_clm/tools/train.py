@@ -1,4 +1,10 @@
-"""Training the CLM layer with TRL's DPOTrainer or SFTTrainer: a thin layer over TRL and transformers."""
+"""Training the CLM layer with TRL's DPOTrainer or SFTTrainer: a thin layer over TRL and transformers.
+
+Several processes (`accelerate launch --multi_gpu --num_processes N -m peft_clm train ...`, or `torchrun`) train
+one adapter with DDP: accelerate starts the process group (gloo on CPU, NCCL on GPUs), the Trainer wraps the model
+after the CLM layer is injected and shards each global batch; this module only keeps the file work (the output
+directory's checks, the GGUF conversion, saving, cleaning up after a failure) on the main process.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +38,10 @@ class TrainResult:
     final_loss: Optional[float]
     first_loss: Optional[float]
     reward_accuracy: Optional[float]
-    peak_rss_mb: float
+    peak_rss_mb: float  # of this process
+    num_processes: int = 1
+    global_batch_size: int = 0  # pairs (or examples) per optimiser step, over every process
+    is_main_process: bool = True
     log_history: list = field(default_factory=list, repr=False)
     step_seconds: list = field(default_factory=list, repr=False)  # each optimiser step, saving excluded
 
@@ -44,6 +53,9 @@ class TrainResult:
             f"({100 * self.trainable_params / self.total_params:.2f}%)",
             f"loss: {self.first_loss:.4f} -> {self.final_loss:.4f}" if self.final_loss is not None else "loss: n/a",
         ]
+        if self.num_processes > 1:
+            lines.append(f"{self.num_processes} processes; global batch {self.global_batch_size} per optimiser step; "
+                         "peak memory below is the main process's")
         if self.reward_accuracy is not None:
             lines.append(f"reward accuracy (last logged steps): {self.reward_accuracy:.3f}")
         lines.append(f"peak memory (RSS): {self.peak_rss_mb:.0f} MB")
@@ -125,6 +137,47 @@ def prepare_output_dir(out: str, model_dir: Optional[Path], resume: Optional[str
     new = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     return new
+
+
+def _distributed_state():
+    """accelerate's process state: starts the process group when launched with several processes (gloo on CPU).
+
+    `accelerate launch --cpu --num_processes N` starts ONE process (accelerate runs several CPU processes only
+    through mpirun): it sets MASTER_PORT but no world size. Training then would silently run alone on a global batch
+    N times smaller than asked; refused with the commands that do start N processes.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched_alone = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_PORT" in os.environ
+    if state.num_processes == 1 and launched_alone and not os.environ.get("WORLD_SIZE"):
+        raise ValueError(
+            "`accelerate launch --cpu --num_processes N` starts a single process (without mpirun); nothing was "
+            "trained. Start N CPU processes with `accelerate launch --multi_gpu --num_processes N -m peft_clm train "
+            "...` (gloo when there is no GPU) or `torchrun --nproc-per-node N -m peft_clm train ...`."
+        )
+    return state
+
+
+def _main_process_first(state, work):
+    """Run `work()` on the main process only and hand its result, or its error, to every process: file work
+    (checking and creating --out, converting a GGUF once) must not race, and a process must not wait forever on a
+    main process that refused the run."""
+    if state.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]
+    if state.is_main_process:
+        try:
+            outcome = [(True, work())]
+        except Exception as e:  # handed to the other processes, then raised everywhere
+            outcome = [(False, e)]
+    broadcast_object_list(outcome, from_process=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _finite_guard():
@@ -226,10 +279,14 @@ def train(
         raise ValueError("--rank makes a low-rank CLM layer; it does not apply to --adapter-type lora or full.")
     ClmConfig(r=rank)  # the rank is checked before anything loads
     rows = read_jsonl(data, method)  # checked in full before anything loads
-    model_dir = resolve_model_path(model)
-    new_out = prepare_output_dir(out, model_dir, resume, overwrite)
-    before = set(Path(out).iterdir())
-    set_seed(seed)
+    state = _distributed_state()
+
+    def prepare() -> tuple[bool, set]:
+        new = prepare_output_dir(out, resolve_model_path(model), resume, overwrite)
+        return new, set(Path(out).iterdir())
+
+    new_out, before = _main_process_first(state, prepare)
+    set_seed(seed)  # the same seed in every process: the same initial layer (DDP also broadcasts rank 0's)
     random.seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32
     base, tokenizer = load_model(model, dtype=dtype)
@@ -266,6 +323,9 @@ def train(
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
         "logging_nan_inf_filter": False,  # log the real loss, so a NaN is seen (and stops the run)
+        # every trainable parameter (the CLM layer or its factors, LoRA, the whole model) takes part in every
+        # forward, so DDP need not walk the graph for unused ones each step
+        "ddp_find_unused_parameters": False,
     }
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -302,14 +362,20 @@ def train(
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
-    if guard.problem:
-        if new_out:
-            shutil.rmtree(out, ignore_errors=True)
-        else:  # keep what was there before this run, drop what it wrote
-            for item in set(Path(out).iterdir()) - before:
-                shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()  # every process has finished (and written its checkpoint part)
+    if guard.problem:  # every process sees the same gathered loss and synchronised weights, so all stop here
+        if accelerator.is_main_process:
+            if new_out:
+                shutil.rmtree(out, ignore_errors=True)
+            else:  # keep what was there before this run, drop what it wrote
+                for item in set(Path(out).iterdir()) - before:
+                    shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
+        accelerator.wait_for_everyone()
         raise TrainingDiverged(f"training diverged: {guard.problem}; nothing was saved. Lower --lr or check the data.")
-    _save_atomically(trainer.model, tokenizer, out)
+    if accelerator.is_main_process:  # the trained weights are the same in every process: one writer
+        _save_atomically(trainer.model, tokenizer, out)
+    accelerator.wait_for_everyone()  # no process returns before the adapter is there
     if adapter == "full":
         trainable = total = sum(p.numel() for p in trainer.model.parameters())
     else:
@@ -330,6 +396,9 @@ def train(
         first_loss=history[0]["loss"] if history else None,
         reward_accuracy=sum(tail) / len(tail) if tail else None,
         peak_rss_mb=_peak_rss_mb(),
+        num_processes=state.num_processes,
+        global_batch_size=batch_size * grad_accum * state.num_processes,
+        is_main_process=state.is_main_process,
         log_history=trainer.state.log_history,
         step_seconds=timer.seconds,
     )
