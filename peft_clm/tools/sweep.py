@@ -156,8 +156,8 @@ def plot_sweep(result: dict, path: Path, reference: Optional[dict] = None, title
         twin = ax3.twinx()
         twin.plot(alphas, [r["base_nll"] for r in rows], "d--", color="tab:brown", label="base-model NLL/token")
         twin.set_ylabel("NLL per token under the base model")
-        twin.legend(loc="upper right", fontsize=8)
-    ax3.legend(loc="upper left", fontsize=8)
+        twin.legend(loc="center right", fontsize=8)
+    ax3.legend(loc="center left", fontsize=8)
     ax3.set_title(f"fluency; usable range {result['usable']['range']}", fontsize=9)
     ax4 = axes[1][1]
     rel = result["reliability"]
