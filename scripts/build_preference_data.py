@@ -5,12 +5,20 @@ any instruction, preferred answer, other answer) teaches the CLM layer to intern
 alignment knob replaces a long instruction prompt. Two independent dimensions, each split into train/held-out by
 prompt:
 
-- concise: "answer in one short sentence" (chosen, cut after its first sentence, which is what the instruction
-  asks and what the 135M model does not always stop at) vs "answer in detail" (rejected); metric: words per answer.
+- concise: graded lengths. The rejected answer is the model's answer under "answer in rich detail" (64 tokens);
+  the chosen answer is the same answer cut after its first k complete sentences, k drawn per prompt (seeded) from
+  1 .. the most that still leaves it shorter than the rejected one, so the chosen lengths range over one to four
+  sentences (about 15 to 60 words) instead of all being one sentence. Both sides share their opening, so the
+  pairs teach where to stop, by degrees; metric: words per answer. (The first version took the first sentence of
+  a separate "one short sentence" answer: every chosen answer was one sentence, so words per answer floored there
+  and alpha above 1 could not shorten further.)
 - formal: "formal, professional register" (chosen) vs "casual, chatty register" (rejected); metric:
   `peft_clm.tools.text_metrics.casualness` (transparent marker counts), which training never sees.
 
     python scripts/build_preference_data.py --out data        # ~8 min on 2 CPU cores
+    python scripts/build_preference_data.py --out data --dimensions concise --regrade
+        # the concise pairs from the detailed answers already in data/concise (no model run; the same pairs, since
+        # decoding is greedy and the draws are seeded)
 """
 
 from __future__ import annotations
@@ -91,10 +99,54 @@ def answer(model, tokenizer, system: str, questions: list[str], max_new_tokens: 
     return out
 
 
-def first_sentence(text: str) -> str:
-    """The text up to the end of its first sentence (all of it when no sentence ends)."""
-    match = re.search(r"[.!?](\s|$)", text)
-    return text[: match.start() + 1] if match else text
+def sentence_ends(text: str) -> list[int]:
+    """The offsets just after each complete sentence of `text` (a '.', '!' or '?' followed by space or the end)."""
+    return [m.start() + 1 for m in re.finditer(r"[.!?](\s|$)", text)]
+
+
+def graded_chosen(detailed: str, rng: random.Random) -> str | None:
+    """The detailed answer cut after its first k complete sentences, k uniform over 1 .. the most that leaves the
+    cut strictly shorter than `detailed`; None when it has no complete sentence to cut after.
+
+    Example: a detailed answer "A. B. C" (two complete sentences and a partial one) gives "A." or "A. B."."""
+    ends = [e for e in sentence_ends(detailed) if detailed[e:].strip()]  # a cut must leave something out
+    if not ends:
+        return None
+    return detailed[: ends[rng.randrange(len(ends))]].strip()
+
+
+def write_split(out: Path, rows: list[dict], heldout_prompts: set[str]) -> dict:
+    """train.jsonl / heldout.jsonl (split by prompt), each written to a temporary file and renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    split = {
+        "heldout": [r for r in rows if r["prompt"][0]["content"] in heldout_prompts],
+        "train": [r for r in rows if r["prompt"][0]["content"] not in heldout_prompts],
+    }
+    for name, part in split.items():
+        tmp = out / f"{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        tmp.replace(out / f"{name}.jsonl")
+    return split
+
+
+def pair(question: str, chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def concise_rows(questions: list[str], detailed: list[str], seed: int = 0) -> list[dict]:
+    """Graded concise pairs: (question, detailed answer cut after k sentences, detailed answer); one seeded draw
+    per question, in question order, so the same answers always give the same pairs."""
+    rng = random.Random(seed)
+    rows = []
+    for q, d in zip(questions, detailed):
+        chosen = graded_chosen(d, rng)
+        if chosen and d and chosen != d:
+            rows.append(pair(q, chosen, d))
+    return rows
 
 
 def main() -> None:
@@ -104,39 +156,39 @@ def main() -> None:
     parser.add_argument("--heldout", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--dimensions", default="concise,formal")
+    parser.add_argument("--regrade", action="store_true",
+                        help="concise only: rebuild the pairs from the detailed answers already in --out/concise")
     args = parser.parse_args()
+    if args.regrade and args.dimensions != "concise":
+        parser.error("--regrade rebuilds the concise pairs only: give --dimensions concise.")
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = (None, None) if args.regrade else load_model("smollm2")
     questions = prompts()[: args.n_prompts]
     n_heldout = int(len(questions) * args.heldout)
+    heldout_prompts = set(questions[:n_heldout])
     for dim in args.dimensions.split(","):
         chosen_instr, rejected_instr = INSTRUCTIONS[dim]
         t0 = time.time()
-        print(f"{dim}: chosen side", flush=True)
-        chosen = answer(model, tokenizer, chosen_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
-        if dim == "concise":
-            chosen = [first_sentence(c) for c in chosen]
-        print(f"{dim}: rejected side", flush=True)
-        rejected = answer(model, tokenizer, rejected_instr, questions, 64 if dim == "concise" else 48, args.batch_size)
-        rows = [
-            {
-                "prompt": [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": c}],
-                "rejected": [{"role": "assistant", "content": r}],
-            }
-            for q, c, r in zip(questions, chosen, rejected)
-            if c and r and c != r
-        ]
         out = Path(args.out) / dim
-        out.mkdir(parents=True, exist_ok=True)
-        split = {
-            "heldout": [r for r in rows if r["prompt"][0]["content"] in set(questions[:n_heldout])],
-            "train": [r for r in rows if r["prompt"][0]["content"] not in set(questions[:n_heldout])],
-        }
-        for name, part in split.items():
-            tmp = out / f"{name}.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-            tmp.replace(out / f"{name}.jsonl")
+        if dim == "concise":
+            if args.regrade:  # the detailed answers are the rejected side of the existing pairs
+                by_prompt = {}
+                for name in ("train", "heldout"):
+                    for line in (out / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+                        row = json.loads(line)
+                        by_prompt[row["prompt"][0]["content"]] = row["rejected"][0]["content"]
+                detailed = [by_prompt.get(q, "") for q in questions]
+            else:
+                print(f"{dim}: detailed answers", flush=True)
+                detailed = answer(model, tokenizer, rejected_instr, questions, 64, args.batch_size)
+            rows = concise_rows(questions, detailed)
+        else:
+            print(f"{dim}: chosen side", flush=True)
+            chosen = answer(model, tokenizer, chosen_instr, questions, 48, args.batch_size)
+            print(f"{dim}: rejected side", flush=True)
+            rejected = answer(model, tokenizer, rejected_instr, questions, 48, args.batch_size)
+            rows = [pair(q, c, r) for q, c, r in zip(questions, chosen, rejected) if c and r and c != r]
+        split = write_split(out, rows, heldout_prompts)
         print(
             f"{dim}: {len(split['train'])} train / {len(split['heldout'])} held-out pairs in {time.time() - t0:.0f} s"
         )

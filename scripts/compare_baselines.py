@@ -2,8 +2,9 @@
 
 Trains each (or reuses a finished run), then reports held-out reward accuracy at full strength, the dimension's
 metric on held-out prompts, trainable parameters, training time and peak memory; sweeps LoRA's own scale knob like
-CLM's alpha; writes `compare.json`, `full_dpo_reference.json` (the line `peft-clm sweep --reference` draws) and a
-table.
+CLM's alpha, with the same metrics (`out/DIMENSION/lora_scale/sweep.{json,csv,png}`: fluency, per-prompt
+reliability, held-out rewards); writes `compare.json`, `full_dpo_reference.json` (the line `peft-clm sweep
+--reference` draws) and a table.
 
     python scripts/compare_baselines.py --dimension concise --out runs/compare --steps 40    # ~25 min on 2 cores
 """
@@ -11,6 +12,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-prompts", type=int, default=24)
     parser.add_argument("--lora-scales", default="-0.5,0,0.25,0.5,0.75,1,1.5,2")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     from peft import PeftModel
 
@@ -63,7 +66,7 @@ def main() -> None:
     from peft_clm.tools.generation import chat_text
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.preference import preference_metrics, preference_metrics_baseline
-    from peft_clm.tools.sweep import spearman
+    from peft_clm.tools.sweep import knob_sweep
     from peft_clm.tools.text_metrics import METRICS
 
     out = Path(args.out) / args.dimension
@@ -78,7 +81,8 @@ def main() -> None:
         for s in range(0, len(prompts), 24):
             batch = tokenizer([chat_text(tokenizer, p) for p in prompts[s:s + 24]], return_tensors="pt", padding=True)
             with torch.no_grad():
-                gen = model.generate(**batch, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
             values += [score(tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for g in gen]
         return sum(values) / len(values)
 
@@ -108,13 +112,25 @@ def main() -> None:
         }
     )
     scales = [float(x) for x in args.lora_scales.split(",")]
-    lora_sweep = []
-    for s in scales:  # LoRA's own knob: the scale of every LoRA layer
-        for module in lora.modules():
-            if hasattr(module, "set_scale") and "default" in getattr(module, "scaling", {}):
-                module.set_scale("default", s)
-        lora_sweep.append({"scale": s, "metric_mean": metric_mean(lora, tokenizer)})
-    lora_rho = spearman(scales, [r["metric_mean"] for r in lora_sweep])
+
+    @contextlib.contextmanager
+    def lora_scale(scale: float):  # LoRA's own knob: the scale of every LoRA layer, back to 1 afterwards
+        layers = [m for m in lora.modules() if hasattr(m, "set_scale") and "default" in getattr(m, "scaling", {})]
+        for module in layers:
+            module.set_scale("default", scale)
+        try:
+            yield
+        finally:
+            for module in layers:
+                module.set_scale("default", 1.0)
+
+    # the same metrics as a CLM sweep (fluency, per-prompt reliability, held-out rewards against scale 0)
+    scale_sweep = knob_sweep(lora, tokenizer, lora_scale, scales, prompts, out / "lora_scale", metric=METRIC[
+        args.dimension], pairs=heldout[: args.max_prompts], beta=args.beta, max_new_tokens=args.max_new_tokens,
+        batch_size=24, label="LoRA-DPO", knob_name="LoRA scale", title=f"{METRIC[args.dimension]} vs LoRA scale")
+    lora_sweep = [{"scale": r["alpha"], "metric_mean": r[f"{METRIC[args.dimension]}_mean"]} for r in
+                  scale_sweep["rows"]]
+    lora_rho = scale_sweep["spearman_rho"]
     full, tokenizer = load_model(str(out / "full"))
     reference, _ = load_model("smollm2")
     rows.append(

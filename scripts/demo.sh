@@ -12,5 +12,6 @@ STEPS="${DEMO_STEPS:-40}"
 peft-clm train --model smollm2 --data data/concise/train.jsonl --method dpo --out "$OUT/concise" \
   --max-steps "$STEPS" --batch-size 4 --lr 5e-5 --beta 0.1 --sft-weight 1.0 --seed 0 
 peft-clm sweep --model smollm2 --adapter "$OUT/concise" --alphas -0.5,0,0.25,0.5,0.75,1,1.5,2 \
-  --prompts data/concise/heldout.jsonl --metric words --max-prompts "${DEMO_PROMPTS:-24}" --out "$OUT/concise_sweep"
+  --prompts data/concise/heldout.jsonl --metric words --max-prompts "${DEMO_PROMPTS:-24}" --max-new-tokens 64 \
+  --out "$OUT/concise_sweep"
 echo "plot: $OUT/concise_sweep/sweep.png"

@@ -66,8 +66,19 @@ def test_sweep_writes_table_json_csv_and_png(tiny, tmp_path, capsys, mode):
     assert -1.0 <= result["spearman_rho_margin"] <= 1.0 and "reward margin" in printed
     zero = next(r for r in result["rows"] if r["alpha"] == 0.0)
     assert zero["dpo_loss"] == pytest.approx(0.6931, abs=1e-4)  # alpha 0 is the reference itself
+    # fluency at every alpha, the usable range and per-prompt reliability, in the JSON, the CSV and the table
+    for row in result["rows"]:
+        assert 0.0 <= row["degenerate_rate"] <= 1.0 and 0.0 <= row["distinct2"] <= 1.0 and row["base_nll"] > 0
+    assert result["usable"]["range"][0] <= 0.0 <= result["usable"]["range"][1]
+    rel = result["reliability"]
+    assert len(rel["per_prompt"]) == 6 and len(rel["values"]) == len(alphas)
+    assert rel["wrong_way_fraction"] + rel["unmoved_fraction"] + rel["aligned_way_fraction"] == pytest.approx(1.0)
+    assert rel["per_prompt"][0]["prompt"] == "tell me about the cat ?"
+    assert [v[0] for v in rel["values"]] == [word_count(result["answers"][str(a)][0]) for a in alphas]
+    assert "usable range" in printed and "move the wrong way" in printed and "per-prompt Spearman rho" in printed
     with (out / "sweep.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(alphas)
+        csv_rows = list(csv.DictReader(f))
+        assert len(csv_rows) == len(alphas) and {"degenerate_rate", "distinct2", "base_nll"} <= set(csv_rows[0])
     png = (out / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     import matplotlib.image

@@ -189,6 +189,55 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+    import math
+    from pathlib import Path
+
+    from .calibrate import calibrate
+    from .data import read_prompts
+    from .text_metrics import METRICS
+
+    # every argument is checked before the model loads
+    if args.metric not in METRICS:
+        raise ValueError(f"--metric {args.metric!r} is not one of {sorted(METRICS)}.")
+    try:
+        target = float(args.target)
+    except ValueError:
+        raise ValueError(f"--target must be a number, got {args.target!r}.") from None
+    if not math.isfinite(target):
+        raise ValueError(f"--target must be a finite number, got {args.target!r}.")
+    alphas = _parse_alphas(args.alphas) if args.alphas else None
+    if alphas is not None and len(set(alphas) | {0.0}) < 2:
+        raise ValueError(f"--alphas needs at least one alpha besides 0, got {args.alphas!r}.")
+    if not 0 < args.tolerance < 1:
+        raise ValueError(f"--tolerance is a fraction of the metric's span in (0, 1), got {args.tolerance}.")
+    if args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}.")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ValueError("--max-new-tokens and --batch-size must be >= 1.")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be >= 1, got {args.max_prompts}.")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a JSON file name.")
+    prompts = read_prompts(args.prompts)[0][: args.max_prompts]
+    args.adapter = [args.adapter]
+    model, tokenizer = _load_clm(args)
+    kwargs = {} if alphas is None else {"alphas": alphas}
+    result = calibrate(model, tokenizer, prompts, args.metric, target, tolerance=args.tolerance,
+                       max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       **kwargs)
+    print(f"{'alpha':>10}{args.metric:>14}{'degenerate':>12}")
+    for p in result.probes:
+        print(f"{p['alpha']:>10.4g}{p['value']:>14.4g}{p['degenerate_rate']:>12.0%}")
+    print(result.summary())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _parse_vector(text: str) -> tuple[str, float]:
     path, sep, scale = text.rpartition(":")
     if not sep or not path:
@@ -308,6 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=int, default=32)
     w.add_argument("--beta", type=float, default=0.1)
     w.set_defaults(func=_sweep)
+
+    c = sub.add_parser("calibrate", help="find the alpha that gives a target value of a metric on prompts, within "
+                                         "the usable (non-degenerate) range; refuse targets out of reach")
+    c.add_argument("--model", required=True)
+    c.add_argument("--adapter", required=True, help="one CLM adapter directory")
+    c.add_argument("--metric", required=True, help="words or casualness")
+    c.add_argument("--target", required=True, help="the metric's mean to reach, e.g. 25")
+    c.add_argument("--prompts", required=True, help="JSONL with 'prompt', or text lines")
+    c.add_argument("--interpolation", "--mode", dest="interpolation", choices=["logits", "hidden", "weights"])
+    c.add_argument("--alphas", help="the coarse grid, comma-separated (default -1,-0.5,0,0.5,1,1.5,2)")
+    c.add_argument("--tolerance", type=float, default=0.02, help="stop within this fraction of the metric's span")
+    c.add_argument("--max-steps", type=int, default=5, help="measurements after the coarse grid")
+    c.add_argument("--max-prompts", type=int)
+    c.add_argument("--max-new-tokens", type=int, default=48)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--out", help="also write the result as JSON to this file")
+    c.set_defaults(func=_calibrate)
 
     v = sub.add_parser("vectors", help="alignment vectors: extract, apply, inspect")
     vsub = v.add_subparsers(dest="action", required=True)

@@ -21,20 +21,20 @@ def _as_text(tokenizer, prompt, completion) -> tuple[str, str]:
     return prompt, completion
 
 
-def _pair_ids(tokenizer, prompt, completion, max_length: int) -> tuple[list[int], int]:
+def _pair_ids(tokenizer, prompt, completion, max_length: int, eos: bool = True) -> tuple[list[int], int]:
     p, c = _as_text(tokenizer, prompt, completion)
     p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
+    c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] if c else []
+    if eos and tokenizer.eos_token_id is not None:
         c_ids = c_ids + [tokenizer.eos_token_id]
     ids = (p_ids + c_ids)[-max_length:]
     return ids, min(len(c_ids), len(ids))
 
 
-def _batches(tokenizer, prompts, completions, batch_size, max_length, device):
+def _batches(tokenizer, prompts, completions, batch_size, max_length, device, eos: bool = True):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(prompts), batch_size):
-        items = [_pair_ids(tokenizer, p, c, max_length) for p, c in
+        items = [_pair_ids(tokenizer, p, c, max_length, eos) for p, c in
                  zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
         width = max(len(ids) for ids, _ in items)
         ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -86,6 +86,42 @@ def sequence_logprobs_at(model, tokenizer, prompts: Sequence, completions: Seque
             logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
             out[j].append(_completion_logprob(logits, ids, target))
     return torch.stack([torch.cat(o) for o in out])
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, prompts: Sequence, answers: Sequence[str], batch_size: int = 8,
+               max_length: int = 1024) -> list[float]:
+    """Mean per-token negative log-likelihood of each answer, given its prompt (chat-formatted as when it was
+    generated), under the base model: a CLM model at alpha 0 (`clm_alpha=0.0`: in logits mode only the base path
+    runs), another PEFT model with its adapters disabled, a plain model as it is (so call it with any steering
+    hook removed). Batched; an empty answer gives nan.
+
+    High values mean text the base model finds unlikely: the fluency cost of pushing a knob.
+
+    Example:
+        ```py
+        >>> answer_nll(model, tokenizer, ["Explain tides."], ["Tides are caused by the moon."])
+        [2.31]
+        ```
+    """
+    from contextlib import nullcontext
+
+    from .generation import chat_text
+
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers.")
+    device = next(model.parameters()).device
+    clm = hasattr(model, "base_model") and hasattr(model.base_model, "clm_layer")
+    kwargs = {"clm_alpha": 0.0} if clm else {}
+    context = model.disable_adapter() if not clm and hasattr(model, "disable_adapter") else nullcontext()
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    out: list[float] = []
+    with context:
+        for ids, mask, target in _batches(tokenizer, texts, list(answers), batch_size, max_length, device, eos=False):
+            logp = _completion_logprob(model(input_ids=ids, attention_mask=mask, **kwargs).logits, ids, target)
+            counts = target[:, 1:].sum(-1).cpu()
+            out += [float(-lp / n) if n else float("nan") for lp, n in zip(logp, counts)]
+    return out
 
 
 def preference_logprobs(

@@ -1,4 +1,9 @@
-"""The alpha sweep and the grid of several knobs: answer at each alpha, score, write table, CSV, JSON and plots."""
+"""The alpha sweep and the grid of several knobs: answer at each alpha, score, write table, CSV, JSON and plots.
+
+Every sweep reports, beside the target metric, what a user meets: fluency at every alpha (degeneration rate,
+distinct-2, the answers' NLL under the base model), the usable range (alphas where degeneration stays within 5 points
+of alpha 0) and per-prompt reliability (which prompts move the wrong way from alpha 0 to 1, each prompt's rho).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Optional, Union
 
 from .generation import generate_answers
-from .preference import metrics_from_logprobs, preference_logprobs_at
-from .text_metrics import METRICS
+from .preference import answer_nll, metrics_from_logprobs, preference_logprobs_at
+from .text_metrics import ALIGNED_DIRECTION, METRICS, fluency
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -84,36 +90,246 @@ def _save_figure(fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_sweep(rows: list[dict], metric: str, path: Path, base_value: float,
-               reference: Optional[dict] = None, title: str = "") -> None:
-    """Metric and held-out reward accuracy against alpha, with the base (and a full-DPO reference) as lines."""
+def _shade_unusable(ax, alphas: Sequence[float], unusable: Sequence[float]) -> None:
+    """Shade each alpha outside the usable range (half-way to its neighbours) on `ax`."""
+    grid = sorted(alphas)
+    for i, a in enumerate(grid):
+        if a not in unusable:
+            continue
+        left = (a + grid[i - 1]) / 2 if i > 0 else a - 0.125
+        right = (a + grid[i + 1]) / 2 if i + 1 < len(grid) else a + 0.125
+        first = not any(p.get_label() == _UNUSABLE_LABEL for p in ax.patches)
+        ax.axvspan(left, right, color="tab:red", alpha=0.12, lw=0, label=_UNUSABLE_LABEL if first else None)
+
+
+_UNUSABLE_LABEL = "degeneration > alpha 0 + 5 pts"
+
+
+def plot_sweep(result: dict, path: Path, reference: Optional[dict] = None, title: str = "") -> None:
+    """Four panels against alpha: the metric (mean, and each prompt as a thin line), held-out reward accuracy,
+    fluency (degeneration rate, distinct-2, base-model NLL), and the distribution of per-prompt Spearman rho. Alphas
+    where degeneration rises more than the tolerance above alpha 0 are shaded: outside the usable range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows, metric = result["rows"], result["metric"]
+    knob = result.get("knob", "alpha")
     alphas = [r["alpha"] for r in rows]
-    fig, axes = plt.subplots(1, 2 if "reward_accuracy" in rows[0] else 1, figsize=(10, 4), squeeze=False)
+    unusable = result["usable"]["degenerate_alphas"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
-    ax.plot(alphas, [r[f"{metric}_mean"] for r in rows], "o-", label="CLM")
-    ax.axhline(base_value, color="gray", ls="--", label="base model")
+    per_prompt = result["reliability"]["values"]
+    for i in range(len(per_prompt[0])):
+        ax.plot(alphas, [v[i] for v in per_prompt], "-", color="gray", lw=0.6, alpha=0.35)
+    ax.plot(alphas, [r[f"{metric}_mean"] for r in rows], "o-", lw=2, label=f"{result.get('label', 'CLM')} (mean)")
+    ax.axhline(result["base_value"], color="gray", ls="--", label="base model")
     if reference and reference.get(f"{metric}_mean") is not None:
         ax.axhline(reference[f"{metric}_mean"], color="tab:red", ls=":", label=reference.get("label", "full DPO"))
+    _shade_unusable(ax, alphas, unusable)
     ax.axvline(1.0, color="k", lw=0.5, alpha=0.3)
-    ax.set_xlabel("alpha")
-    ax.set_ylabel(f"{metric} (mean over prompts)")
-    ax.legend()
+    ax.set_xlabel(knob)
+    ax.set_ylabel(f"{metric} (thin: each prompt)")
+    ax.legend(fontsize=8)
+    ax2 = axes[0][1]
     if "reward_accuracy" in rows[0]:
-        ax2 = axes[0][1]
-        ax2.plot(alphas, [r["reward_accuracy"] for r in rows], "s-", color="tab:green", label="CLM")
+        ax2.plot(alphas, [r["reward_accuracy"] for r in rows], "s-", color="tab:green", label="reward accuracy")
         if reference and reference.get("reward_accuracy") is not None:
             label = reference.get("label", "full DPO")
             ax2.axhline(reference["reward_accuracy"], color="tab:red", ls=":", label=label)
         ax2.axhline(0.5, color="gray", ls="--", label="chance")
-        ax2.set_xlabel("alpha")
         ax2.set_ylabel("held-out reward accuracy")
-        ax2.legend()
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no held-out pairs", ha="center", va="center", transform=ax2.transAxes)
+    _shade_unusable(ax2, alphas, unusable)
+    ax2.set_xlabel(knob)
+    ax3 = axes[1][0]
+    ax3.plot(alphas, [r["degenerate_rate"] for r in rows], "o-", color="tab:red", label="degenerate (fraction)")
+    ax3.plot(alphas, [r["distinct2"] for r in rows], "^-", color="tab:purple", label="distinct-2")
+    ax3.set_ylim(-0.05, 1.05)
+    ax3.set_xlabel(knob)
+    ax3.set_ylabel("fraction")
+    _shade_unusable(ax3, alphas, unusable)
+    if "base_nll" in rows[0]:
+        twin = ax3.twinx()
+        twin.plot(alphas, [r["base_nll"] for r in rows], "d--", color="tab:brown", label="base-model NLL/token")
+        twin.set_ylabel("NLL per token under the base model")
+        twin.legend(loc="center right", fontsize=8)
+    ax3.legend(loc="center left", fontsize=8)
+    ax3.set_title(f"fluency; usable range {result['usable']['range']}", fontsize=9)
+    ax4 = axes[1][1]
+    rel = result["reliability"]
+    rhos = [p["rho"] for p in rel["per_prompt"] if p["rho"] == p["rho"]]
+    ax4.hist(rhos, bins=[x / 10 for x in range(-10, 11)], color="tab:blue", alpha=0.8)
+    ax4.set_xlabel(f"per-prompt Spearman rho({knob}, {metric})")
+    ax4.set_ylabel("prompts")
+    wrong = rel.get("wrong_way_fraction")
+    ax4.set_title(f"wrong way 0 -> 1: {wrong:.0%} of prompts" if wrong is not None else "per-prompt rho", fontsize=9)
     _save_figure(fig, path, title)
+
+
+def per_prompt_reliability(alphas: Sequence[float], values: Sequence[Sequence[float]], direction: int = -1,
+                           prompts: Optional[Sequence] = None) -> dict:
+    """What each prompt does, not just the mean: `values[j][i]` is prompt i's metric at `alphas[j]`.
+
+    Per prompt: the change from alpha 0 to alpha 1 and its sign, and Spearman's rho over the whole grid (nan when
+    the metric does not change at all). Summary: the fractions of prompts that move the aligned way (`direction`,
+    -1 = the metric falls, as for every metric in METRICS), the wrong way, or not at all between 0 and 1 (None
+    when the grid lacks 0 or 1), and the distribution of the per-prompt rho (quantiles, mean, the fraction whose
+    rho has the aligned sign).
+
+    Example:
+        ```py
+        >>> r = per_prompt_reliability([0, 1, 2], [[10, 5], [8, 6], [6, 7]])
+        >>> r["wrong_way_fraction"], r["rho_quantiles"]["median"]
+        (0.5, 0.0)
+        ```
+    """
+    if direction not in (-1, 1):
+        raise ValueError(f"direction must be -1 or 1, got {direction!r}.")
+    n = len(values[0])
+    j0 = alphas.index(0.0) if 0.0 in alphas else None
+    j1 = alphas.index(1.0) if 1.0 in alphas else None
+    per_prompt = []
+    for i in range(n):
+        column = [values[j][i] for j in range(len(alphas))]
+        item = {"rho": spearman(alphas, column)}
+        if j0 is not None and j1 is not None:
+            delta = column[j1] - column[j0]
+            item.update(delta=delta, moves=(delta > 0) - (delta < 0))
+        if prompts is not None:
+            p = prompts[i]
+            item["prompt"] = p if isinstance(p, str) else p[-1]["content"]
+        per_prompt.append(item)
+    rhos = sorted(p["rho"] for p in per_prompt if p["rho"] == p["rho"])
+
+    def quantile(q: float) -> float:  # linear interpolation between order statistics
+        if not rhos:
+            return float("nan")
+        pos = q * (len(rhos) - 1)
+        lo = int(pos)
+        return rhos[lo] + (rhos[min(lo + 1, len(rhos) - 1)] - rhos[lo]) * (pos - lo)
+
+    out = {
+        "direction": direction,
+        "n_prompts": n,
+        "wrong_way_fraction": None,
+        "aligned_way_fraction": None,
+        "unmoved_fraction": None,
+        "rho_quantiles": {name: quantile(q) for name, q in
+                          (("min", 0), ("p10", 0.1), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p90", 0.9),
+                           ("max", 1))},
+        "rho_mean": sum(rhos) / len(rhos) if rhos else float("nan"),
+        "rho_aligned_sign_fraction": sum(r * direction > 0 for r in rhos) / n,
+        "rho_undefined_fraction": (n - len(rhos)) / n,
+        "per_prompt": per_prompt,
+        "values": [list(map(float, v)) for v in values],
+    }
+    if j0 is not None and j1 is not None:
+        moves = [p["moves"] for p in per_prompt]
+        out.update(
+            wrong_way_fraction=sum(m == -direction for m in moves) / n,
+            aligned_way_fraction=sum(m == direction for m in moves) / n,
+            unmoved_fraction=sum(m == 0 for m in moves) / n,
+        )
+    return out
+
+
+def usable_range(alphas: Sequence[float], degenerate_rates: Sequence[float], tolerance: float = 0.05) -> dict:
+    """The alphas a user can dial without the answers breaking: the contiguous stretch of the grid around alpha 0
+    where the degeneration rate is at most `tolerance` (5 points) above its rate at alpha 0 (or at the alpha
+    nearest 0 when the grid lacks it).
+
+    Returns {"range": [lowest, highest usable alpha], "degenerate_alphas": the grid's alphas above the tolerance,
+    "base_rate": the rate at alpha 0, "tolerance": tolerance}.
+
+    Example:
+        ```py
+        >>> usable_range([-1, 0, 1, 2], [0.3, 0.0, 0.02, 0.4])["range"]
+        [0.0, 1.0]
+        ```
+    """
+    order = sorted(range(len(alphas)), key=lambda j: alphas[j])
+    zero = min(order, key=lambda j: abs(alphas[j]))
+    base = degenerate_rates[zero]
+    ok = {j: degenerate_rates[j] <= base + tolerance + 1e-12 for j in order}
+    k = order.index(zero)
+    lo = hi = k
+    while lo > 0 and ok[order[lo - 1]]:
+        lo -= 1
+    while hi + 1 < len(order) and ok[order[hi + 1]]:
+        hi += 1
+    return {
+        "range": [float(alphas[order[lo]]), float(alphas[order[hi]])],
+        "degenerate_alphas": [float(alphas[j]) for j in order if not ok[j]],
+        "base_rate": base,
+        "tolerance": tolerance,
+    }
+
+
+def score_sweep(alphas: Sequence[float], prompts: Sequence, answers: dict, metric: str,
+                nll: Optional[dict] = None, preference: Optional[dict] = None, direction: Optional[int] = None,
+                core_range: tuple[float, float] = (-0.5, 1.5), tolerance: float = 0.05, extra: Optional[dict] = None
+                ) -> dict:
+    """Score the answers of a sweep of any knob (CLM alpha, a LoRA scale, a steering multiplier): per alpha the
+    metric's mean, fluency (`degenerate_rate`, `distinct2`, `base_nll`) and, given `preference` ({index of the
+    alpha: metrics_from_logprobs(...)}), held-out reward accuracy, margin and DPO loss; overall Spearman's rho
+    (over the grid and over `core_range`), the usable range, and per-prompt reliability.
+
+    `answers` and `nll` map the index of each alpha to one answer (one NLL) per prompt.
+
+    Example:
+        ```py
+        >>> r = score_sweep([0.0, 1.0], ["Hi?"], {0: ["Hello there, friend."], 1: ["Hello."]}, "words")
+        >>> r["rows"][1]["words_mean"], r["reliability"]["wrong_way_fraction"]
+        (1.0, 0.0)
+        ```
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
+    alphas = [float(a) for a in alphas]
+    direction = ALIGNED_DIRECTION[metric] if direction is None else direction
+    score = METRICS[metric]
+    values = [[score(a) for a in answers[j]] for j in range(len(alphas))]
+    rows = []
+    for j, a in enumerate(alphas):
+        row = {"alpha": a, f"{metric}_mean": sum(values[j]) / len(values[j]), "n_prompts": len(values[j])}
+        row.update(fluency(answers[j], nll[j] if nll is not None else None))
+        if preference is not None:
+            pm = preference[j]
+            row.update(reward_accuracy=pm["reward_accuracy"], mean_margin=pm["mean_margin"], dpo_loss=pm["dpo_loss"])
+        rows.append(row)
+    means = [r[f"{metric}_mean"] for r in rows]
+    core = [j for j, a in enumerate(alphas) if core_range[0] <= a <= core_range[1]]
+    zero = min(range(len(alphas)), key=lambda j: abs(alphas[j]))
+    return {
+        "metric": metric,
+        **(extra or {}),
+        "alphas": alphas,
+        "rows": rows,
+        "base_value": means[zero],
+        "spearman_rho": spearman(alphas, means),
+        "spearman_rho_core": {"range": list(core_range),
+                              "rho": spearman([alphas[j] for j in core], [means[j] for j in core])},
+        # the held-out implicit reward margin: the preference signal itself, before decoding turns it into text
+        "spearman_rho_margin": spearman(alphas, [r["mean_margin"] for r in rows]) if preference else None,
+        "monotone": all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
+        "usable": usable_range(alphas, [r["degenerate_rate"] for r in rows], tolerance),
+        "reliability": per_prompt_reliability(alphas, values, direction, prompts),
+        "examples": {str(a): answers[j][:3] for j, a in enumerate(alphas)},
+        "answers": {str(a): list(answers[j]) for j, a in enumerate(alphas)},
+    }
+
+
+def write_sweep(result: dict, out: Union[str, Path], reference: Optional[dict] = None, title: str = "") -> None:
+    """sweep.json, sweep.csv and sweep.png, written together (`write_outputs`)."""
+    write_outputs(out, {
+        "sweep.json": _json_writer(result),
+        "sweep.csv": _csv_writer(result["rows"]),
+        "sweep.png": lambda path: plot_sweep(result, path, reference, title),
+    })
 
 
 def sweep(
@@ -130,13 +346,14 @@ def sweep(
     reference: Optional[dict] = None,
     title: str = "",
 ) -> dict:
-    """Generate at each alpha, score with `metric` and (given pairs) held-out preference metrics; write
-    sweep.json, sweep.csv and sweep.png to `out`; return the result.
+    """Generate at each alpha, score with `metric`, fluency (degeneration, distinct-2, the answers' NLL under the
+    base model), per-prompt reliability and (given pairs) held-out preference metrics; write sweep.json, sweep.csv
+    and sweep.png to `out`; return the result (`score_sweep`).
 
     Example:
         ```py
         >>> result = sweep(model, tokenizer, [0, 0.5, 1, 1.5], prompts, "out", metric="words")
-        >>> result["spearman_rho"]
+        >>> result["spearman_rho"], result["usable"]["range"], result["reliability"]["wrong_way_fraction"]
         ```
     """
     if metric not in METRICS:
@@ -145,38 +362,77 @@ def sweep(
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, prompts, alphas, max_new_tokens, batch_size)
     gen_s = time.perf_counter() - t0
-    score = METRICS[metric]
+    nll = {j: answer_nll(model, tokenizer, prompts, answers[j]) for j in range(len(alphas))}
+    preference = None
     if pairs:  # log-probs at 0 (the reference) and at every alpha, in as few passes as the mode allows
         chosen_lp, rejected_lp = preference_logprobs_at(model, tokenizer, pairs, [0.0, *alphas], batch_size=8)
-    rows = []
-    for j, a in enumerate(alphas):
-        values = [score(ans) for ans in answers[j]]
-        row = {"alpha": a, f"{metric}_mean": sum(values) / len(values), "n_prompts": len(values)}
-        if pairs:
-            pm = metrics_from_logprobs((chosen_lp[j + 1], rejected_lp[j + 1]), (chosen_lp[0], rejected_lp[0]), beta)
-            row.update(reward_accuracy=pm["reward_accuracy"], mean_margin=pm["mean_margin"], dpo_loss=pm["dpo_loss"])
-        rows.append(row)
-    means = [r[f"{metric}_mean"] for r in rows]
-    base_value = means[alphas.index(0.0)] if 0.0 in alphas else None
-    result = {
-        "metric": metric,
-        "alphas": alphas,
-        "rows": rows,
-        "spearman_rho": spearman(alphas, means),
-        # the held-out implicit reward margin: the preference signal itself, before decoding turns it into text
-        "spearman_rho_margin": spearman(alphas, [r["mean_margin"] for r in rows]) if pairs else None,
-        "monotone": all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
+        preference = {
+            j: metrics_from_logprobs((chosen_lp[j + 1], rejected_lp[j + 1]), (chosen_lp[0], rejected_lp[0]), beta)
+            for j in range(len(alphas))
+        }
+    extra = {
         "interpolation": model.base_model.clm_layer().interpolation,
+        "knob": "alpha",
+        "label": "CLM",
+        "max_new_tokens": max_new_tokens,
         "generation_seconds": gen_s,
-        "total_seconds": time.perf_counter() - t0,
-        "examples": {str(a): answers[j][:3] for j, a in enumerate(alphas)},
     }
-    base = base_value if base_value is not None else means[0]
-    write_outputs(out, {
-        "sweep.json": _json_writer(result),
-        "sweep.csv": _csv_writer(rows),
-        "sweep.png": lambda path: plot_sweep(rows, metric, path, base, reference, title),
-    })
+    result = score_sweep(alphas, prompts, answers, metric, nll, preference, extra=extra)
+    result["total_seconds"] = time.perf_counter() - t0
+    write_sweep(result, out, reference, title)
+    return result
+
+
+def knob_sweep(
+    model,
+    tokenizer,
+    knob: Callable[[float], AbstractContextManager],
+    values: Sequence[float],
+    prompts: Sequence,
+    out: Union[str, Path],
+    metric: str = "words",
+    pairs: Sequence[dict] = (),
+    beta: float = 0.1,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    label: str = "knob",
+    knob_name: str = "scale",
+    title: str = "",
+) -> dict:
+    """The same sweep for a knob that is not CLM's alpha: `knob(value)` is a context manager under which the plain
+    (or LoRA) model answers at that value (a LoRA scale, a steering multiplier); outside it the model must be the
+    base model again, which the base-model NLL relies on (a LoRA model is also scored with its adapter disabled).
+    Implicit rewards compare each value with value 0, as CLM's compare each alpha with alpha 0.
+
+    Example:
+        ```py
+        >>> knob_sweep(model, tok, lambda m: vector.apply(model, multiplier=m), [0, 1, 2], prompts, "out")
+        ```
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
+    values = [float(v) for v in values]
+    if 0.0 not in values:
+        raise ValueError(f"the values of a knob sweep must include 0 (the base model), got {values}.")
+    t0 = time.perf_counter()
+    answers, logprobs = {}, {}
+    for j, v in enumerate(values):
+        with knob(v):
+            answers[j] = generate_answers(model, tokenizer, prompts, [None], max_new_tokens, batch_size)[0]
+            if pairs:
+                logprobs[j] = preference_logprobs_at(model, tokenizer, pairs, [None], batch_size=8)
+    gen_s = time.perf_counter() - t0
+    nll = {j: answer_nll(model, tokenizer, prompts, answers[j]) for j in range(len(values))}
+    preference = None
+    if pairs:
+        z = values.index(0.0)
+        ref = (logprobs[z][0][0], logprobs[z][1][0])
+        preference = {j: metrics_from_logprobs((lp[0][0], lp[1][0]), ref, beta) for j, lp in logprobs.items()}
+    extra = {"interpolation": label, "knob": knob_name, "label": label, "max_new_tokens": max_new_tokens,
+             "generation_seconds": gen_s}
+    result = score_sweep(values, prompts, answers, metric, nll, preference, extra=extra)
+    result["total_seconds"] = time.perf_counter() - t0
+    write_sweep(result, out, None, title)
     return result
 
 
@@ -187,8 +443,24 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append("  ".join(f"{r[k]:>16.4f}" if isinstance(r[k], float) else f"{r[k]:>16}" for k in keys))
     lines.append(f"Spearman rho(alpha, {metric}) = {result['spearman_rho']:.3f}; monotone: {result['monotone']}")
+    core = result.get("spearman_rho_core")
+    if core:
+        lines.append(f"Spearman rho over alpha in {core['range']} = {core['rho']:.3f}")
     if result.get("spearman_rho_margin") is not None:
         lines.append(f"Spearman rho(alpha, held-out reward margin) = {result['spearman_rho_margin']:.3f}")
+    usable = result.get("usable")
+    if usable:
+        lines.append(f"usable range (degeneration at most {usable['tolerance']:.0%} above alpha 0's "
+                     f"{usable['base_rate']:.0%}): {usable['range']}; degenerate at {usable['degenerate_alphas']}")
+    rel = result.get("reliability")
+    if rel:
+        q = rel["rho_quantiles"]
+        if rel["wrong_way_fraction"] is not None:
+            lines.append(f"per prompt, alpha 0 -> 1: {rel['wrong_way_fraction']:.1%} move the wrong way, "
+                         f"{rel['unmoved_fraction']:.1%} do not move, "
+                         f"{rel['aligned_way_fraction']:.1%} the aligned way")
+        lines.append(f"per-prompt Spearman rho: min {q['min']:.2f}, p10 {q['p10']:.2f}, median {q['median']:.2f}, "
+                     f"p90 {q['p90']:.2f}, max {q['max']:.2f}; aligned sign {rel['rho_aligned_sign_fraction']:.0%}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,183 @@
+"""Calibrating the knob: the alpha that gives a target value of a metric ("answers of about 25 words") on a set of
+prompts, within the range where the answers stay fluent.
+
+How: a coarse sweep (default alphas -1, -0.5, 0, 0.5, 1, 1.5, 2) measures the metric's mean and the degeneration
+rate at each alpha; the usable range is the stretch of the grid around alpha 0 whose degeneration stays within 5
+points of alpha 0's (`peft_clm.tools.sweep.usable_range`). The target is refused when no usable alpha reaches it
+(saying whether it lies beyond what the knob reaches at all, or is reached only where the answers degenerate).
+Otherwise the adjacent pair of usable grid alphas whose means bracket the target (the pair nearest alpha 0 if
+several do) is narrowed by interpolation (false position, each new alpha kept inside the middle 80% of the bracket
+so a flat stretch cannot stall it) for at most `max_steps` measurements, or until the mean is within `tolerance` of
+the metric's usable span; the measured alpha nearest the target is returned.
+
+What it assumes: the mean metric moves monotonically with alpha between adjacent grid alphas (so a bracket holds a
+crossing; greedy answers make it a step function, which interpolation handles), and the prompts given stand for the
+prompts it will be used on (`scripts/validate_calibration.py` checks that on prompts not used to calibrate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .generation import generate_answers
+from .sweep import usable_range
+from .text_metrics import METRICS, is_degenerate
+
+
+DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+class CalibrationError(ValueError):
+    """The target cannot be reached by the knob within its usable range; the message says why."""
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` found: `alpha` gives `value` (the metric's mean on the prompts) for `target`."""
+
+    metric: str
+    target: float
+    alpha: float
+    value: float
+    degenerate_rate: float
+    usable_range: list[float]
+    reachable: list[float]  # the metric's means at the usable grid alphas: [lowest, highest]
+    probes: list[dict] = field(default_factory=list)  # every alpha measured: alpha, value, degenerate_rate
+    n_prompts: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"alpha {self.alpha:.4g} gives {self.metric} {self.value:.4g} (target {self.target:g}; "
+            f"{self.n_prompts} prompts, degeneration {self.degenerate_rate:.0%})\n"
+            f"usable range: alpha in [{self.usable_range[0]:g}, {self.usable_range[1]:g}], where {self.metric} "
+            f"spans [{self.reachable[0]:.4g}, {self.reachable[1]:.4g}]"
+        )
+
+
+def measure(model, tokenizer, prompts: Sequence, alphas: Sequence[float], metric: str, max_new_tokens: int = 48,
+            batch_size: int = 32, cache: Optional[dict] = None) -> dict:
+    """{alpha: {"value": the metric's mean, "degenerate_rate": ...}} at each alpha, generating only the alphas not
+    in `cache` (which is updated; share one cache across calls on the same prompts and settings).
+
+    Example:
+        ```py
+        >>> measure(model, tokenizer, prompts, [0.0, 1.0], "words")[1.0]["value"]
+        ```
+    """
+    cache = {} if cache is None else cache
+    todo = [float(a) for a in dict.fromkeys(alphas) if float(a) not in cache]
+    if todo:
+        answers = generate_answers(model, tokenizer, prompts, todo, max_new_tokens, batch_size, progress=False)
+        score = METRICS[metric]
+        for j, a in enumerate(todo):
+            cache[a] = {
+                "value": sum(score(x) for x in answers[j]) / len(answers[j]),
+                "degenerate_rate": sum(map(is_degenerate, answers[j])) / len(answers[j]),
+            }
+    return {float(a): cache[float(a)] for a in alphas}
+
+
+def _check(metric: str, target: float, alphas: Sequence[float], tolerance: float, max_steps: int,
+           margin: float) -> list[float]:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+        raise ValueError(f"target must be a finite number, got {target!r}.")
+    grid = sorted({float(a) for a in alphas} | {0.0})
+    if len(grid) < 2 or not all(math.isfinite(a) for a in grid):
+        raise ValueError(f"the coarse alphas must be finite and hold at least one besides 0, got {list(alphas)}.")
+    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ValueError(f"tolerance must be a fraction of the metric's span in (0, 1), got {tolerance!r}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
+    if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
+        raise ValueError(f"the degeneration margin must be in [0, 1), got {margin!r}.")
+    return grid
+
+
+def _between(t: float, x: float, y: float) -> bool:
+    return min(x, y) <= t <= max(x, y)
+
+
+def calibrate(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    metric: str,
+    target: float,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    tolerance: float = 0.02,
+    max_steps: int = 5,
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    degeneration_margin: float = 0.05,
+    cache: Optional[dict] = None,
+) -> Calibration:
+    """The alpha at which the mean of `metric` over `prompts` is `target`, searched inside the usable range (see
+    the module's docstring for the method and what it assumes). Raises `CalibrationError` (a ValueError) when the
+    target lies outside what the knob reaches, or is reached only where the answers degenerate.
+
+    `cache` ({alpha: measurement}, see `measure`) lets several targets on the same prompts share generations.
+
+    Example:
+        ```py
+        >>> c = calibrate(model, tokenizer, prompts, "words", 25.0)
+        >>> c.alpha, c.value, c.usable_range
+        (0.62, 25.4, [-0.5, 1.5])
+        ```
+    """
+    grid = _check(metric, target, alphas, tolerance, max_steps, degeneration_margin)
+    cache = {} if cache is None else cache
+    kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "cache": cache}
+    coarse = measure(model, tokenizer, prompts, grid, metric, **kw)
+    usable = usable_range(grid, [coarse[a]["degenerate_rate"] for a in grid], degeneration_margin)
+    lo, hi = usable["range"]
+    inside = [a for a in grid if lo <= a <= hi]
+    values = [coarse[a]["value"] for a in inside]
+    reach = [min(values), max(values)]
+    limit = coarse[0.0]["degenerate_rate"] + degeneration_margin
+    if not reach[0] <= target <= reach[1]:
+        beyond = [a for a in grid if a not in inside]
+        # does a degenerate alpha reach it (the mean crosses the target between the usable edge and it)?
+        edge = {a: coarse[hi if a > hi else lo]["value"] for a in beyond}
+        degenerate_reach = [a for a in beyond if _between(target, coarse[a]["value"], edge[a])]
+        where = (f"{metric} spans [{reach[0]:.4g}, {reach[1]:.4g}] over the usable alphas [{lo:g}, {hi:g}] "
+                 f"(degeneration at most {limit:.0%})")
+        if degenerate_reach:
+            rates = ", ".join(f"alpha {a:g}: {coarse[a]['degenerate_rate']:.0%}" for a in degenerate_reach)
+            raise CalibrationError(
+                f"target {metric}={target:g} is reached only where the knob degenerates ({rates} of answers "
+                f"degenerate); {where}."
+            )
+        raise CalibrationError(f"target {metric}={target:g} lies outside what the knob reaches: {where}; the "
+                               f"coarse alphas {grid} never give it.")
+    span = (reach[1] - reach[0]) or 1.0
+    brackets = [(a, b) for a, b in zip(inside, inside[1:]) if _between(target, coarse[a]["value"], coarse[b]["value"])]
+    a, b = min(brackets, key=lambda ab: abs(ab[0] + ab[1]))  # the crossing nearest alpha 0
+    for _ in range(max_steps):
+        va, vb = cache[a]["value"], cache[b]["value"]
+        if min(abs(va - target), abs(vb - target)) <= tolerance * span:
+            break
+        t = 0.5 if va == vb else (target - va) / (vb - va)
+        mid = round(a + (b - a) * min(0.9, max(0.1, t)), 4)
+        if mid in (a, b):
+            break
+        vm = measure(model, tokenizer, prompts, [mid], metric, **kw)[mid]["value"]
+        if (vm - target) * (va - target) <= 0:
+            b = mid
+        else:
+            a = mid
+    probes = [{"alpha": x, **cache[x]} for x in sorted(cache)]
+    candidates = [p for p in probes if lo <= p["alpha"] <= hi and p["degenerate_rate"] <= limit + 1e-12]
+    best = min(candidates, key=lambda p: (abs(p["value"] - target), abs(p["alpha"])))
+    return Calibration(
+        metric=metric, target=float(target), alpha=best["alpha"], value=best["value"],
+        degenerate_rate=best["degenerate_rate"], usable_range=[lo, hi], reachable=reach, probes=probes,
+        n_prompts=len(prompts),
+    )

@@ -1,0 +1,108 @@
+"""Does a calibrated alpha carry over to prompts it was not calibrated on? Calibrate on one half of the held-out
+prompts, measure on the other half.
+
+Half A is the first `--half` held-out prompts (the ones `peft-clm sweep --max-prompts 24` answers), half B the next
+`--half`. Given `--sweep` (that sweep's sweep.json, same adapter, mode and token budget), the coarse grid on half A
+is scored from the sweep's recorded answers instead of generated again (decoding is greedy: the same answers).
+Three targets per dimension are spread over what the knob reaches in its usable range on half A (20%, 50% and 80%
+of the way from the lowest to the highest mean); each is calibrated on A (`peft_clm.tools.calibrate.calibrate`),
+then the metric is measured on B at the alpha found, and called within tolerance when
+|B - target| <= 10% of |target|.
+
+    python scripts/validate_calibration.py --adapter runs/concise --dimension concise --max-new-tokens 64 \\
+        --sweep results/concise/sweep.json --out results/calibration/concise.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+METRIC = {"concise": "words", "formal": "casualness"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--dimension", required=True, choices=sorted(METRIC))
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--interpolation", default="logits", choices=["logits", "hidden", "weights"])
+    parser.add_argument("--sweep", help="sweep.json of the same adapter/mode/budget on half A: its answers score the "
+                                        "coarse grid")
+    parser.add_argument("--alphas", default="-0.5,0,0.25,0.5,0.75,1,1.5,2", help="the coarse grid")
+    parser.add_argument("--fractions", default="0.2,0.5,0.8", help="where the targets sit in the reachable span")
+    parser.add_argument("--half", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    from peft import PeftModel
+
+    from peft_clm.tools.calibrate import calibrate, measure
+    from peft_clm.tools.data import read_prompts
+    from peft_clm.tools.loading import load_model
+    from peft_clm.tools.sweep import usable_range
+    from peft_clm.tools.text_metrics import METRICS, is_degenerate
+
+    metric = METRIC[args.dimension]
+    prompts = read_prompts(ROOT / "data" / args.dimension / "heldout.jsonl")[0]
+    half_a, half_b = prompts[: args.half], prompts[args.half : 2 * args.half]
+    if len(half_b) < args.half:
+        raise SystemExit(f"{len(prompts)} held-out prompts: too few for two halves of {args.half}.")
+    alphas = [float(a) for a in args.alphas.split(",")]
+    cache_a: dict = {}
+    if args.sweep:
+        sweep = json.loads(Path(args.sweep).read_text())
+        if sweep["metric"] != metric or sweep.get("interpolation") != args.interpolation or sweep.get(
+                "max_new_tokens") != args.max_new_tokens or len(sweep["answers"][str(alphas[0])]) != args.half:
+            raise SystemExit(f"{args.sweep} is not a sweep of {metric} in {args.interpolation} mode at "
+                             f"{args.max_new_tokens} new tokens on {args.half} prompts.")
+        for a in alphas:
+            answers = sweep["answers"][str(a)]
+            cache_a[a] = {"value": sum(map(METRICS[metric], answers)) / len(answers),
+                          "degenerate_rate": sum(map(is_degenerate, answers)) / len(answers)}
+    t0 = time.perf_counter()
+    base, tokenizer = load_model("smollm2")
+    model = PeftModel.from_pretrained(base, args.adapter).eval()
+    model.set_interpolation(args.interpolation)
+    kw = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    coarse = measure(model, tokenizer, half_a, alphas, metric, cache=cache_a, **kw)
+    usable = usable_range(alphas, [coarse[a]["degenerate_rate"] for a in alphas])
+    lo, hi = usable["range"]
+    reach = sorted(coarse[a]["value"] for a in alphas if lo <= a <= hi)
+    targets = [round(reach[0] + float(f) * (reach[-1] - reach[0]), 2) for f in args.fractions.split(",")]
+    found = [calibrate(model, tokenizer, half_a, metric, t, alphas=alphas, max_steps=args.max_steps, cache=cache_a,
+                       **kw) for t in targets]
+    on_b = measure(model, tokenizer, half_b, [c.alpha for c in found], metric, **kw)
+    rows = []
+    for t, c in zip(targets, found):
+        value_b = on_b[c.alpha]["value"]
+        rel = abs(value_b - t) / abs(t) if t else float("inf")
+        rows.append({"target": t, "alpha": c.alpha, "value_a": c.value, "value_b": value_b,
+                     "degenerate_rate_b": on_b[c.alpha]["degenerate_rate"], "relative_error_b": rel,
+                     "within_10pct": rel <= 0.10})
+    result = {
+        "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
+        "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),
+        "coarse_alphas": alphas, "usable_range": [lo, hi], "reachable_a": [reach[0], reach[-1]],
+        "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"# {args.dimension} ({metric}), {args.interpolation} mode: usable alphas [{lo:g}, {hi:g}] on half A, "
+          f"reaching {metric} [{reach[0]:.2f}, {reach[-1]:.2f}]")
+    print(f"| target {metric} | alpha (calibrated on A) | {metric} on A | {metric} on B (held out) | error on B "
+          f"| within 10% |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['target']:.2f} | {r['alpha']:.3g} | {r['value_a']:.2f} | {r['value_b']:.2f} "
+              f"| {r['relative_error_b']:.1%} | {'yes' if r['within_10pct'] else 'no'} |")
+    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Calibrating alpha to a target: the search on a knob whose response is known, its refusals (out of reach, reached
+only where the answers degenerate), a real tiny model end to end, and the CLI's argument errors (before loading)."""
+
+import contextlib
+import io
+import json
+
+import pytest
+from peft import PeftModel, get_peft_model
+from tiny_models import perturb, preference_rows, save_tiny_model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peft_clm import ClmConfig
+from peft_clm.tools import calibrate as calibrate_module
+from peft_clm.tools.calibrate import CalibrationError, calibrate, measure
+from peft_clm.tools.cli import main
+
+
+PROMPTS = ["p0", "p1", "p2"]
+
+
+def known_knob(alpha: float, i: int) -> str:
+    """A stand-in for a model with a known response: 30 - 10 * alpha words on average over the three prompts (one
+    word fewer, the same, one more), looping (degenerate) from alpha 1.5 on and below alpha -1.5."""
+    n = max(1, round(30 - 10 * alpha) + (i - 1))
+    if alpha >= 1.5 or alpha < -1.5:
+        return " ".join(["again"] * n)
+    return " ".join("x" + chr(97 + k // 26) + chr(97 + k % 26) for k in range(n))  # distinct words
+
+
+@pytest.fixture
+def fake_generation(monkeypatch):
+    calls = []
+
+    def generate(model, tokenizer, prompts, alphas, max_new_tokens=64, batch_size=16, progress=True):
+        calls.append(list(alphas))
+        return {j: [known_knob(a, i) for i in range(len(prompts))] for j, a in enumerate(alphas)}
+
+    monkeypatch.setattr(calibrate_module, "generate_answers", generate)
+    return calls
+
+
+def test_calibrate_finds_the_known_alpha(fake_generation):
+    c = calibrate(None, None, PROMPTS, "words", 22.0)
+    assert c.alpha == pytest.approx(0.8) and c.value == pytest.approx(22.0)
+    assert c.usable_range == [-1.0, 1.0] and c.reachable == [20.0, 40.0] and c.degenerate_rate == 0.0
+    assert len(fake_generation) == 2  # the coarse grid in one call, then one interpolated alpha
+    c = calibrate(None, None, PROMPTS, "words", 33.0, max_steps=8)
+    assert abs(c.value - 33.0) <= 0.02 * 20 and -0.5 <= c.alpha <= 0.0
+    # a shared cache: a second target on the same prompts reuses the coarse grid
+    cache = {}
+    calibrate(None, None, PROMPTS, "words", 25.0, cache=cache)
+    n = len(fake_generation)
+    c = calibrate(None, None, PROMPTS, "words", 35.0, cache=cache)
+    assert c.alpha == -0.5 and len(fake_generation) == n  # a grid alpha already measured: nothing generated
+
+
+def test_calibrate_refuses_targets_out_of_reach_and_in_the_degenerate_range(fake_generation):
+    with pytest.raises(CalibrationError, match=r"outside what the knob reaches: words spans \[20, 40\]"):
+        calibrate(None, None, PROMPTS, "words", 100.0)
+    with pytest.raises(CalibrationError, match="reached only where the knob degenerates .alpha 2: 100%"):
+        calibrate(None, None, PROMPTS, "words", 12.0)
+    with pytest.raises(CalibrationError, match="outside"):  # beyond alpha 2 as well: not reached at all
+        calibrate(None, None, PROMPTS, "words", 5.0)
+    assert issubclass(CalibrationError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"metric": "nope"}, "metric='nope' is not one of"),
+        ({"target": float("nan")}, "target must be a finite number"),
+        ({"target": True}, "target must be a finite number"),
+        ({"alphas": [0.0]}, "at least one besides 0"),
+        ({"tolerance": 0.0}, "tolerance"),
+        ({"max_steps": -1}, "max_steps"),
+    ],
+)
+def test_calibrate_checks_its_arguments_before_generating(fake_generation, kwargs, message):
+    args = {"metric": "words", "target": 20.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        calibrate(None, None, PROMPTS, args.pop("metric"), args.pop("target"), **args)
+    assert fake_generation == []
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrate")
+    save_tiny_model_dir(root / "model")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "model"), ClmConfig(interpolation="logits"))
+    perturb(model, seed=0, scale=0.5)
+    model.save_pretrained(root / "adapter")
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(4)))
+    return root
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_calibrate_cli_on_a_tiny_model(tiny, tmp_path):
+    """The target is what the model gives at alpha 1 (measured first): calibrate must land on an alpha giving it."""
+    tok = AutoTokenizer.from_pretrained(tiny / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), tiny / "adapter").eval()
+    prompts = [r["prompt"] for r in preference_rows(4)]
+    grid = measure(model, tok, prompts, [0.0, 1.0, 2.0], "words", max_new_tokens=6)
+    target = grid[1.0]["value"]
+    assert target != grid[0.0]["value"] and grid[1.0]["degenerate_rate"] <= grid[0.0]["degenerate_rate"]
+    out = tmp_path / "cal" / "calibration.json"
+    # hidden mode: at alphas 0 and 1 it is the same model as logits mode, between them it is not
+    code, printed, err = run("calibrate", "--model", tiny / "model", "--adapter", tiny / "adapter", "--metric",
+                             "words", "--target", target, "--prompts", tiny / "prompts.jsonl", "--alphas", "0,1,2",
+                             "--max-new-tokens", 6, "--mode", "hidden", "--out", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert "usable range" in printed and f"alpha {result['alpha']:.4g} gives words" in printed
+    assert result["target"] == target and abs(result["value"] - target) <= 0.02 * max(
+        1.0, result["reachable"][1] - result["reachable"][0])
+    assert result["usable_range"][0] <= result["alpha"] <= result["usable_range"][1]
+    code, _, err = run("calibrate", "--model", tiny / "model", "--adapter", tiny / "adapter", "--metric", "words",
+                       "--target", 10_000, "--prompts", tiny / "prompts.jsonl", "--alphas", "0,1",
+                       "--max-new-tokens", 6)
+    assert code == 2 and "lies outside what the knob reaches" in err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--metric": "nope"}, "--metric 'nope' is not one of"),
+        ({"--target": "x"}, "--target must be a number"),
+        ({"--target": "inf"}, "--target must be a finite number"),
+        ({"--alphas": "0,x"}, "--alphas must be comma-separated numbers"),
+        ({"--alphas": "0"}, "--alphas needs at least one alpha besides 0"),
+        ({"--tolerance": "1.5"}, "--tolerance"),
+        ({"--max-steps": "-1"}, "--max-steps"),
+        ({"--max-prompts": "0"}, "--max-prompts"),
+        ({"--out": "."}, "is a directory"),
+        ({"--prompts": "missing.jsonl"}, "No prompts file"),
+    ],
+)
+def test_calibrate_cli_argument_errors_come_before_loading(tiny, change, message):
+    args = {"--model": tiny / "no-such-model", "--adapter": tiny / "adapter", "--metric": "words", "--target": "20",
+            "--prompts": tiny / "prompts.jsonl", **change}
+    code, _, err = run("calibrate", *[x for kv in args.items() for x in kv])
+    assert code == 2 and message in err and "no-such-model" not in err
