@@ -483,7 +483,7 @@ def test_200_interleaved_requests_each_equal_its_solo_generate(request, mode):
     assert sum(len(v) > 1 for v in per_prompt.values()) >= len(per_prompt) // 2  # alpha does change the text
 
 
-# ---------------------------------------------------------------------------------------------------- queue, clients, shutdown
+# ------------------------------------------------------------------------------------ queue, clients, shutdown
 def _long_stream(server, max_tokens=1500):
     """A streamed request that runs for a long time (EOS ignored); returns the open response and its lines."""
     client = httpx.Client(timeout=60)
@@ -547,7 +547,7 @@ def test_client_that_disconnects_frees_its_slot(small):
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(small):
-    client, response, lines, rid = _long_stream(small, max_tokens=300)
+    client, response, lines, _ = _long_stream(small, max_tokens=300)
     small.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     with pytest.raises(httpx.ConnectError):  # no new connections once draining

@@ -88,16 +88,16 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         base = {"id": knobs.base_id, "object": "model", "created": created, "owned_by": "peft-clm",
                 "adapters": knobs.adapters, "interpolation": knobs.mode, "default_alpha": knobs.default,
                 "max_model_len": engine.context_length}
-        adapters = [{"id": name, "object": "model", "created": created, "owned_by": "peft-clm", "parent": knobs.base_id,
-                     "root": knobs.base_id} for name in knobs.adapters]
+        adapters = [{"id": name, "object": "model", "created": created, "owned_by": "peft-clm",
+                     "parent": knobs.base_id, "root": knobs.base_id} for name in knobs.adapters]
         return {"object": "list", "data": [base, *adapters]}
 
     # ------------------------------------------------------------------ generation endpoints
     def target_of(model: str) -> str:
         if model != knobs.base_id and model not in knobs.adapters:
-            raise ApiError(404, f"model {model!r} does not exist here; the models are {[knobs.base_id, *knobs.adapters]} "
-                           "(the base model dials every knob, an adapter's name that knob alone).", param="model",
-                           code="model_not_found")
+            names = [knobs.base_id, *knobs.adapters]
+            raise ApiError(404, f"model {model!r} does not exist here; the models are {names} (the base model dials "
+                           "every knob, an adapter's name that knob alone).", param="model", code="model_not_found")
         return model
 
     @app.post("/v1/completions")
@@ -148,8 +148,8 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         batcher.submit(job)
         record = _Record(rid, target, knobs.echo(body.alpha, alphas), rows, sum(len(ids) for ids in prompts),
                          request.url.path, body.stream)
-        header = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-                  "model": body.model, "alpha": record.alpha}
+        header = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                  "created": int(time.time()), "model": body.model, "alpha": record.alpha}
         if body.stream:
             return StreamingResponse(stream(job, events, record, header, chat, body.include_usage_chunk),
                                      media_type="text/event-stream",

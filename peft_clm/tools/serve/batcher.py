@@ -1,13 +1,14 @@
 """The request queue and dynamic batching: one worker thread runs one `generate()` at a time.
 
 The asyncio side only submits jobs and awaits their events; the model is never used by two threads at once.
-Batch formation: the worker takes the oldest waiting request, waits until `batch_wait_ms` after its arrival (or
-until `max_batch_size` rows are waiting), then takes, oldest first, every waiting request that can share its
-`generate()` call and fits in `max_batch_size` rows. What can share a call is decided by `Engine.group_key`: in
-logits and hidden modes everything (alpha, sampling settings, max_tokens and stop strings are all per row); in
-weights mode, requests with the same alpha. A request's rows (its `n` choices, its prompts) always run in one
-call; a request with more rows than `max_batch_size` runs alone. The oldest request always goes first, so no
-request waits behind later ones for long.
+Batch formation: the worker takes the oldest waiting request and waits for company: until `max_batch_size` rows are
+waiting, or `batch_wait_ms` passes without a new arrival (at most 4 x `batch_wait_ms` in all), counted from the
+oldest request's arrival or the end of the previous batch, whichever is later (see `_deadline`). Then it takes,
+oldest first, every waiting request that can share its `generate()` call and fits in `max_batch_size` rows. What
+can share a call is decided by `Engine.group_key`: in logits and hidden modes everything (alpha, sampling settings,
+max_tokens and stop strings are all per row); in weights mode, requests with the same alpha. A request's rows (its
+`n` choices, its prompts) always run in one call; a request with more rows than `max_batch_size` runs alone. The
+oldest request always goes first, so no request waits behind later ones for long.
 
 There is no continuous batching: requests that arrive while a batch runs wait for the next one. A row that ends
 early (EOS, stop string, max_tokens, client gone) is answered at once; the call ends when its last row ends.
@@ -88,6 +89,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="peft-clm-batcher", daemon=True)
         self.batches = 0
         self.rows_done = 0
+        self._free_since = 0.0  # when the worker last finished a batch (monotonic seconds)
+        self._last_arrival = 0.0
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -104,6 +107,7 @@ class Batcher:
                 raise ApiError(503, f"the server's queue is full ({self.max_queue} requests waiting); retry shortly.",
                                headers={"Retry-After": "1"}, code="queue_full")
             self._queue.append(job)
+            self._last_arrival = job.arrival
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
@@ -132,6 +136,16 @@ class Batcher:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker side
+    def _deadline(self, head: Job) -> float:
+        # Company is awaited from the head's arrival or the end of the last batch, whichever is later: the clients
+        # that batch answered send their next requests within moments, and without waiting for them they would
+        # form a cohort of their own, out of step with the one queued meanwhile, and batches would stay half full
+        # for as long as the load lasts. Requests of a burst arrive a few ms apart (each is parsed and tokenized
+        # on the event loop), so the wait runs until `batch_wait` passes without a new arrival, and never more
+        # than 4 x `batch_wait` in all.
+        start = max(head.arrival, self._free_since)
+        return min(max(start, self._last_arrival) + self.batch_wait, start + 4 * self.batch_wait)
+
     def _rows_ready(self, key: Any) -> int:
         return sum(len(j.specs) for j in self._queue if j.key == key)
 
@@ -143,10 +157,9 @@ class Batcher:
                 if self._closing:
                     return None
                 head = self._queue[0]
-                deadline = head.arrival + self.batch_wait
                 while (not self._closing and self._queue and self._queue[0] is head
                        and self._rows_ready(head.key) < self.max_batch_size):
-                    remaining = deadline - time.monotonic()
+                    remaining = self._deadline(head) - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cv.wait(remaining)
@@ -188,4 +201,5 @@ class Batcher:
             with self._cv:
                 self._running = []
                 self.rows_done += len(specs)
+                self._free_since = time.monotonic()
             log.debug("batch %d done: %d steps in %.3f s", number, steps, time.perf_counter() - start)

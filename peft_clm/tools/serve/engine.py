@@ -176,8 +176,9 @@ class Engine:
              dtype: str = "float32", device: Optional[str] = None, base_id: Optional[str] = None,
              context_length: Optional[int] = None) -> "Engine":
         """Load MODEL (what `peft-clm train` accepts) and the named adapter directories, all active."""
-        import peft_clm  # noqa: F401  registers CLM with PEFT
         from peft import PeftModel
+
+        import peft_clm  # noqa: F401  registers CLM with PEFT
 
         from ..loading import load_model
 
@@ -211,7 +212,8 @@ class Engine:
         vocab = len(self.tokenizer)
         bad = [t for t in prompt if not 0 <= t < max(vocab, self.model.config.get_text_config().vocab_size)]
         if bad:
-            raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).", param="prompt")
+            raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).",
+                           param="prompt")
         return list(prompt)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -229,7 +231,8 @@ class Engine:
             raise ApiError(400, "the prompt is empty; send at least one token of text.", param=param)
         if n >= self.context_length:
             raise ApiError(400, f"the prompt is {n} tokens long but this model's context is {self.context_length} "
-                           "tokens (prompt + completion); shorten the prompt.", param=param, code="context_length_exceeded")
+                           "tokens (prompt + completion); shorten the prompt.", param=param,
+                           code="context_length_exceeded")
         if max_tokens is None:
             return min(limit, self.context_length - n)
         if n + max_tokens > self.context_length:
