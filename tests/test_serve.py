@@ -255,6 +255,9 @@ def test_completion_matches_solo_generate_and_counts_usage(logits, ref_logits):
         assert r.usage.prompt_tokens == len(ref_logits.prompt_ids(prompt, False))
         assert r.usage.completion_tokens == n and r.usage.total_tokens == n + r.usage.prompt_tokens
         assert r.model_extra["alpha"] == both(alpha)
+    # No max_tokens: 16, OpenAI's default for completions.
+    r = client.completions.create(model="model", prompt=PROMPTS[0], temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
     # No alpha: the server's default (--alpha, 1.0) for every knob.
     r = client.completions.create(model="model", prompt=PROMPTS[4], max_tokens=8, temperature=0)
     assert r.choices[0].text == ref_logits.answer(PROMPTS[4], both(1.0), 8)[0] and r.model_extra["alpha"] == both(1.0)

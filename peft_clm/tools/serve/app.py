@@ -128,7 +128,10 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         temperature = 1.0 if body.temperature is None else float(body.temperature)  # OpenAI's default
         specs = []
         for p, ids in enumerate(prompts):
-            budget = engine.check_length(ids, body.max_tokens, max_new_tokens_limit, prompt_param)
+            # Without max_tokens a completion gets 16 tokens (OpenAI's default), a chat answer what the context
+            # leaves, up to --max-new-tokens-limit.
+            budget = engine.check_length(ids, body.max_tokens, max_new_tokens_limit, prompt_param,
+                                         default=None if chat else 16)
             for j in range(body.n):
                 k = p * body.n + j
                 seed = None if body.seed is None else (body.seed + k) % 2**64  # choice k draws from seed + k
@@ -144,10 +147,10 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-        job = Job(rid, specs, emit, stream=body.stream)
-        batcher.submit(job)
         record = _Record(rid, target, knobs.echo(body.alpha, alphas), rows, sum(len(ids) for ids in prompts),
                          request.url.path, body.stream)
+        job = Job(rid, specs, emit, stream=body.stream)
+        batcher.submit(job)
         header = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                   "created": int(time.time()), "model": body.model, "alpha": record.alpha}
         if body.stream:
@@ -306,7 +309,8 @@ def _describe(errors: list) -> str:
         return f"field {where!r} is required."
     if kind in ("model_attributes_type", "dict_type") and not where:
         return "the request body must be a JSON object."
-    return f"{where or 'body'}: {e.get('msg')} (got {e.get('input')!r})."
+    got = repr(e.get("input"))
+    return f"{where or 'body'}: {e.get('msg')} (got {got if len(got) <= 80 else got[:77] + '...'})."
 
 
 class BodySizeLimit:

@@ -224,8 +224,10 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_length(self, prompt_ids: list[int], max_tokens: Optional[int], limit: int, param: str) -> int:
-        """The row's token budget: `max_tokens`, or what the context leaves (up to `limit`) when none was sent."""
+    def check_length(self, prompt_ids: list[int], max_tokens: Optional[int], limit: int, param: str,
+                     default: Optional[int] = None) -> int:
+        """The row's token budget: `max_tokens`; when none was sent, `default` or else `limit`, cut to what the
+        context leaves."""
         n = len(prompt_ids)
         if n == 0:
             raise ApiError(400, "the prompt is empty; send at least one token of text.", param=param)
@@ -234,7 +236,7 @@ class Engine:
                            "tokens (prompt + completion); shorten the prompt.", param=param,
                            code="context_length_exceeded")
         if max_tokens is None:
-            return min(limit, self.context_length - n)
+            return min(default or limit, self.context_length - n)
         if n + max_tokens > self.context_length:
             raise ApiError(400, f"this model's context is {self.context_length} tokens; the prompt takes {n} and "
                            f"max_tokens asks for {max_tokens}. Lower max_tokens to at most {self.context_length - n}.",
