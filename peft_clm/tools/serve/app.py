@@ -154,9 +154,14 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         header = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                   "created": int(time.time()), "model": body.model, "alpha": record.alpha}
         if body.stream:
-            return StreamingResponse(stream(job, events, record, header, chat, body.include_usage_chunk),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def close() -> None:
+                if not record.complete:
+                    batcher.cancel(job)
+                record.log()
+
+            return _EventStream(stream(job, events, record, header, chat, body.include_usage_chunk), close,
+                                media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await collect(request, job, events, record, header, chat)
 
     async def collect(request: Request, job: Job, events: asyncio.Queue, record: "_Record", header: dict,
@@ -227,6 +232,21 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
             record.log()
 
     return app
+
+
+class _EventStream(StreamingResponse):
+    """A streamed response that runs `on_close` however it ends, also when the client leaves before the first
+    chunk (then the body generator never starts and its own `finally` never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class _Record:
