@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--adapter", help="a trained CLM adapter (default: a seeded random one, same cost)")
     parser.add_argument("--interpolation", default="logits", choices=["logits", "hidden", "weights"])
     parser.add_argument("--clients", default="1,4,8")
-    parser.add_argument("--per-client", type=int, default=3, help="requests each client sends, one after another")
+    parser.add_argument("--per-client", type=int, default=5, help="requests each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8, help="for the batched loads")
     parser.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")

@@ -604,3 +604,53 @@ def test_serve_command_reports_bad_arguments(tiny, capsys):
     assert main(["serve", "--model", str(tiny / "model"), "--adapter", f"a={tiny / 'concise'}",
                  "--adapter", f"a={tiny / 'formal'}"]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_batcher_takes_waiting_requests_oldest_first_within_the_size_and_the_group():
+    from peft_clm.tools.serve.batcher import Batcher, Job
+    from peft_clm.tools.serve.engine import RowSpec
+    from peft_clm.tools.serve.errors import ApiError
+
+    class FakeEngine:  # records the batches; the first one blocks until released
+        def __init__(self, weights):
+            self.weights, self.batches, self.gate = weights, [], threading.Event()
+
+        def group_key(self, spec):
+            return spec.alpha["k"] if self.weights else None
+
+        def run_batch(self, specs, sinks):
+            self.batches.append([s.prompt_ids[0] for s in specs])
+            assert self.gate.wait(10)
+            for sink in sinks:
+                sink.finish("length", 1, "")
+            return 1
+
+    def job(i, alpha=0.0, rows=1):
+        return Job(f"r{i}", [RowSpec([i], {"k": alpha}, 1)] * rows, emit=lambda event: None)
+
+    for weights in (False, True):
+        engine = FakeEngine(weights)
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_ms=1, max_queue=6)
+        batcher.start()
+        batcher.submit(job(0))
+        deadline = time.monotonic() + 5
+        while not engine.batches:  # job 0 runs (and blocks): the next ones queue up behind it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiting = [job(1, 0.5), job(2, 1.0), job(3, 0.5, rows=2), job(4, 0.5), job(5, 1.0), job(6, 0.5)]
+        for j in waiting:
+            batcher.submit(j)
+        with pytest.raises(ApiError) as full:  # 6 waiting: the queue is full
+            batcher.submit(job(7))
+        assert full.value.status == 503 and full.value.headers["Retry-After"] == "1"
+        batcher.cancel(waiting[-1])  # its client went away: it never runs
+        engine.gate.set()
+        deadline = time.monotonic() + 5
+        while batcher.stats()["rows_done"] < 7:
+            assert time.monotonic() < deadline, engine.batches
+            time.sleep(0.01)
+        batcher.close()
+        if weights:  # one alpha per call, the oldest request's group first
+            assert engine.batches == [[0], [1, 3, 3, 4], [2, 5]]
+        else:  # any alphas share a call, oldest first, up to 4 rows; a request's rows stay together
+            assert engine.batches == [[0], [1, 2, 3, 3], [4, 5]]

@@ -1,11 +1,12 @@
 """The request queue and dynamic batching: one worker thread runs one `generate()` at a time.
 
 The asyncio side only submits jobs and awaits their events; the model is never used by two threads at once.
-Batch formation: the worker takes the oldest waiting request and waits for company: until `max_batch_size` rows are
-waiting, or `batch_wait_ms` passes without a new arrival (at most 4 x `batch_wait_ms` in all), counted from the
-oldest request's arrival or the end of the previous batch, whichever is later (see `_deadline`). Then it takes,
-oldest first, every waiting request that can share its `generate()` call and fits in `max_batch_size` rows. What
-can share a call is decided by `Engine.group_key`: in logits and hidden modes everything (alpha, sampling settings,
+Batch formation: the worker takes the oldest waiting request and waits for company until `max_batch_size` rows are
+waiting: while fewer rows wait than the last batch answered (those clients tend to come back at once), for up to 4 x
+`batch_wait_ms`; otherwise until `batch_wait_ms` passes without a new arrival (also at most 4x in all); counted from
+the oldest request's arrival or the end of the previous batch, whichever is later (see `_deadline`). Then it takes,
+oldest first, every waiting request that can share its `generate()` call and fits in `max_batch_size` rows. What can
+share a call is decided by `Engine.group_key`: in logits and hidden modes everything (alpha, sampling settings,
 max_tokens and stop strings are all per row); in weights mode, requests with the same alpha. A request's rows (its
 `n` choices, its prompts) always run in one call; a request with more rows than `max_batch_size` runs alone. The
 oldest request always goes first, so no request waits behind later ones for long.
@@ -91,6 +92,7 @@ class Batcher:
         self.rows_done = 0
         self._free_since = 0.0  # when the worker last finished a batch (monotonic seconds)
         self._last_arrival = 0.0
+        self._last_rows = 0  # rows of the last batch
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -137,14 +139,18 @@ class Batcher:
 
     # ------------------------------------------------------------------ worker side
     def _deadline(self, head: Job) -> float:
-        # Company is awaited from the head's arrival or the end of the last batch, whichever is later: the clients
-        # that batch answered send their next requests within moments, and without waiting for them they would
-        # form a cohort of their own, out of step with the one queued meanwhile, and batches would stay half full
-        # for as long as the load lasts. Requests of a burst arrive a few ms apart (each is parsed and tokenized
-        # on the event loop), so the wait runs until `batch_wait` passes without a new arrival, and never more
-        # than 4 x `batch_wait` in all.
+        # Company is awaited from the head's arrival or the end of the last batch, whichever is later, and for at
+        # most 4 x `batch_wait`. Clients answered by the last batch tend to send their next requests within
+        # moments; if the batch started without them they would form a cohort of their own, out of step with the
+        # one queued meanwhile, and batches would stay half full for as long as the load lasts. So while fewer rows
+        # wait than the last batch answered, the worker waits for them up to the cap; otherwise it starts once
+        # `batch_wait` passes without a new arrival (the requests of a burst arrive a few ms apart, each parsed
+        # and tokenized on the event loop).
         start = max(head.arrival, self._free_since)
-        return min(max(start, self._last_arrival) + self.batch_wait, start + 4 * self.batch_wait)
+        cap = start + 4 * self.batch_wait
+        if self._rows_ready(head.key) < self._last_rows:
+            return cap
+        return min(max(start, self._last_arrival) + self.batch_wait, cap)
 
     def _rows_ready(self, key: Any) -> int:
         return sum(len(j.specs) for j in self._queue if j.key == key)
@@ -202,4 +208,5 @@ class Batcher:
                 self._running = []
                 self.rows_done += len(specs)
                 self._free_since = time.monotonic()
+                self._last_rows = len(specs)
             log.debug("batch %d done: %d steps in %.3f s", number, steps, time.perf_counter() - start)
