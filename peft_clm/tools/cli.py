@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch-size", type=int, default=8, help="rows per generate() call (1: no batching)")
-    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="a batch starts once this long passes without a new request (at most 4x this in all)")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="a batch starts once this long passes without a new request (at most 4x this in all)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
     s.add_argument("--max-new-tokens-limit", type=int, default=1024, help="the largest max_tokens accepted")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
