@@ -79,3 +79,22 @@ def test_bench_modes_inprocess_quick(tmp_path):
         ("weights", 0.5),
     }
     assert all(r["step_ms_median"] > 0 and r["layer_ms_median"] > 0 for r in rows)
+
+
+def test_bench_serve_quick_schema(tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_serve.py"), "--quick", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["load"], r["clients"]) for r in rows} == {(load, c) for load in ("alpha0", "mixed", "mixed_unbatched")
+                                                         for c in (1, 4, 8)}
+    for r in rows:
+        for key in ("requests_per_s", "gen_tok_s", "p50_latency_s", "p99_latency_s", "peak_mem_mb", "vs_alpha0",
+                    "vs_unbatched", "mean_batch_rows", "load_avg_1m_start"):
+            assert key in r, key
+        assert r["requests"] == 2 * r["clients"] and r["completion_tokens"] == 4 * r["requests"]  # EOS ignored
+        assert r["gen_tok_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["p50_latency_s"] <= r["p99_latency_s"]
+        assert r["max_batch_rows"] <= (1 if r["load"] == "mixed_unbatched" else 8)
+    assert next(r for r in rows if r["load"] == "alpha0" and r["clients"] == 8)["vs_alpha0"] == 1.0
+    assert "targets at 8 clients" in proc.stdout and "gen tok/s" in proc.stdout

@@ -301,6 +301,34 @@ def _vectors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.server import run_server
+    except ImportError as e:
+        raise ValueError(f"peft-clm serve needs the serve extra ({e.name} is missing): pip install 'peft-clm[serve]'")
+    named, plain = {}, []
+    for item in args.adapter:  # NAME=DIR, or DIR (named after its directory, as elsewhere)
+        name, sep, path = item.partition("=")
+        if sep and name and path and name.replace("-", "_").replace(".", "_").isidentifier():
+            if name in named:
+                raise ValueError(f"--adapter: the name {name!r} is given twice; each adapter needs its own name.")
+            named[name] = path
+        else:
+            plain.append(item)
+    adapters = dict(named)
+    for name, path in zip(adapter_names(plain), plain) if plain else ():
+        if name in adapters:
+            raise ValueError(f"--adapter {path}: its name {name!r} is taken; give it one with NAME={path}.")
+        adapters[name] = path
+    return run_server(
+        args.model, adapters, interpolation=args.interpolation, alpha=args.alpha, host=args.host, port=args.port,
+        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+        max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
+        device=args.device, served_model_name=args.served_model_name, context_length=args.context_length,
+        drain_timeout=args.drain_timeout, log_level=args.log_level, threads=args.threads,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-clm", description="Controllable-alignment layers (CLM) for LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -401,6 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("path")
     vi.add_argument("--top", type=int, default=10)
     v.set_defaults(func=_vectors)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server: every request carries its own alpha, batched together")
+    s.add_argument("--model", required=True, help="local HF directory, a .gguf file, or 'smollm2'")
+    s.add_argument("--adapter", required=True, action="append", help="[NAME=]DIR of a CLM adapter (repeatable)")
+    s.add_argument("--interpolation", choices=["logits", "hidden", "weights"], help="default: the adapter's own")
+    s.add_argument("--alpha", type=float, default=1.0, help="alpha of a request that sends none (default 1)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch-size", type=int, default=8, help="rows per generate() call (1: no batching)")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="a batch starts once this long passes without a new request (at most 4x this in all)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
+    s.add_argument("--max-new-tokens-limit", type=int, default=1024, help="the largest max_tokens accepted")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    s.add_argument("--context-length", type=int, help="default: the model's max_position_embeddings")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    s.add_argument("--device", help="default: cuda if available, else cpu")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    s.add_argument("--served-model-name", help="the base model's id in the API (default: the --model name)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM, seconds to let requests in flight finish")
+    s.add_argument("--log-level", choices=["debug", "info", "warning"], default="info",
+                   help="info: one line per request; debug: also the batches formed")
+    s.set_defaults(func=_serve)
     return parser
 
 
