@@ -47,7 +47,8 @@ class ClmConfig(PeftConfig):
         lowrank_modules: Linear modules that get factors (default: every linear module of the layer; must include
             the zeroed ones).
         train_norms: Low-rank only: train the layer's norm weights too (default: frozen, the base model's).
-        base_fingerprint: A hash of the wrapped layer's weights, set when the adapter is created. Loading onto
+        base_fingerprint: A sketch of the wrapped layer's weights (`load_checks.layer_sketch`: per parameter, the
+            norm and alternating sum of a strided sample), set when the adapter is created. Loading onto
             another base is refused for a low-rank adapter (its weights are derived from the base) and warned for
             a full one.
 
@@ -82,8 +83,8 @@ class ClmConfig(PeftConfig):
         default=None, metadata={"help": "Linear modules of the layer with low-rank factors (default: all of them)."}
     )
     train_norms: bool = field(default=False, metadata={"help": "Low-rank: train the layer's norms too."})
-    base_fingerprint: Optional[str] = field(
-        default=None, metadata={"help": "Set at injection: a hash of the wrapped layer, checked when loading."}
+    base_fingerprint: Optional[dict] = field(
+        default=None, metadata={"help": "Set at injection: a sketch of the wrapped layer, checked when loading."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Set automatically to the decoder layer at `layer_index`; leave unset."}

@@ -322,6 +322,7 @@ class ClmLayer(nn.Module, BaseTunerLayer):
                 "logits mode runs through the model's forward, which lays out the paths; this layer was called on "
                 "its own. Call the model, or use interpolation='hidden'."
             )
+        self._check_cache(cache, ("logits", plan.paths))  # first: a cache filled elsewhere is named as such
         rows = compat.cache_rows(cache)
         if rows is not None and rows != plan.num_paths * plan.batch:
             raise ValueError(
@@ -329,7 +330,6 @@ class ClmLayer(nn.Module, BaseTunerLayer):
                 f"set of paths; this call runs {plan.num_paths} path(s) x {plan.batch} sequences. Start a new cache "
                 "when alpha changes."
             )
-        self._check_cache(cache, ("logits", plan.paths))
         if x.shape[0] != plan.num_paths * plan.batch:
             raise RuntimeError(f"logits mode expected {plan.num_paths * plan.batch} rows, got {x.shape[0]}.")
         if plan.paths == (None,):

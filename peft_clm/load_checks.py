@@ -127,7 +127,7 @@ def check_base(config: ClmConfig, layer: nn.Module, model: nn.Module) -> None:
     warn for a full one (weights mode mixes towards this layer); adapters saved without a sketch compare names."""
     if any(p.device.type == "meta" for p in layer.parameters()):
         return
-    if config.base_fingerprint is None:
+    if not isinstance(config.base_fingerprint, dict):  # saved before sketches existed: compare the base's name
         saved, current = config.base_model_name_or_path, compat.name_or_path(model)
         if saved and current and os.path.normpath(str(saved)) != os.path.normpath(current):
             logger.warning("this CLM adapter was trained on %r and is being loaded onto %r; its alpha 0 is this "

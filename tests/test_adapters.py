@@ -60,12 +60,21 @@ def test_gradient_checkpointing_and_dtypes(mode, dtype):
     for checkpointing in (False, True):
         model = get_peft_model(tiny_model("qwen2", dtype=dtype), ClmConfig(interpolation=mode, alpha=0.7))
         perturb(model)
+        calls = []
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
             model.enable_input_require_grads()
+            for module in model.modules():  # count the layers that run through checkpointing
+                function = getattr(module, "_gradient_checkpointing_func", None)
+                if function is not None:
+                    module._gradient_checkpointing_func = lambda *a, f=function, **k: calls.append(1) or f(*a, **k)
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
+        # the three original layers and the CLM layer's copy, whose activations are recomputed too; weights mode's
+        # differentiable mix runs the copy by a functional call, which a recompute would run without its parameters
+        expected = 3 if mode == "weights" else 4
+        assert len(calls) == (expected if checkpointing else 0), len(calls)
         grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
         assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
         results.append((loss.detach().float(), grad))
