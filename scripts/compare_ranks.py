@@ -23,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC = {"concise": "words", "formal": "casualness"}
+# the README's sweeps: concise answers may run past the longest chosen one and the base's (~52 words)
+MAX_NEW_TOKENS = {"concise": 64, "formal": 48}
 ALPHAS = "-0.5,0,0.25,0.5,0.75,1,1.5,2"
 # Llama-3.1-8B's decoder shape (no weights are needed to count an adapter's parameters)
 LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -87,7 +89,8 @@ def evaluate_row(args, out: Path) -> dict:
     if not (sweep_dir / "sweep.json").is_file():
         cmd = [sys.executable, "-m", "peft_clm", "sweep", "--model", "smollm2", "--adapter", str(out),
                f"--alphas={ALPHAS}", "--prompts", str(ROOT / "data" / args.dimension / "heldout.jsonl"),
-               "--metric", METRIC[args.dimension], "--max-prompts", str(args.max_prompts), "--out", str(sweep_dir)]
+               "--metric", METRIC[args.dimension], "--max-prompts", str(args.max_prompts),
+               "--max-new-tokens", str(MAX_NEW_TOKENS[args.dimension]), "--out", str(sweep_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             raise SystemExit(f"sweep of {out} failed:\n{proc.stderr[-3000:]}")
