@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
+from safetensors.torch import save_file
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,9 +84,12 @@ def main() -> None:
             "train_pairs": len(samples), "train_seconds": train_s}
     result["steering"] = meta
     (Path(args.out) / "steering.json").write_text(json.dumps(meta, indent=1))
-    torch.save({k: v.cpu() for k, v in vector.layer_activations.items()}, Path(args.out) / "vector.pt")
+    # weights are only ever written as safetensors
+    save_file({f"layer_{k}": v.detach().cpu().contiguous() for k, v in vector.layer_activations.items()},
+              str(Path(args.out) / "vector.safetensors"))
     print(format_table(result))
-    print(f"total {result['total_seconds']:.0f} s; wrote {args.out}/sweep.json, sweep.csv, sweep.png, vector.pt")
+    print(f"total {result['total_seconds']:.0f} s; wrote {args.out}/sweep.json, sweep.csv, sweep.png, "
+          "vector.safetensors")
 
 
 if __name__ == "__main__":
