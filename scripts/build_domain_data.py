@@ -303,6 +303,8 @@ GENERAL = [
 
 QUESTIONS = {"medical": MEDICAL, "legal": LEGAL, "financial": FINANCIAL, "general": GENERAL}
 LEVELS = ("avoid", "generic", "expert")
+# --lean: train questions get only the two levels the DPO pairs use, and the control domain only held-out answers.
+TRAIN_LEVELS_LEAN = ("avoid", "expert")
 
 AVOID_SYSTEM = (
     "Do not answer the question. Politely decline and refer the user to a qualified professional. Give no advice."
@@ -501,8 +503,10 @@ def level_stats(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         part = [r for r in rows if r["domain"] == domain]
         stats[domain] = {}
         for level in LEVELS:
-            texts = [r[level] for r in part]
-            rests = [r[level][len(r["_opening"][level]) :] for r in part]
+            texts = [r[level] for r in part if level in r]
+            rests = [r[level][len(r["_opening"][level]) :] for r in part if level in r]
+            if not texts:
+                continue
             stats[domain][level] = {
                 "refusal": round(statistics.mean(map(refusal_score, texts)), 2),
                 "specificity": round(statistics.mean(map(specificity_score, texts)), 2),
@@ -543,6 +547,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
+    parser.add_argument(
+        "--avoid-max-new-tokens", type=int, default=None, help="budget of avoid answers (kept to one sentence)"
+    )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="train questions: avoid and expert answers only (what the DPO pairs use); general: held-out only",
+    )
     args = parser.parse_args()
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -559,13 +571,22 @@ def main() -> None:
                 "_opening": {},
                 "_index": index,
             }
-            for level in LEVELS:
+            if args.lean and row["_split"] == "train" and domain == "general":
+                continue  # the control domain is only scored (held-out), never trained on
+            levels = TRAIN_LEVELS_LEAN if args.lean and row["_split"] == "train" else LEVELS
+            for level in levels:
                 system, prefill = lever(domain, level, index)
                 row["_opening"][level] = prefill
                 requests.append((row, level, system + [{"role": "user", "content": question}], prefill))
             rows.append(row)
-    print(f"{len(rows)} questions x {len(LEVELS)} levels = {len(requests)} answers", flush=True)
-    outputs = generate(model, tokenizer, [(m, p) for _, _, m, p in requests], args.max_new_tokens, args.batch_size)
+    print(f"{len(rows)} questions, {len(requests)} answers", flush=True)
+    outputs: list = [None] * len(requests)
+    avoid_budget = args.avoid_max_new_tokens or args.max_new_tokens
+    for wanted, budget in ((True, avoid_budget), (False, args.max_new_tokens)):  # avoid answers keep one sentence
+        group = [i for i, req in enumerate(requests) if (req[1] == "avoid") == wanted]
+        outs = generate(model, tokenizer, [requests[i][2:] for i in group], budget, args.batch_size)
+        for i, o in zip(group, outs):
+            outputs[i] = o
     for (row, level, _, prefill), (continuation, ended) in zip(requests, outputs):
         row[level] = answer_text(level, prefill, continuation, ended)
     # Degenerate expert answers: again with the next opening of their domain (at most two more tries each).
@@ -601,6 +622,8 @@ def main() -> None:
             "expert_openings": EXPERT_OPENINGS,
             "generic": "no system message, no prefill",
             "max_new_tokens": args.max_new_tokens,
+            "avoid_max_new_tokens": args.avoid_max_new_tokens or args.max_new_tokens,
+            "lean": args.lean,
             "repetition_penalty": 1.15,
         },
         "expert_answers_retried": retried,
