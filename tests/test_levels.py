@@ -1,6 +1,8 @@
 """Level scoring (peft_clm.tools.levels) on tiny random models: the k + 1 pass logits-mode scores equal a naive
 one-sequence-at-a-time loop at every grid point, the argmax and accuracies, the 27-combination search, bad input."""
 
+import json
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -64,9 +66,10 @@ def setup():
     tokenizer = tiny_tokenizer()
     model = get_peft_model(_plain_model(tokenizer), ClmConfig(interpolation="logits"), adapter_name="x")
     model.add_adapter("y", ClmConfig(interpolation="logits"))
-    perturb(model, seed=0, scale=0.3, adapter="x")
-    perturb(model, seed=1, scale=0.3, adapter="y")
-    model.base_model.set_adapter(["x", "y"])
+    model.add_adapter("z", ClmConfig(interpolation="logits"))
+    for seed, name in enumerate("xyz"):
+        perturb(model, seed=seed, scale=0.3, adapter=name)
+    model.base_model.set_adapter(["x", "y", "z"])
     return model.eval(), tokenizer
 
 
@@ -87,11 +90,11 @@ def naive_scores(model, tokenizer, rows, point):
     return torch.tensor(out)
 
 
-def test_logits_mode_grid_equals_a_naive_loop_per_point(setup):
+def test_logits_mode_three_knob_grid_equals_a_naive_loop_per_point(setup):
     model, tokenizer = setup
-    points = grid_points({"x": [-1.5, 0.0, 1.0], "y": [0.0, 2.0]})
+    points = grid_points({"x": [-1.5, 0.0, 1.0], "y": [0.0, 2.0], "z": [-0.5, 0.0]})
     fast = level_scores(model, tokenizer, ROWS, points, batch_size=4)  # batches cut across rows: padding is used
-    assert fast.shape == (6, 3, 3)
+    assert fast.shape == (12, 3, 3)
     for j, point in enumerate(points):
         torch.testing.assert_close(fast[j], naive_scores(model, tokenizer, ROWS, point), atol=1e-4, rtol=1e-4)
     # the knob matters: different points give different scores
@@ -103,14 +106,11 @@ def test_other_modes_run_one_pass_per_point_and_agree_with_the_loop(setup, mode)
     model, tokenizer = setup
     model.set_interpolation(mode)
     try:
-        points = [{"x": 0.5, "y": -1.0}, {"x": 0.0}]  # a partial dict leaves the other knob at 0
+        points = [{"x": 0.5, "y": -1.0, "z": 0.3}, {"x": 0.0}]  # a partial dict leaves the other knobs at 0
         scores = level_scores(model, tokenizer, ROWS, points, batch_size=5)
-        torch.testing.assert_close(
-            scores[0], naive_scores(model, tokenizer, ROWS, {"x": 0.5, "y": -1.0}), atol=1e-4, rtol=1e-4
-        )
-        torch.testing.assert_close(
-            scores[1], naive_scores(model, tokenizer, ROWS, {"x": 0.0, "y": 0.0}), atol=1e-4, rtol=1e-4
-        )
+        torch.testing.assert_close(scores[0], naive_scores(model, tokenizer, ROWS, points[0]), atol=1e-4, rtol=1e-4)
+        zero = {"x": 0.0, "y": 0.0, "z": 0.0}
+        torch.testing.assert_close(scores[1], naive_scores(model, tokenizer, ROWS, zero), atol=1e-4, rtol=1e-4)
     finally:
         model.set_interpolation("logits")
 
@@ -159,6 +159,16 @@ def test_search_finds_the_point_that_reaches_each_combination():
     broken[:, 3] = torch.tensor([-1.0, -5.0, -5.0])  # always avoid
     split = search_combinations(broken, row_domains, points, ["a", "b"], select=[True, False, True, False])
     assert [c["reached"] for c in split] == [c["targets"]["b"] == "avoid" for c in split]
+    # three domains: 27 combinations, every one reached at its own point of a 27-point grid
+    points3 = grid_points({d: [-1.0, 0.0, 1.0] for d in "abc"})
+    doms3 = ["a", "b", "c"]
+    scores3 = torch.full((27, 3, 3), -5.0)
+    for j, p in enumerate(points3):
+        for i, d in enumerate(doms3):
+            scores3[j, i, int(p[d]) + 1] = -1.0
+    combos3 = search_combinations(scores3, doms3, points3, doms3)
+    assert len(combos3) == 27 and sum(c["reached"] for c in combos3) == 27
+    assert len({json.dumps(c["point"], sort_keys=True) for c in combos3}) == 27
     # a control domain is reported, not searched
     with_control = search_combinations(scores, row_domains, points, ["a"], controls={"b": "generic"})
     assert len(with_control) == 3 and all(c["accuracy"]["b"] == 1.0 for c in with_control)
@@ -175,7 +185,7 @@ def test_bad_input_is_one_clear_error(setup):
     with pytest.raises(ValueError, match="no points"):
         level_scores(model, tokenizer, ROWS, [])
     with pytest.raises(ValueError, match="not active"):
-        level_scores(model, tokenizer, ROWS, [{"z": 1.0}])
+        level_scores(model, tokenizer, ROWS, [{"w": 1.0}])
     with pytest.raises(ValueError, match="one active adapter"):
         level_scores(model, tokenizer, ROWS, [1.0])
     with pytest.raises(ValueError, match="finite"):
