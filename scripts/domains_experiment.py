@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 REGULATED = ("medical", "legal", "financial")
 DOMAINS = (*REGULATED, "general")
+POOLED = "pooled_expert_avoid_expert"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -53,7 +54,10 @@ def dir_bytes(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------------ pairs
 def pair_rows(rows: list[dict], chosen: str, rejected: str) -> list[dict]:
-    return [{"prompt": r["prompt"], "chosen": r[chosen], "rejected": r[rejected]} for r in rows]
+    def msg(text):
+        return [{"role": "assistant", "content": text}]
+
+    return [{"prompt": r["prompt"], "chosen": msg(r[chosen]), "rejected": msg(r[rejected])} for r in rows]
 
 
 def cmd_pairs(args) -> None:
@@ -66,21 +70,16 @@ def cmd_pairs(args) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("".join(json.dumps(p) + "\n" for p in pair_rows(part, "expert", "avoid")))
             print(f"{out}: {len(part)} pairs (chosen expert, rejected avoid)")
-    # One pooled training set for one combination (medical expert, legal avoid, financial generic), to time
-    # retraining per combination: the pairs push each domain towards its target level.
+    # One pooled training set for one combination (medical expert, legal avoid, financial expert), to time
+    # retraining per combination: the pairs push each domain towards its target level. (The lean data has no
+    # generic answers for training questions, so this combination has no generic target.)
     rows = read_jsonl(data / "train.jsonl")
-    pooled = []
-    for r in rows:
-        if r["domain"] == "medical":
-            pooled += pair_rows([r], "expert", "avoid")
-        elif r["domain"] == "legal":
-            pooled += pair_rows([r], "avoid", "expert")
-        elif r["domain"] == "financial":
-            pooled += pair_rows([r], "generic", "expert") + pair_rows([r], "generic", "avoid")
-    out = data / "pairs" / "pooled_expert_avoid_generic" / "train.jsonl"
+    orient = {"medical": ("expert", "avoid"), "legal": ("avoid", "expert"), "financial": ("expert", "avoid")}
+    pooled = [p for r in rows if r["domain"] in orient for p in pair_rows([r], *orient[r["domain"]])]
+    out = data / "pairs" / POOLED / "train.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(p) + "\n" for p in pooled))
-    print(f"{out}: {len(pooled)} pairs (medical expert, legal avoid, financial generic)")
+    print(f"{out}: {len(pooled)} pairs (medical expert, legal avoid, financial expert)")
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -90,7 +89,7 @@ def cmd_train(args) -> None:
     data = Path(args.data) / "pairs"
     adapter = "clm" if args.kind == "clm" else "full"
     jobs = (
-        [("pooled_expert_avoid_generic", data / "pooled_expert_avoid_generic" / "train.jsonl")]
+        [(POOLED, data / POOLED / "train.jsonl")]
         if args.pooled
         else [(d, data / d / "train.jsonl") for d in args.domains.split(",")]
     )
