@@ -49,7 +49,8 @@ def write_json(path: Path, data) -> None:
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes of the saved weights (adapter or model safetensors at the top of `path`; checkpoints excluded)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------------ pairs
@@ -236,15 +237,23 @@ def cmd_score(args) -> None:
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
     result = {"kind": kind, "alphas": alphas, "n_questions": {d: row_domains.count(d) for d in DOMAINS}}
-    # 1-D sweeps: one knob moves, the others stay at 0 (all in one call: k + 1 passes in logits mode).
-    t0 = time.perf_counter()
-    sweeps, knobs = {}, {}
+    # Every point at once: the 1-D sweeps (one knob moves, the others at 0) and the 3-knob grid. In logits mode
+    # they all come from 4 passes per batch; a vector point is a forward pass of its own.
+    grid_alphas = [float(a) for a in (args.grid_alphas or args.alphas).split(",")]
+    points = grid_points({d: grid_alphas for d in REGULATED})
     zero = {d: 0.0 for d in REGULATED}
     points_1d = [zero] + [{**zero, d: a} for d in REGULATED for a in alphas if a != 0.0]
-    scores_1d = dict(zip(map(key_of, points_1d), score_points(kind, model, tokenizer, rows, points_1d, vectors)))
+    union = list({key_of(p): p for p in points_1d + points}.values())
+    t0 = time.perf_counter()
+    all_scores = dict(zip(map(key_of, union), score_points(kind, model, tokenizer, rows, union, vectors)))
+    scores = torch.stack([all_scores[key_of(p)] for p in points])
+    combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
+    result["search_seconds"] = time.perf_counter() - t0
+    result["n_points_scored"] = len(union)
+    sweeps, knobs = {}, {}
     for d in REGULATED:
         sweeps[d] = [
-            {"alpha": a, "levels": distribution(scores_1d[key_of({**zero, d: a})], row_domains)} for a in alphas
+            {"alpha": a, "levels": distribution(all_scores[key_of({**zero, d: a})], row_domains)} for a in alphas
         ]
         avoid, expert = pick_alpha(sweeps[d], d, "avoid", -1), pick_alpha(sweeps[d], d, "expert", 1)
         generic = {"alpha": 0.0, "accuracy": sweeps[d][alphas.index(0.0)]["levels"][d]["generic"]}
@@ -261,20 +270,7 @@ def cmd_score(args) -> None:
             f"{knobs[d]['leakage_at_expert']['max']} (expert)",
             flush=True,
         )
-    result["sweep_seconds"] = time.perf_counter() - t0
     result["sweeps"], result["knobs"] = sweeps, knobs
-    # The 3-knob grid and the 27 combinations.
-    grid_alphas = [float(a) for a in (args.grid_alphas or args.alphas).split(",")]
-    points = grid_points({d: grid_alphas for d in REGULATED})
-    t0 = time.perf_counter()
-    if kind == "clm":  # every grid point from 4 passes: cheaper to score afresh (and so timed honestly)
-        scores = score_points(kind, model, tokenizer, rows, points, vectors)
-    else:  # each vector point is a forward pass of its own: reuse the 1-D points the grid shares
-        todo = [p for p in points if key_of(p) not in scores_1d]
-        new = dict(zip(map(key_of, todo), score_points(kind, model, tokenizer, rows, todo, vectors))) if todo else {}
-        scores = torch.stack([scores_1d.get(key_of(p), new.get(key_of(p))) for p in points])
-    combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
-    result["search_seconds"] = time.perf_counter() - t0
     # Two-fold check: choose the point on half the questions of each domain, report on the other half.
     halves = []
     for fold in (0, 1):
@@ -301,7 +297,7 @@ def cmd_score(args) -> None:
     print(
         f"{kind}: {result['reached']}/27 combinations reached (accuracy >= 0.8 on every regulated domain, "
         f"point chosen on the same questions); {result['twofold_reached']}/27 with the point chosen on the other "
-        f"half; grid of {len(points)} points scored and searched in {result['search_seconds']:.0f} s"
+        f"half; {len(union)} points (sweeps and grid) scored and searched in {result['search_seconds']:.0f} s"
     )
 
 
@@ -439,19 +435,28 @@ def cmd_report(args) -> None:
     for name in ("train_clm.json", "train_full.json", "train_clm_pooled.json"):
         if (results / name).exists():
             t = json.loads((results / name).read_text())
+            kind = "full" if "full" in name else "clm"
             for d, v in t.items():
+                weights = Path(args.runs) / kind / d
+                disk = dir_bytes(weights) if weights.exists() else v["disk_bytes"]
                 lines.append(
-                    f"{name}: {d}: {v['steps']} steps in {v['seconds']:.0f} s, "
-                    f"{v['trainable_params']:,} trainable params, disk {v['disk_bytes'] / 1e6:.1f} MB"
+                    f"{name}: {d}: {v['steps']} steps in {v['seconds']:.0f} s ({v['seconds_per_step']:.1f} s/step), "
+                    f"{v['trainable_params']:,} trainable params, weights on disk {disk / 1e6:.1f} MB"
                 )
     for k in kinds:
-        if (results / "train_clm_pooled.json").exists():
-            pooled = json.loads((results / "train_clm_pooled.json").read_text())
-            one = next(iter(pooled.values()))["seconds"]
-            lines.append(
-                f"{k}: search {data[k]['search_seconds']:.0f} s for all 27 vs retraining 27 x {one:.0f} s "
-                f"= {27 * one:.0f} s ({27 * one / data[k]['search_seconds']:.1f}x)"
-            )
+        pooled = results / "train_clm_pooled.json"
+        if pooled.exists():
+            unit, what = next(iter(json.loads(pooled.read_text()).values())), "one pooled run"
+        elif (results / "train_clm.json").exists():  # the pooled run was not measured: the longest per-domain run
+            per_domain = json.loads((results / "train_clm.json").read_text()).values()
+            unit, what = max(per_domain, key=lambda v: v["seconds"]), "the longest per-domain CLM run"
+        else:
+            continue
+        one = unit["seconds"]
+        lines.append(
+            f"{k}: search {data[k]['search_seconds']:.0f} s for all 27 vs retraining 27 x {one:.0f} s ({what}, "
+            f"{unit['steps']} steps) = {27 * one:.0f} s ({27 * one / data[k]['search_seconds']:.1f}x)"
+        )
     text = "\n".join(lines)
     (results / "report.md").write_text(text + "\n")
     print(text)
