@@ -83,6 +83,29 @@ def cmd_pairs(args) -> None:
     print(f"{out}: {len(pooled)} pairs (medical expert, legal avoid, financial expert)")
 
 
+def cmd_handcheck(args) -> None:
+    """The three answers of the 1st and 4th held-out question of each domain, side by side, for reading by hand."""
+    from peft_clm.tools.domains import refusal_score, specificity_score
+
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    lines = ["# Hand check: three levels of 8 held-out questions (1st and 4th of each domain)", ""]
+    for d in DOMAINS:
+        part = [r for r in rows if r["domain"] == d]
+        for r in (part[0], part[3]):
+            lines.append(f"## {d}: {r['prompt'][-1]['content']}")
+            for lv in ("avoid", "generic", "expert"):
+                text = r[lv].replace("\n", " ")
+                lines.append(
+                    f"- **{lv}** (refusal {refusal_score(r[lv]):.0f}, specificity {specificity_score(r[lv]):.1f}): "
+                    f"{text}"
+                )
+            lines.append("")
+    out = Path(args.results) / "hand_check.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+
+
 # ------------------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> None:
     from peft_clm.tools.train import train
@@ -492,7 +515,7 @@ def cmd_report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["pairs", "train", "score", "markers", "report"])
+    parser.add_argument("stage", choices=["pairs", "handcheck", "train", "score", "markers", "report"])
     parser.add_argument("--data", default=str(ROOT / "data" / "domains"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "domains"))
     parser.add_argument("--results", default=str(ROOT / "results" / "domains"))
@@ -511,9 +534,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    {"pairs": cmd_pairs, "train": cmd_train, "score": cmd_score, "markers": cmd_markers, "report": cmd_report}[
-        args.stage
-    ](args)
+    {
+        "pairs": cmd_pairs,
+        "handcheck": cmd_handcheck,
+        "train": cmd_train,
+        "score": cmd_score,
+        "markers": cmd_markers,
+        "report": cmd_report,
+    }[args.stage](args)
 
 
 if __name__ == "__main__":
