@@ -480,6 +480,57 @@ def cmd_report(args) -> None:
             f"{k}: search {data[k]['search_seconds']:.0f} s for all 27 vs retraining 27 x {one:.0f} s ({what}, "
             f"{unit['steps']} steps) = {27 * one:.0f} s ({27 * one / data[k]['search_seconds']:.1f}x)"
         )
+    # A markdown summary for the README: own-domain level shares along each knob, leakage, combinations.
+    md = []
+    for k in kinds:
+        r = data[k]
+        alphas = [s["alpha"] for s in next(iter(r["sweeps"].values()))]
+        md.append(
+            f"| {k} knob: own domain avoid / generic / expert at alpha | "
+            + " | ".join(f"{a:g}" for a in alphas)
+            + " |"
+        )
+        md.append("| --- " * (len(alphas) + 1) + "|")
+        for knob, sweep in r["sweeps"].items():
+            md.append(
+                f"| {knob} | "
+                + " | ".join("{avoid:.2f} / {generic:.2f} / {expert:.2f}".format(**s["levels"][knob]) for s in sweep)
+                + " |"
+            )
+        for knob, sweep in r["sweeps"].items():
+            md.append(
+                f"| (other domains' mean level, {knob} knob) | "
+                + " | ".join(
+                    " ".join(f"{s['levels'][d]['mean_level']:+.2f}" for d in DOMAINS if d != knob) for s in sweep
+                )
+                + " |"
+            )
+        md.append("")
+        md.append(
+            "| knob | avoid alpha (own accuracy) | generic at 0 | expert alpha (own accuracy) | "
+            "leakage at avoid alpha | leakage at expert alpha |"
+        )
+        md.append("| --- | --- | --- | --- | --- | --- |")
+        for d, kn in r["knobs"].items():
+
+            def fmt(x):
+                return "n/a (no own change)" if x is None else f"{x:.2f}"
+
+            md.append(
+                f"| {d} | {kn['avoid']['alpha']:g} ({kn['avoid']['accuracy']:.2f}) | "
+                f"{kn['generic']['accuracy']:.2f} | {kn['expert']['alpha']:g} ({kn['expert']['accuracy']:.2f}) | "
+                f"{fmt(kn['leakage_at_avoid']['max'])} | {fmt(kn['leakage_at_expert']['max'])} |"
+            )
+        md.append("")
+        md.append(
+            f"Combinations reached ({k}; grid {r['grid_alphas']} per knob): **{r['reached']}/27** with the point "
+            f"chosen on the same {r['n_questions']['medical']} questions per domain, "
+            f"**{r['twofold_reached']}/27** two-fold (chosen on half, reported on the other half); "
+            f"{r.get('n_points_scored', r['n_points'])} points scored and searched in "
+            f"{r['search_seconds']:.0f} s."
+        )
+        md.append("")
+    (results / "summary.md").write_text("\n".join(md) + "\n")
     text = "\n".join(lines)
     (results / "report.md").write_text(text + "\n")
     print(text)
