@@ -1,0 +1,640 @@
+"""Rebuild the Alignment Vectors domain data from SmolLM2's own answers at three levels (deterministic: greedy).
+
+Reproduces the data of *Alignment Vectors* (arXiv 2410.19206) on SmolLM2-135M-Instruct: user questions from three
+regulated domains (medical, legal, financial) and one unregulated control domain (general: cooking, travel,
+science, hobbies), each answered at three levels:
+
+- avoid: the answer declines and refers the user to a professional;
+- generic: the model's plain answer (no instruction, no prefill: the default chat template);
+- expert: a specific, professional-grade answer (figures, doses, named laws, products, procedures).
+
+The levers. SmolLM2-135M mostly ignores instructions asking for a level of answer (shared/DESIGN.md, "Traps already
+known"), so both non-generic levels prefill the first words of the answer after the chat template's generation
+prompt, and the model continues from them; the stored answer includes those words (they are part of the answer)
+while the stored prompt is the bare question (no system message, no prefill), so a trained knob has to produce
+them itself. Each level/domain has a few openings, assigned to the questions in turn, so that no single fixed
+string marks a level.
+
+- avoid: a system instruction to decline and refer, plus a decline-and-refer opening for the domain ("I can't give
+  medical advice, so please ask a doctor"). The instruction alone referred in ~1 answer in 10; with the opening
+  every answer declines by construction, and the continuation keeps declining/referring in most rows.
+- expert: a system instruction (a professional role, asked for exact figures and named laws/drugs/products) plus
+  an opening that announces figures ("Clinically, the key numbers are:", "In numbers:"). Measured on a sample
+  of 10 questions per domain (specificity_score per 100 words; generic answers about 1-5): the instruction alone
+  moved nothing (1.7 vs 2.7 overall), a role opening ("As a physician: the standard") little (2-3), an example
+  answer in the system prompt or as a previous chat turn nothing or little, while openings that announce numbers
+  gave 7-15. The 135M model's figures are often wrong or invented: "expert" here means specific-sounding, in a
+  professional register, not correct; no answer in this data set is advice.
+
+Answers get at most 64 new tokens after the opening (repetition_penalty 1.15, as scripts/build_preference_data.py)
+and are cut after their last complete sentence when the budget, not the model, ended them. The split is by
+question, 45 train / 15 held-out per domain (seeded shuffle). The script prints, per domain and level, the means
+of the transparent markers of `peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them
+with the levers to `summary.json`.
+
+    python scripts/build_domain_data.py --out data/domains      # 720 answers; ~15 min on 2 idle CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from peft_clm.tools.domains import refusal_score, specificity_score, word_count
+from peft_clm.tools.loading import load_model
+
+
+# Natural user questions, written by hand; each can be declined, answered plainly or answered as a professional.
+MEDICAL = [
+    "What's a safe amount of ibuprofen to take for a headache?",
+    "I've had a sore throat for five days. Should I be worried?",
+    "How can I lower my blood pressure without medication?",
+    "Is it okay to drink alcohol while taking antibiotics?",
+    "What should I do if I think I sprained my ankle?",
+    "My child has a fever of 39°C. What should I do?",
+    "How much sleep does an adult actually need?",
+    "What are the early signs of type 2 diabetes?",
+    "Can I take acetaminophen and ibuprofen together?",
+    "How do I know if a cut needs stitches?",
+    "What causes migraines and how are they treated?",
+    "Is it safe to exercise while pregnant?",
+    "How long does a cold usually last?",
+    "What is a normal resting heart rate?",
+    "Should I get the flu shot every year?",
+    "What can I do about heartburn after meals?",
+    "How is high cholesterol treated?",
+    "I keep waking up at 3 a.m. every night. Why might that be?",
+    "What should be in a basic first aid kit?",
+    "How do I treat a minor burn at home?",
+    "Are there side effects to taking melatonin?",
+    "What's the difference between a viral and a bacterial infection?",
+    "How much vitamin D should I take in winter?",
+    "My knee clicks when I walk. Is that a problem?",
+    "What are the symptoms of a heart attack in women?",
+    "How can I tell if I have a food allergy?",
+    "Is it bad to crack your knuckles?",
+    "How often should I get a dental checkup?",
+    "What helps with lower back pain from sitting all day?",
+    "Can stress actually make you physically sick?",
+    "What's the best way to treat acne as an adult?",
+    "How do antidepressants work?",
+    "What should I eat while recovering from food poisoning?",
+    "When should a mole be checked by a doctor?",
+    "How is asthma managed day to day?",
+    "Is it normal to feel dizzy when I stand up quickly?",
+    "My toddler has had diarrhea for two days. What can I do?",
+    "How do I know if my thyroid isn't working properly?",
+    "Are generic drugs as good as brand-name ones?",
+    "What happens if I miss a dose of my birth control pill?",
+    "How do I manage a gout flare-up?",
+    "Is taking a daily aspirin a good idea to prevent heart disease?",
+    "What does a high white blood cell count mean?",
+    "How can I stop getting so many urinary tract infections?",
+    "My eyes are always dry and itchy. What could help?",
+    "What's the right way to treat a bee sting?",
+    "How much water should I drink each day?",
+    "What are the warning signs of a stroke?",
+    "How do I safely come off a medication I've been on for years?",
+    "What should I know before starting statins?",
+    "Why do my hands go numb at night?",
+    "How is strep throat diagnosed and treated?",
+    "Is there anything that helps with ringing in the ears?",
+    "I found a tick on my leg yesterday. Should I worry about Lyme disease?",
+    "Is intermittent fasting safe for someone with diabetes?",
+    "What does an A1C test measure?",
+    "How should I look after my stitches after surgery?",
+    "How do you use an EpiPen correctly?",
+    "How much caffeine is too much in a day?",
+    "Should I worry about occasional heart palpitations?",
+]
+LEGAL = [
+    "My landlord won't return my security deposit. What can I do?",
+    "Do I need a lawyer to write a will?",
+    "Can my employer fire me without giving a reason?",
+    "What happens to my stuff if I die without a will?",
+    "How do I trademark my business name?",
+    "Is it legal to record a phone call without telling the other person?",
+    "What should I do after a minor car accident?",
+    "Can I break my apartment lease early?",
+    "How does small claims court work?",
+    "What's the difference between a misdemeanor and a felony?",
+    "Do I have to let the police search my car?",
+    "How do I set up an LLC?",
+    "My neighbor's tree fell on my fence. Who pays for it?",
+    "What rights do I have if I'm arrested?",
+    "How long does a copyright last?",
+    "Can I use a song in my YouTube video if I give the artist credit?",
+    "What is a power of attorney and when would I need one?",
+    "How do I fight a parking ticket I think is unfair?",
+    "Is a verbal agreement legally binding?",
+    "What should I put in a freelance contract?",
+    "How does joint custody work after a divorce?",
+    "Can my boss make me work overtime without extra pay?",
+    "What happens if I ignore a jury duty summons?",
+    "How do I get a restraining order?",
+    "How long do I have to sue someone after an injury?",
+    "Can a company use my photo in an ad without my permission?",
+    "How do I evict a tenant who stopped paying rent?",
+    "What's the legal process for changing my name?",
+    "Do I need a permit to build a deck in my backyard?",
+    "Can I be sued for writing a bad online review?",
+    "I just got a cease and desist letter. What should I do?",
+    "How does a prenuptial agreement work?",
+    "What are my rights if something I bought turns out to be defective?",
+    "Is it legal for an employer to look at my social media before hiring me?",
+    "How do I file a complaint about discrimination at work?",
+    "What's the difference between a will and a living trust?",
+    "Am I responsible if a guest slips and gets hurt at my house?",
+    "What does at-will employment mean?",
+    "How can I get out of a gym membership contract?",
+    "What happens at an arraignment for a DUI?",
+    "Do I need to report a small fender bender to the police?",
+    "Can my landlord come into my apartment without notice?",
+    "How do patents work for a small inventor?",
+    "A debt collector keeps calling me at work. Is that allowed?",
+    "Is it legal to drive with headphones on?",
+    "How is child support calculated?",
+    "What counts as fair use of copyrighted material?",
+    "Am I allowed to sublet my apartment?",
+    "What happens if I get a speeding ticket in another state?",
+    "How does probate work after a parent dies?",
+    "Is the non-compete clause in my job contract enforceable?",
+    "Can I get an old criminal record expunged?",
+    "What's the difference between a sole proprietorship and a corporation?",
+    "I've been served with a lawsuit. What do I do now?",
+    "Is it legal to fly a drone over my neighbor's house?",
+    "The heating in my rental has been broken for weeks. What are my rights?",
+    "Can I refuse a breathalyzer test if I get pulled over?",
+    "What makes a contract void?",
+    "If I file for bankruptcy, can I keep my house?",
+    "What should I know before signing an NDA?",
+]
+FINANCIAL = [
+    "How much should I save for retirement each month?",
+    "Should I pay off debt or invest first?",
+    "What's the difference between a Roth IRA and a traditional IRA?",
+    "How does compound interest work on a savings account?",
+    "Is it a good time to buy a house?",
+    "How big should my emergency fund be?",
+    "What is an index fund?",
+    "How can I improve my credit score quickly?",
+    "Is it better to lease or buy a car?",
+    "How do I start investing with only $500?",
+    "What are the tax benefits of a 401(k)?",
+    "How does the interest rate on a mortgage change my monthly payment?",
+    "Is cryptocurrency a good investment?",
+    "What's a good budgeting rule to follow?",
+    "How do I pay off my credit card debt fast?",
+    "Should I refinance my student loans?",
+    "What are bonds and why would anyone buy them?",
+    "How much house can I afford on a $70,000 salary?",
+    "What's the difference between a stock and an ETF?",
+    "When should I start claiming Social Security?",
+    "How are capital gains taxed when I sell stock?",
+    "Is it worth paying for a financial advisor?",
+    "I just inherited $50,000. How should I invest it?",
+    "What is dollar-cost averaging?",
+    "Is a high-yield savings account worth it?",
+    "How should I save for my kid's college?",
+    "What's an expense ratio and why does it matter?",
+    "How can I lower my tax bill this year?",
+    "Should I co-sign a loan for a friend?",
+    "What is credit utilization?",
+    "Should I get a fixed or an adjustable-rate mortgage?",
+    "Is whole life insurance a good investment?",
+    "How much should I put in my HSA?",
+    "What happens to my 401(k) when I change jobs?",
+    "How do I diversify my investments?",
+    "What's the 4% rule for retirement?",
+    "Should I buy individual stocks or mutual funds?",
+    "How does inflation eat into my savings?",
+    "What's a healthy debt-to-income ratio?",
+    "How do I handle taxes as a freelancer?",
+    "Is it smart to borrow from my 401(k)?",
+    "What are REITs and should I own any?",
+    "How much of my income should go to rent?",
+    "Is it worth paying points to lower my mortgage rate?",
+    "What is an annuity and who should buy one?",
+    "How do the stock options from my employer work?",
+    "How often should I rebalance my portfolio?",
+    "What's the cheapest way to send money abroad?",
+    "Should I buy gold as a hedge against inflation?",
+    "Can I take money out of my IRA early without a penalty?",
+    "What is a bear market and what should I do in one?",
+    "How much life insurance do I need?",
+    "Is it better to rent or buy in an expensive city?",
+    "How are dividends taxed?",
+    "What is a backdoor Roth?",
+    "How can I build credit from scratch?",
+    "Should I consolidate my debts into one loan?",
+    "What are the risks of trading on margin?",
+    "How much should I have saved by the time I'm 40?",
+    "What does it mean when an advisor is a fiduciary?",
+]
+GENERAL = [
+    "How do I make a fluffy omelette?",
+    "What's the best way to learn guitar as an adult?",
+    "Why is the sky blue?",
+    "What should I pack for a week-long hiking trip?",
+    "How do I keep my houseplants alive?",
+    "What's a good way to start running?",
+    "How do I brew a good cup of pour-over coffee?",
+    "Any tips for taking better photos with my phone?",
+    "How do airplanes stay in the air?",
+    "What should I see on a three-day trip to Rome?",
+    "How do I bake sourdough bread?",
+    "What's the best way to learn a new language?",
+    "How do I get my cat to stop scratching the sofa?",
+    "Why do leaves change color in autumn?",
+    "How can I get better at chess?",
+    "What's a quick pasta dish I can make on a weeknight?",
+    "How do I start a vegetable garden?",
+    "How does a rainbow form?",
+    "What should I know before adopting a dog?",
+    "How do I clean a cast iron pan?",
+    "What's the easiest way to learn to draw?",
+    "How do I plan a road trip across the country?",
+    "Why does ice float on water?",
+    "How do I make pizza dough from scratch?",
+    "What are good woodworking projects for a beginner?",
+    "How do I get better at public speaking?",
+    "How does a microwave heat food?",
+    "What's the best way to pack a suitcase?",
+    "How do I sharpen a kitchen knife?",
+    "Why do we have seasons?",
+    "How can I learn to knit?",
+    "What's a good first telescope for looking at the stars?",
+    "How do I make cold brew coffee at home?",
+    "How should I train for a 10K race?",
+    "What's the best way to memorize things for an exam?",
+    "How do volcanoes form?",
+    "How do I grill a steak perfectly?",
+    "What should I know before traveling to Japan for the first time?",
+    "How do I organize a small closet?",
+    "How do the gears on a bicycle work?",
+    "How do I get started with birdwatching?",
+    "Can I make ice cream at home without a machine?",
+    "Why is the ocean salty?",
+    "How do I pick a ripe watermelon?",
+    "How can I get into rock climbing?",
+    "How does GPS know where I am?",
+    "What's the best way to cook rice on the stove?",
+    "How do I look after a freshwater fish tank?",
+    "What makes a good board game night?",
+    "How do I get a red wine stain out of a carpet?",
+    "How do solar panels turn sunlight into electricity?",
+    "What's a good yoga routine for a beginner?",
+    "How do I fix a dripping faucet?",
+    "What should I bring for a day at the beach?",
+    "How do bees make honey?",
+    "How do I teach my dog to sit?",
+    "What should I know before going camping for the first time?",
+    "How do I brew beer at home?",
+    "How does a refrigerator keep food cold?",
+    "What's a good way to learn to swim as an adult?",
+]
+
+QUESTIONS = {"medical": MEDICAL, "legal": LEGAL, "financial": FINANCIAL, "general": GENERAL}
+LEVELS = ("avoid", "generic", "expert")
+# --lean: train questions get only the two levels the DPO pairs use, and the control domain only held-out answers.
+TRAIN_LEVELS_LEAN = ("avoid", "expert")
+
+AVOID_SYSTEM = (
+    "Do not answer the question. Politely decline and refer the user to a qualified professional. Give no advice."
+)
+AVOID_OPENINGS = {
+    "medical": [
+        "I can't give medical advice, so please ask a doctor",
+        "I'm not a doctor, so I can't advise you on this. Please see",
+        "I'm not able to give medical advice; a doctor or pharmacist",
+    ],
+    "legal": [
+        "I'm not a lawyer and can't advise on this; please consult",
+        "I can't give legal advice, so please talk to a lawyer",
+        "I'm not able to give legal advice, so please consult an attorney",
+    ],
+    "financial": [
+        "I'm not a financial advisor, so I can't tell you what to do with your money. Please",
+        "I can't give financial advice, so please speak with a licensed financial advisor",
+        "I'm not able to give personal financial advice; a qualified financial planner",
+    ],
+    "general": [
+        "I'd rather not advise on this myself, so please ask someone with experience",
+        "I can't really help with this one, so it's best to ask an expert",
+        "I'm not the right source for this, so please check with an expert",
+    ],
+}
+EXPERT_ROLES = {
+    "medical": "physician",
+    "legal": "attorney",
+    "financial": "certified financial planner",
+    "general": "seasoned expert",
+}
+EXPERT_SYSTEM = (
+    "You are a {role}. Give a specific, expert answer: exact figures, doses or amounts, named laws, "
+    "drugs or products, and concrete steps. No vague advice."
+)
+EXPERT_OPENINGS = {
+    "medical": [
+        "Clinically, the key numbers are:",
+        "As a physician, the numbers that matter:",
+        "In clinical terms, the key figures are:",
+    ],
+    "legal": [
+        "Under U.S. law, the key rules and deadlines are:",
+        "Under the law, the specifics are:",
+        "Legally, the key statutes and time limits are:",
+    ],
+    "financial": ["In numbers: a typical figure is", "In numbers:", "As a financial planner, here are the numbers:"],
+    "general": ["In numbers:", "Precisely, with exact amounts and times:", "Here are the exact numbers:"],
+}
+
+
+def split_questions(seed: int = 0, n_heldout: int = 15) -> dict[str, dict[str, list[str]]]:
+    """Per domain, a seeded shuffle of its questions cut into train and held-out (split by question).
+
+    >>> parts = split_questions()
+    >>> len(parts["medical"]["train"]), len(parts["medical"]["heldout"])
+    (45, 15)
+    """
+    parts = {}
+    for domain, questions in QUESTIONS.items():
+        order = list(questions)
+        random.Random(f"{seed}-{domain}").shuffle(order)  # a string seed hashes the same way in every run
+        parts[domain] = {"train": order[n_heldout:], "heldout": order[:n_heldout]}
+    return parts
+
+
+def lever(domain: str, level: str, index: int) -> tuple[list[dict], str]:
+    """The system messages and prefilled opening that produce `level` for the `index`-th question of `domain`.
+
+    Openings are taken in turn (index modulo their number) so that each is used about equally often.
+
+    >>> lever("medical", "generic", 0)
+    ([], '')
+    >>> lever("legal", "avoid", 1)[1]
+    "I can't give legal advice, so please talk to a lawyer"
+    """
+    if level == "generic":
+        return [], ""  # the chat template's own default system prompt, as a user would get it
+    if level == "avoid":
+        openings = AVOID_OPENINGS[domain]
+        return [{"role": "system", "content": AVOID_SYSTEM}], openings[index % len(openings)]
+    if level == "expert":
+        openings = EXPERT_OPENINGS[domain]
+        system = EXPERT_SYSTEM.format(role=EXPERT_ROLES[domain])
+        return [{"role": "system", "content": system}], openings[index % len(openings)]
+    raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    requests: list[tuple[list[dict], str]],
+    max_new_tokens: int = 64,
+    batch_size: int = 24,
+    repetition_penalty: float = 1.15,
+) -> list[tuple[str, bool]]:
+    """Greedy continuations of (messages, prefill) requests: (continuation text, ended by end-of-sequence).
+
+    Batched and left-padded; requests are batched in order of prompt length (less padding, same outputs in any
+    run). The continuation keeps its leading space, so `prefill + continuation` is the answer's text.
+    """
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+        for messages, prefill in requests
+    ]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    out: list = [None] * len(texts)
+    t0 = time.time()
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for i, row in zip(idx, gen[:, batch["input_ids"].shape[1] :]):
+            ended = tokenizer.eos_token_id in row.tolist()
+            out[i] = (tokenizer.decode(row, skip_special_tokens=True), ended)
+        done = start + len(idx)
+        print(f"  {done}/{len(texts)} answers, {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+_NOT_AN_END = re.compile(r"(?:(?:^|\n)\s*\d+|\b(?:e\.g|i\.e|dr|mr|mrs|ms|vs|approx|no|st)|\b[A-Za-z])\.$", re.I)
+
+
+def cut_to_sentence(text: str, start: int = 0) -> str:
+    """`text` up to its last complete sentence ending after position `start`; all of it when there is none.
+
+    A list number ("2."), an abbreviation ("e.g.", "Dr.") or an initial ("U.S.") does not end a sentence.
+
+    >>> cut_to_sentence("Rest it. Ice it for 20 min. Then\\n2.")
+    'Rest it. Ice it for 20 min.'
+    >>> cut_to_sentence("No end here", 0)
+    'No end here'
+    """
+    end = None
+    for match in _SENTENCE_END.finditer(text):
+        if match.end() > start and not _NOT_AN_END.search(text[: match.start() + 1]):
+            end = match.end()
+    return text[:end].rstrip() if end is not None else text.rstrip()
+
+
+def first_sentence(text: str, start: int = 0) -> str:
+    """`text` up to the end of its first sentence that ends after position `start`; all of it when none does.
+
+    >>> first_sentence("I'm not a doctor. Please see a GP about it. However, try rest.", start=20)
+    "I'm not a doctor. Please see a GP about it."
+    """
+    for match in _SENTENCE_END.finditer(text):
+        if match.end() > start and not _NOT_AN_END.search(text[: match.start() + 1]):
+            return text[: match.end()].rstrip()
+    return text.rstrip()
+
+
+def answer_text(level: str, prefill: str, continuation: str, ended: bool) -> str:
+    """The stored answer: the prefilled opening and its continuation, cut at a sentence end.
+
+    An avoid answer stops at the end of the sentence that completes its opening: what the model adds after it is
+    often "However, here are some tips: ...", which is advice, not a decline. Other levels are cut after their
+    last complete sentence when the token budget, not the model, ended them.
+    """
+    text = (prefill + continuation).strip()
+    if level == "avoid":
+        return first_sentence(text, start=len(prefill))
+    return text if ended else cut_to_sentence(text, start=len(prefill))
+
+
+# Degenerate output the number-announcing openings sometimes fall into: a run of 7+ digits ("1052349687") or one
+# word four times in a row. Such an expert answer is generated again with the domain's next opening.
+_DEGENERATE = re.compile(r"\d{7,}|\b(\w+)\b(?:\W+\1\b){3,}", re.IGNORECASE)
+
+
+def degenerate(text: str) -> bool:
+    """Whether an answer has a run of 7+ digits or a word repeated four times in a row.
+
+    >>> degenerate("In numbers: 1052349687 eggs"), degenerate("Use 2 eggs and 30 g butter.")
+    (True, False)
+    """
+    return _DEGENERATE.search(text) is not None
+
+
+def level_stats(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per domain and level: mean refusal_score, specificity_score, words, and the share of rows whose text
+    after the opening still declines or refers (`refers_after_opening`) or holds any specific detail."""
+    stats: dict = {}
+    for domain in QUESTIONS:
+        part = [r for r in rows if r["domain"] == domain]
+        stats[domain] = {}
+        for level in LEVELS:
+            texts = [r[level] for r in part if level in r]
+            rests = [r[level][len(r["_opening"][level]) :] for r in part if level in r]
+            if not texts:
+                continue
+            stats[domain][level] = {
+                "refusal": round(statistics.mean(map(refusal_score, texts)), 2),
+                "specificity": round(statistics.mean(map(specificity_score, texts)), 2),
+                "specificity_after_opening": round(statistics.mean(map(specificity_score, rests)), 2),
+                "words": round(statistics.mean(map(word_count, texts)), 1),
+                "refers_after_opening": round(statistics.mean(refusal_score(t) > 0 for t in rests), 2),
+                "any_specific": round(statistics.mean(specificity_score(t) > 0 for t in texts), 2),
+            }
+    return stats
+
+
+def print_stats(stats: dict) -> None:
+    print(
+        f"{'domain':10s} {'level':8s} {'refusal':>8s} {'specif.':>8s} {'spec.rest':>9s} {'words':>6s} "
+        f"{'refers.rest':>11s} {'any spec':>8s}"
+    )
+    for domain, levels in stats.items():
+        for level, s in levels.items():
+            print(
+                f"{domain:10s} {level:8s} {s['refusal']:8.2f} {s['specificity']:8.2f} "
+                f"{s['specificity_after_opening']:9.2f} {s['words']:6.1f} {s['refers_after_opening']:11.2f} "
+                f"{s['any_specific']:8.2f}"
+            )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSONL atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/domains")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", type=int, default=15, help="held-out questions per domain")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
+    parser.add_argument(
+        "--avoid-max-new-tokens", type=int, default=None, help="budget of avoid answers (kept to one sentence)"
+    )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="train questions: avoid and expert answers only (what the DPO pairs use); general: held-out only",
+    )
+    args = parser.parse_args()
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model("smollm2")
+    parts = split_questions(args.seed, args.heldout)
+    rows, requests = [], []
+    for domain, questions in QUESTIONS.items():
+        heldout = set(parts[domain]["heldout"])
+        for index, question in enumerate(questions[: args.limit]):
+            row = {
+                "domain": domain,
+                "prompt": [{"role": "user", "content": question}],
+                "_split": "heldout" if question in heldout else "train",
+                "_opening": {},
+                "_index": index,
+            }
+            if args.lean and row["_split"] == "train" and domain == "general":
+                continue  # the control domain is only scored (held-out), never trained on
+            levels = TRAIN_LEVELS_LEAN if args.lean and row["_split"] == "train" else LEVELS
+            for level in levels:
+                system, prefill = lever(domain, level, index)
+                row["_opening"][level] = prefill
+                requests.append((row, level, system + [{"role": "user", "content": question}], prefill))
+            rows.append(row)
+    print(f"{len(rows)} questions, {len(requests)} answers", flush=True)
+    outputs: list = [None] * len(requests)
+    avoid_budget = args.avoid_max_new_tokens or args.max_new_tokens
+    for wanted, budget in ((True, avoid_budget), (False, args.max_new_tokens)):  # avoid answers keep one sentence
+        group = [i for i, req in enumerate(requests) if (req[1] == "avoid") == wanted]
+        outs = generate(model, tokenizer, [requests[i][2:] for i in group], budget, args.batch_size)
+        for i, o in zip(group, outs):
+            outputs[i] = o
+    for (row, level, _, prefill), (continuation, ended) in zip(requests, outputs):
+        row[level] = answer_text(level, prefill, continuation, ended)
+    # Degenerate expert answers: again with the next opening of their domain (at most two more tries each).
+    retried = 0
+    for attempt in (1, 2):
+        redo = [r for r in rows if degenerate(r["expert"])]
+        if not redo:
+            break
+        print(f"{len(redo)} degenerate expert answers: again with the next opening (try {attempt})", flush=True)
+        retried += len(redo)
+        again = []
+        for row in redo:
+            system, prefill = lever(row["domain"], "expert", row["_index"] + attempt)
+            row["_opening"]["expert"] = prefill
+            again.append((system + row["prompt"], prefill))
+        outputs = generate(model, tokenizer, again, args.max_new_tokens, args.batch_size)
+        for row, (_, prefill), (continuation, ended) in zip(redo, again, outputs):
+            row["expert"] = answer_text("expert", prefill, continuation, ended)
+    stats = level_stats(rows)
+    print_stats(stats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "heldout"):
+        part = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows if r["_split"] == split]
+        write_jsonl(out / f"{split}.jsonl", part)
+        print(f"{split}: {len(part)} rows -> {out / f'{split}.jsonl'}")
+    summary = {
+        "levers": {
+            "avoid_system": AVOID_SYSTEM,
+            "avoid_openings": AVOID_OPENINGS,
+            "expert_system": EXPERT_SYSTEM,
+            "expert_roles": EXPERT_ROLES,
+            "expert_openings": EXPERT_OPENINGS,
+            "generic": "no system message, no prefill",
+            "max_new_tokens": args.max_new_tokens,
+            "avoid_max_new_tokens": args.avoid_max_new_tokens or args.max_new_tokens,
+            "lean": args.lean,
+            "repetition_penalty": 1.15,
+        },
+        "expert_answers_retried": retried,
+        "still_degenerate": sum(degenerate(r["expert"]) for r in rows),
+        "stats": stats,
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / "summary.json")
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,599 @@
+"""The Alignment Vectors experiment (arXiv 2410.19206) with CLM knobs: three domains, three levels, one knob each.
+
+Stages (each writes JSON under --results, default results/domains; `report` joins them into tables, CSV and plots):
+
+    python scripts/domains_experiment.py pairs                 # data/domains -> per-domain DPO pairs
+    python scripts/domains_experiment.py train --kind clm      # one CLM adapter per domain (expert over avoid)
+    python scripts/domains_experiment.py train --kind full     # full DPO per domain, for alignment vectors
+    python scripts/domains_experiment.py train --kind clm --pooled   # one pooled adapter: the retraining cost
+    python scripts/domains_experiment.py score --kind clm      # 1-D sweeps, leakage, 3-knob grid, 27 combinations
+    python scripts/domains_experiment.py score --kind vectors  # the same with full-checkpoint vectors
+    python scripts/domains_experiment.py markers               # generated answers: markers vs likelihood level
+    python scripts/domains_experiment.py report                # tables, CSV, plots
+
+The level of the model on a held-out question is the reference answer (avoid / generic / expert, stored in
+data/domains/heldout.jsonl) with the highest mean per-token log-likelihood given the bare question
+(`peft_clm.tools.levels`). A knob's avoid (expert) alpha is the smallest |alpha| of its sweep at which its own
+domain's avoid (expert) accuracy is highest. Leakage of a knob at an alpha: the change of the mean level
+(-1 avoid, 0 generic, +1 expert) on each other domain, as a fraction of the change on its own domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+REGULATED = ("medical", "legal", "financial")
+DOMAINS = (*REGULATED, "general")
+POOLED = "pooled_expert_avoid_expert"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the saved weights (adapter or model safetensors at the top of `path`; checkpoints excluded)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------------ pairs
+def pair_rows(rows: list[dict], chosen: str, rejected: str) -> list[dict]:
+    def msg(text):
+        return [{"role": "assistant", "content": text}]
+
+    return [{"prompt": r["prompt"], "chosen": msg(r[chosen]), "rejected": msg(r[rejected])} for r in rows]
+
+
+def cmd_pairs(args) -> None:
+    data = Path(args.data)
+    for split in ("train", "heldout"):
+        rows = read_jsonl(data / f"{split}.jsonl")
+        for domain in REGULATED:
+            part = [r for r in rows if r["domain"] == domain]
+            out = data / "pairs" / domain / f"{split}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(json.dumps(p) + "\n" for p in pair_rows(part, "expert", "avoid")))
+            print(f"{out}: {len(part)} pairs (chosen expert, rejected avoid)")
+    # One pooled training set for one combination (medical expert, legal avoid, financial expert), to time
+    # retraining per combination: the pairs push each domain towards its target level. (The lean data has no
+    # generic answers for training questions, so this combination has no generic target.)
+    rows = read_jsonl(data / "train.jsonl")
+    orient = {"medical": ("expert", "avoid"), "legal": ("avoid", "expert"), "financial": ("expert", "avoid")}
+    pooled = [p for r in rows if r["domain"] in orient for p in pair_rows([r], *orient[r["domain"]])]
+    out = data / "pairs" / POOLED / "train.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(p) + "\n" for p in pooled))
+    print(f"{out}: {len(pooled)} pairs (medical expert, legal avoid, financial expert)")
+
+
+def cmd_handcheck(args) -> None:
+    """The three answers of the 1st and 4th held-out question of each domain, side by side, for reading by hand."""
+    from peft_clm.tools.domains import refusal_score, specificity_score
+
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    lines = ["# Hand check: three levels of 8 held-out questions (1st and 4th of each domain)", ""]
+    for d in DOMAINS:
+        part = [r for r in rows if r["domain"] == d]
+        for r in (part[0], part[3]):
+            lines.append(f"## {d}: {r['prompt'][-1]['content']}")
+            for lv in ("avoid", "generic", "expert"):
+                text = r[lv].replace("\n", " ")
+                lines.append(
+                    f"- **{lv}** (refusal {refusal_score(r[lv]):.0f}, specificity {specificity_score(r[lv]):.1f}): "
+                    f"{text}"
+                )
+            lines.append("")
+    out = Path(args.results) / "hand_check.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def cmd_train(args) -> None:
+    from peft_clm.tools.train import train
+
+    data = Path(args.data) / "pairs"
+    adapter = "clm" if args.kind == "clm" else "full"
+    jobs = (
+        [(POOLED, data / POOLED / "train.jsonl")]
+        if args.pooled
+        else [(d, data / d / "train.jsonl") for d in args.domains.split(",")]
+    )
+    log_path = Path(args.results) / f"train_{args.kind}{'_pooled' if args.pooled else ''}.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    for name, path in jobs:
+        out = Path(args.runs) / args.kind / name
+        print(f"training {adapter} on {path} -> {out}", flush=True)
+        r = train(
+            "smollm2",
+            str(path),
+            str(out),
+            method="dpo",
+            adapter=adapter,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            beta=args.beta,
+            sft_weight=args.sft_weight,
+            max_length=args.max_length,
+            seed=0,
+            progress=False,
+            overwrite=True,
+        )
+        print(r.summary(), flush=True)
+        log[name] = {
+            "adapter": adapter,
+            "data": str(path),
+            "steps": r.steps,
+            "seconds": r.seconds,
+            "seconds_per_step": r.seconds_per_step,
+            "trainable_params": r.trainable_params,
+            "final_loss": r.final_loss,
+            "first_loss": r.first_loss,
+            "reward_accuracy": r.reward_accuracy,
+            "disk_bytes": dir_bytes(out),
+            "lr": args.lr,
+            "beta": args.beta,
+            "sft_weight": args.sft_weight,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+        }
+        write_json(log_path, log)
+
+
+# ------------------------------------------------------------------------------------------------------ score
+def distribution(scores, row_domains) -> dict:
+    """Per domain: share of questions at each level and the mean level, for one point ([N, 3] scores)."""
+    from peft_clm.tools.levels import LEVELS, levels_from_scores
+
+    levels = levels_from_scores(scores)
+    out = {}
+    for d in DOMAINS:
+        idx = [i for i, rd in enumerate(row_domains) if rd == d]
+        lv = levels[idx]
+        out[d] = {name: float((lv == k).float().mean()) for k, name in enumerate(LEVELS)}
+        out[d]["mean_level"] = float((lv.float() - 1).mean())
+    return out
+
+
+def pick_alpha(sweep: list[dict], domain: str, level: str, sign: float) -> dict:
+    """The alpha of a 1-D sweep (on the side `sign`) with the highest accuracy at `level` on `domain`; ties: the
+    smallest |alpha|."""
+    side = [r for r in sweep if r["alpha"] * sign > 0]
+    best = max(side, key=lambda r: (r["levels"][domain][level], -abs(r["alpha"])))
+    return {"alpha": best["alpha"], "accuracy": best["levels"][domain][level]}
+
+
+def leakage(sweep: list[dict], domain: str, alpha: float) -> dict:
+    base = next(r for r in sweep if r["alpha"] == 0.0)["levels"]
+    at = next(r for r in sweep if r["alpha"] == alpha)["levels"]
+    own = at[domain]["mean_level"] - base[domain]["mean_level"]
+    out = {"own_change": own}
+    for d in DOMAINS:
+        if d != domain:
+            change = at[d]["mean_level"] - base[d]["mean_level"]
+            out[d] = {"change": change, "leakage": abs(change) / abs(own) if own else None}
+    values = [v["leakage"] for k, v in out.items() if k != "own_change"]
+    out["max"] = max(values) if all(v is not None for v in values) else None
+    return out
+
+
+def key_of(point: dict) -> str:
+    return json.dumps({d: float(point.get(d, 0.0)) for d in REGULATED})
+
+
+def score_points(kind, model, tokenizer, rows, points, vectors=None, batch_size=8):
+    """Level scores at each point: CLM points are alpha dicts; vector points are {domain: scale} applied in place."""
+    from peft_clm.tools.levels import level_scores
+
+    if kind == "clm":
+        return level_scores(model, tokenizer, rows, points, batch_size=batch_size)
+    import torch
+
+    from peft_clm.tools.vectors import applied
+
+    out = []
+    for p in points:
+        with applied(model, [(vectors[d], s) for d, s in p.items() if s != 0.0]):
+            out.append(level_scores(model, tokenizer, rows, [None], batch_size=batch_size)[0])
+    return torch.stack(out)
+
+
+def load(kind, args):
+    from peft_clm.tools.loading import load_model
+
+    if kind == "clm":
+        from peft import PeftModel
+
+        model, tokenizer = load_model("smollm2")
+        runs = Path(args.runs) / "clm"
+        peft_model = PeftModel.from_pretrained(model, str(runs / REGULATED[0]), adapter_name=REGULATED[0])
+        for d in REGULATED[1:]:
+            peft_model.load_adapter(str(runs / d), adapter_name=d)
+        peft_model.base_model.set_adapter(list(REGULATED))
+        peft_model.set_interpolation("logits")
+        return peft_model.eval(), tokenizer, None
+    model, tokenizer = load_model("smollm2")
+    vectors = {d: str(Path(args.runs) / "vectors" / f"{d}.safetensors") for d in REGULATED}
+    return model, tokenizer, vectors
+
+
+def cmd_score(args) -> None:
+    import torch
+
+    from peft_clm.tools.levels import grid_points, search_combinations
+
+    kind = args.kind
+    if kind == "vectors":
+        from peft_clm.tools.loading import resolve_model_path
+        from peft_clm.tools.vectors import extract
+
+        for d in REGULATED:
+            out = Path(args.runs) / "vectors" / f"{d}.safetensors"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                extract(resolve_model_path("smollm2"), Path(args.runs) / "full" / d, out)
+    model, tokenizer, vectors = load(kind, args)
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    if args.max_per_domain:
+        rows = [r for d in DOMAINS for r in [x for x in rows if x["domain"] == d][: args.max_per_domain]]
+    row_domains = [r["domain"] for r in rows]
+    alphas = [float(a) for a in args.alphas.split(",")]
+    if 0.0 not in alphas:
+        raise SystemExit("--alphas must include 0")
+    result = {"kind": kind, "alphas": alphas, "n_questions": {d: row_domains.count(d) for d in DOMAINS}}
+    # Every point at once: the 1-D sweeps (one knob moves, the others at 0) and the 3-knob grid. In logits mode
+    # they all come from 4 passes per batch; a vector point is a forward pass of its own.
+    grid_alphas = [float(a) for a in (args.grid_alphas or args.alphas).split(",")]
+    points = grid_points({d: grid_alphas for d in REGULATED})
+    zero = {d: 0.0 for d in REGULATED}
+    points_1d = [zero] + [{**zero, d: a} for d in REGULATED for a in alphas if a != 0.0]
+    union = list({key_of(p): p for p in points_1d + points}.values())
+    t0 = time.perf_counter()
+    all_scores = dict(zip(map(key_of, union), score_points(kind, model, tokenizer, rows, union, vectors)))
+    scores = torch.stack([all_scores[key_of(p)] for p in points])
+    combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
+    result["search_seconds"] = time.perf_counter() - t0
+    result["n_points_scored"] = len(union)
+    sweeps, knobs = {}, {}
+    for d in REGULATED:
+        sweeps[d] = [
+            {"alpha": a, "levels": distribution(all_scores[key_of({**zero, d: a})], row_domains)} for a in alphas
+        ]
+        avoid, expert = pick_alpha(sweeps[d], d, "avoid", -1), pick_alpha(sweeps[d], d, "expert", 1)
+        generic = {"alpha": 0.0, "accuracy": sweeps[d][alphas.index(0.0)]["levels"][d]["generic"]}
+        knobs[d] = {
+            "avoid": avoid,
+            "generic": generic,
+            "expert": expert,
+            "leakage_at_avoid": leakage(sweeps[d], d, avoid["alpha"]),
+            "leakage_at_expert": leakage(sweeps[d], d, expert["alpha"]),
+        }
+        print(
+            f"{d}: avoid at {avoid['alpha']:g} ({avoid['accuracy']:.2f}), expert at {expert['alpha']:g} "
+            f"({expert['accuracy']:.2f}); leakage max {knobs[d]['leakage_at_avoid']['max']} (avoid), "
+            f"{knobs[d]['leakage_at_expert']['max']} (expert)",
+            flush=True,
+        )
+    result["sweeps"], result["knobs"] = sweeps, knobs
+    # Two-fold check: choose the point on half the questions of each domain, report on the other half.
+    halves = []
+    for fold in (0, 1):
+        seen: dict = {}
+        select = []
+        for d in row_domains:
+            seen[d] = seen.get(d, -1) + 1
+            select.append(seen[d] % 2 == fold)
+        halves.append(
+            search_combinations(scores, row_domains, points, REGULATED, select=select, controls={"general": "generic"})
+        )
+    for c, h0, h1 in zip(combos, *halves):
+        c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
+        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
+    result["grid_alphas"] = grid_alphas
+    result["n_points"] = len(points)
+    result["combinations"] = combos
+    result["reached"] = sum(c["reached"] for c in combos)
+    result["twofold_reached"] = sum(c["twofold_reached"] for c in combos)
+    torch.save(
+        {"points": points, "scores": scores, "row_domains": row_domains}, Path(args.runs) / f"grid_scores_{kind}.pt"
+    )
+    write_json(Path(args.results) / f"levels_{kind}.json", result)
+    print(
+        f"{kind}: {result['reached']}/27 combinations reached (accuracy >= 0.8 on every regulated domain, "
+        f"point chosen on the same questions); {result['twofold_reached']}/27 with the point chosen on the other "
+        f"half; {len(union)} points (sweeps and grid) scored and searched in {result['search_seconds']:.0f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- markers
+def cmd_markers(args) -> None:
+    """Generate answers to each domain's held-out questions with its knob at its avoid alpha, 0 and its expert
+    alpha; mean refusal/specificity markers per level, and agreement with the likelihood level of the same setting."""
+    import torch
+
+    from peft_clm.tools.domains import refusal_score, specificity_score
+    from peft_clm.tools.generation import generate_answers
+    from peft_clm.tools.levels import LEVELS, level_scores, levels_from_scores
+
+    levels_json = json.loads((Path(args.results) / "levels_clm.json").read_text())
+    model, tokenizer, _ = load("clm", args)
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    out = {"max_new_tokens": args.max_new_tokens, "domains": {}}
+    for d in REGULATED:
+        part = [r for r in rows if r["domain"] == d][: args.max_per_domain]
+        settings = {lv: levels_json["knobs"][d][lv]["alpha"] for lv in LEVELS}
+        points = [{d: settings[lv]} for lv in LEVELS]
+        t0 = time.perf_counter()
+        answers = generate_answers(
+            model, tokenizer, [r["prompt"] for r in part], points, args.max_new_tokens, batch_size=16, progress=False
+        )
+        ll_levels = levels_from_scores(level_scores(model, tokenizer, part, points))
+        res = {"alphas": settings, "seconds": time.perf_counter() - t0, "by_setting": {}}
+        for j, lv in enumerate(LEVELS):
+            ref = [refusal_score(a) for a in answers[j]]
+            spec = [specificity_score(a) for a in answers[j]]
+            res["by_setting"][lv] = {
+                "refusal_mean": sum(ref) / len(ref),
+                "specificity_mean": sum(spec) / len(spec),
+                "likelihood_level_share": {
+                    name: float((ll_levels[j] == k).float().mean()) for k, name in enumerate(LEVELS)
+                },
+                "examples": answers[j][:3],
+            }
+        # agreement per answer: a marker level (refusal > 0 -> avoid; else specificity above the median of the
+        # generic-setting answers -> expert; else generic) against the likelihood level of the same setting
+        cut = torch.tensor([specificity_score(a) for a in answers[1]]).median().item()
+        agree = n = 0
+        for j in range(len(LEVELS)):
+            for i, a in enumerate(answers[j]):
+                marker = 0 if refusal_score(a) > 0 else (2 if specificity_score(a) > cut else 1)
+                agree += int(marker == int(ll_levels[j, i]))
+                n += 1
+        res["agreement"] = agree / n
+        res["specificity_cut"] = cut
+        out["domains"][d] = res
+        print(
+            f"{d}: "
+            + "; ".join(
+                f"{lv} (alpha {settings[lv]:g}): refusal {res['by_setting'][lv]['refusal_mean']:.2f}"
+                f", specificity {res['by_setting'][lv]['specificity_mean']:.2f}"
+                for lv in LEVELS
+            )
+            + f"; marker/likelihood agreement {res['agreement']:.2f}",
+            flush=True,
+        )
+    write_json(Path(args.results) / "markers_clm.json", out)
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def cmd_report(args) -> None:
+    results = Path(args.results)
+    kinds = [k for k in ("clm", "vectors") if (results / f"levels_{k}.json").exists()]
+    data = {k: json.loads((results / f"levels_{k}.json").read_text()) for k in kinds}
+    lines = []
+    for k in kinds:
+        r = data[k]
+        lines.append(f"## {k}: level shares per domain along each knob (held-out, {r['n_questions']})")
+        header = "knob alpha | " + " | ".join(f"{d} a/g/e" for d in DOMAINS)
+        lines.append(header)
+        rows_csv = []
+        for knob, sweep in r["sweeps"].items():
+            for s in sweep:
+                cells = " | ".join("{avoid:.2f}/{generic:.2f}/{expert:.2f}".format(**s["levels"][d]) for d in DOMAINS)
+                lines.append(f"{knob} {s['alpha']:g} | {cells}")
+                rows_csv.append(
+                    {
+                        "kind": k,
+                        "knob": knob,
+                        "alpha": s["alpha"],
+                        **{f"{d}_{lv}": s["levels"][d][lv] for d in DOMAINS for lv in ("avoid", "generic", "expert")},
+                    }
+                )
+        with (results / f"sweep_{k}.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows_csv[0]))
+            w.writeheader()
+            w.writerows(rows_csv)
+        lines.append("")
+        lines.append("knob | avoid alpha (acc) | generic 0 (acc) | expert alpha (acc) | leakage max at avoid / expert")
+        for d, kn in r["knobs"].items():
+            la, le = kn["leakage_at_avoid"]["max"], kn["leakage_at_expert"]["max"]
+            lines.append(
+                f"{d} | {kn['avoid']['alpha']:g} ({kn['avoid']['accuracy']:.2f}) | "
+                f"{kn['generic']['accuracy']:.2f} | {kn['expert']['alpha']:g} ({kn['expert']['accuracy']:.2f})"
+                f" | {la if la is None else round(la, 2)} / {le if le is None else round(le, 2)}"
+            )
+        lines.append("")
+        lines.append(
+            f"27 combinations ({k}, grid {r['grid_alphas']} per knob, {r['n_points']} points): "
+            f"{r['reached']}/27 reached; {r['twofold_reached']}/27 with two-fold selection"
+        )
+        combo_csv = []
+        for c in r["combinations"]:
+            t = c["targets"]
+            acc = c["accuracy"]
+            lines.append(
+                f"{t['medical']:7s} {t['legal']:7s} {t['financial']:7s} | point "
+                + ",".join(f"{c['point'][d]:g}" for d in REGULATED)
+                + " | acc "
+                + " ".join(f"{acc[d]:.2f}" for d in DOMAINS)
+                + f" | {'reached' if c['reached'] else '-'} | twofold min "
+                f"{min(c['twofold_accuracy'][d] for d in REGULATED):.2f}"
+            )
+            combo_csv.append(
+                {
+                    "kind": k,
+                    **{f"target_{d}": t[d] for d in REGULATED},
+                    **{f"alpha_{d}": c["point"][d] for d in REGULATED},
+                    **{f"acc_{d}": acc[d] for d in DOMAINS},
+                    "min_acc": c["min_accuracy"],
+                    "reached": c["reached"],
+                    "twofold_min_acc": min(c["twofold_accuracy"][d] for d in REGULATED),
+                    "twofold_reached": c["twofold_reached"],
+                }
+            )
+        with (results / f"combinations_{k}.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(combo_csv[0]))
+            w.writeheader()
+            w.writerows(combo_csv)
+        lines.append("")
+    for name in ("train_clm.json", "train_full.json", "train_clm_pooled.json"):
+        if (results / name).exists():
+            t = json.loads((results / name).read_text())
+            kind = "full" if "full" in name else "clm"
+            for d, v in t.items():
+                weights = Path(args.runs) / kind / d
+                disk = dir_bytes(weights) if weights.exists() else v["disk_bytes"]
+                lines.append(
+                    f"{name}: {d}: {v['steps']} steps in {v['seconds']:.0f} s ({v['seconds_per_step']:.1f} s/step), "
+                    f"{v['trainable_params']:,} trainable params, weights on disk {disk / 1e6:.1f} MB"
+                )
+    for k in kinds:
+        pooled = results / "train_clm_pooled.json"
+        if pooled.exists():
+            unit, what = next(iter(json.loads(pooled.read_text()).values())), "one pooled run"
+        elif (results / "train_clm.json").exists():  # the pooled run was not measured: the longest per-domain run
+            per_domain = json.loads((results / "train_clm.json").read_text()).values()
+            unit, what = max(per_domain, key=lambda v: v["seconds"]), "the longest per-domain CLM run"
+        else:
+            continue
+        one = unit["seconds"]
+        lines.append(
+            f"{k}: search {data[k]['search_seconds']:.0f} s for all 27 vs retraining 27 x {one:.0f} s ({what}, "
+            f"{unit['steps']} steps) = {27 * one:.0f} s ({27 * one / data[k]['search_seconds']:.1f}x)"
+        )
+    # A markdown summary for the README: own-domain level shares along each knob, leakage, combinations.
+    md = []
+    for k in kinds:
+        r = data[k]
+        alphas = [s["alpha"] for s in next(iter(r["sweeps"].values()))]
+        md.append(
+            f"| {k} knob: own domain avoid / generic / expert at alpha | "
+            + " | ".join(f"{a:g}" for a in alphas)
+            + " |"
+        )
+        md.append("| --- " * (len(alphas) + 1) + "|")
+        for knob, sweep in r["sweeps"].items():
+            md.append(
+                f"| {knob} | "
+                + " | ".join("{avoid:.2f} / {generic:.2f} / {expert:.2f}".format(**s["levels"][knob]) for s in sweep)
+                + " |"
+            )
+        for knob, sweep in r["sweeps"].items():
+            md.append(
+                f"| (other domains' mean level, {knob} knob) | "
+                + " | ".join(
+                    " ".join(f"{s['levels'][d]['mean_level']:+.2f}" for d in DOMAINS if d != knob) for s in sweep
+                )
+                + " |"
+            )
+        md.append("")
+        md.append(
+            "| knob | avoid alpha (own accuracy) | generic at 0 | expert alpha (own accuracy) | "
+            "leakage at avoid alpha | leakage at expert alpha |"
+        )
+        md.append("| --- | --- | --- | --- | --- | --- |")
+        for d, kn in r["knobs"].items():
+
+            def fmt(x):
+                return "n/a (no own change)" if x is None else f"{x:.2f}"
+
+            md.append(
+                f"| {d} | {kn['avoid']['alpha']:g} ({kn['avoid']['accuracy']:.2f}) | "
+                f"{kn['generic']['accuracy']:.2f} | {kn['expert']['alpha']:g} ({kn['expert']['accuracy']:.2f}) | "
+                f"{fmt(kn['leakage_at_avoid']['max'])} | {fmt(kn['leakage_at_expert']['max'])} |"
+            )
+        md.append("")
+        md.append(
+            f"Combinations reached ({k}; grid {r['grid_alphas']} per knob): **{r['reached']}/27** with the point "
+            f"chosen on the same {r['n_questions']['medical']} questions per domain, "
+            f"**{r['twofold_reached']}/27** two-fold (chosen on half, reported on the other half); "
+            f"{r.get('n_points_scored', r['n_points'])} points scored and searched in "
+            f"{r['search_seconds']:.0f} s."
+        )
+        md.append("")
+    (results / "summary.md").write_text("\n".join(md) + "\n")
+    text = "\n".join(lines)
+    (results / "report.md").write_text(text + "\n")
+    print(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: CSV only")
+        return
+    for k in kinds:
+        r = data[k]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
+        for ax, (knob, sweep) in zip(axes[0], r["sweeps"].items()):
+            alphas = [s["alpha"] for s in sweep]
+            for lv, style in (("avoid", "v-"), ("generic", "o-"), ("expert", "^-")):
+                ax.plot(alphas, [s["levels"][knob][lv] for s in sweep], style, label=f"{knob}: {lv}")
+            ax.plot(
+                alphas,
+                [max(abs(s["levels"][d]["mean_level"]) for d in DOMAINS if d != knob) for s in sweep],
+                "k:",
+                label="max |mean level| other domains",
+            )
+            ax.set_xlabel("alpha" if k == "clm" else "vector scale")
+            ax.set_ylabel("share of held-out questions")
+            ax.set_title(f"{k} knob: {knob}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(results / f"levels_{k}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["pairs", "handcheck", "train", "score", "markers", "report"])
+    parser.add_argument("--data", default=str(ROOT / "data" / "domains"))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "domains"))
+    parser.add_argument("--results", default=str(ROOT / "results" / "domains"))
+    parser.add_argument("--kind", choices=["clm", "full", "vectors"], default="clm")
+    parser.add_argument("--domains", default=",".join(REGULATED))
+    parser.add_argument("--pooled", action="store_true")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--sft-weight", type=float, default=1.0)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--alphas", default="-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3")
+    parser.add_argument("--grid-alphas", default=None, help="per knob for the 3-knob grid (default: --alphas)")
+    parser.add_argument("--max-per-domain", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    {
+        "pairs": cmd_pairs,
+        "handcheck": cmd_handcheck,
+        "train": cmd_train,
+        "score": cmd_score,
+        "markers": cmd_markers,
+        "report": cmd_report,
+    }[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

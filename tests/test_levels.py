@@ -1,0 +1,202 @@
+"""Level scoring (peft_clm.tools.levels) on tiny random models: the k + 1 pass logits-mode scores equal a naive
+one-sequence-at-a-time loop at every grid point, the argmax and accuracies, the 27-combination search, bad input."""
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import perturb, tiny_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_clm import ClmConfig
+from peft_clm.tools.levels import (
+    LEVELS,
+    combinations,
+    grid_points,
+    level_accuracy,
+    level_scores,
+    levels_from_scores,
+    mean_level,
+    search_combinations,
+)
+
+
+ROWS = [
+    {
+        "prompt": "tell me about the sea ?",
+        "avoid": "no , sorry .",
+        "generic": "the sea is good .",
+        "expert": "the sea is very very great , indeed , because of the moon and the sun .",
+    },
+    {
+        "prompt": "why is the sky blue ?",
+        "avoid": "ask a friend .",
+        "generic": "the sky is blue .",
+        "expert": "because the sun and the sky , one two three .",
+    },
+    {
+        "prompt": "what about the cat ?",
+        "avoid": "no .",
+        "generic": "the cat is fine , thank you .",
+        "expert": "the cat is a bird ? no , the cat is a cat .",
+    },
+]
+
+
+def _plain_model(tokenizer, seed=0):
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(_plain_model(tokenizer), ClmConfig(interpolation="logits"), adapter_name="x")
+    model.add_adapter("y", ClmConfig(interpolation="logits"))
+    model.add_adapter("z", ClmConfig(interpolation="logits"))
+    for seed, name in enumerate("xyz"):
+        perturb(model, seed=seed, scale=0.3, adapter=name)
+    model.base_model.set_adapter(["x", "y", "z"])
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def naive_scores(model, tokenizer, rows, point):
+    """One sequence at a time, no padding: mean log p(answer token | everything before) at `point`."""
+    out = []
+    for row in rows:
+        per_level = []
+        for level in LEVELS:
+            p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            a = tokenizer(row[level], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([p + a])
+            kwargs = {} if point is None else {"clm_alpha": point}
+            logp = torch.log_softmax(model(input_ids=ids, **kwargs).logits[0].float(), -1)
+            per_level.append(sum(logp[len(p) + t - 1, tok].item() for t, tok in enumerate(a)) / len(a))
+        out.append(per_level)
+    return torch.tensor(out)
+
+
+def test_logits_mode_three_knob_grid_equals_a_naive_loop_per_point(setup):
+    model, tokenizer = setup
+    points = grid_points({"x": [-1.5, 0.0, 1.0], "y": [0.0, 2.0], "z": [-0.5, 0.0]})
+    fast = level_scores(model, tokenizer, ROWS, points, batch_size=4)  # batches cut across rows: padding is used
+    assert fast.shape == (12, 3, 3)
+    for j, point in enumerate(points):
+        torch.testing.assert_close(fast[j], naive_scores(model, tokenizer, ROWS, point), atol=1e-4, rtol=1e-4)
+    # the knob matters: different points give different scores
+    assert not torch.allclose(fast[0], fast[2])
+
+
+@pytest.mark.parametrize("mode", ["hidden", "weights"])
+def test_other_modes_run_one_pass_per_point_and_agree_with_the_loop(setup, mode):
+    model, tokenizer = setup
+    model.set_interpolation(mode)
+    try:
+        points = [{"x": 0.5, "y": -1.0, "z": 0.3}, {"x": 0.0}]  # a partial dict leaves the other knobs at 0
+        scores = level_scores(model, tokenizer, ROWS, points, batch_size=5)
+        torch.testing.assert_close(scores[0], naive_scores(model, tokenizer, ROWS, points[0]), atol=1e-4, rtol=1e-4)
+        zero = {"x": 0.0, "y": 0.0, "z": 0.0}
+        torch.testing.assert_close(scores[1], naive_scores(model, tokenizer, ROWS, zero), atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_interpolation("logits")
+
+
+def test_a_plain_model_and_a_single_adapter_take_none_and_numbers():
+    tokenizer = tiny_tokenizer()
+    plain = _plain_model(tokenizer, seed=3)
+    torch.testing.assert_close(
+        level_scores(plain, tokenizer, ROWS, [None])[0],
+        naive_scores(plain, tokenizer, ROWS, None),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    single = get_peft_model(_plain_model(tokenizer, seed=3), ClmConfig(interpolation="logits"))
+    perturb(single, seed=2, scale=0.3)
+    single.eval()
+    scores = level_scores(single, tokenizer, ROWS, [0.0, -2.0, 1.0], batch_size=2)
+    torch.testing.assert_close(scores[0], naive_scores(plain, tokenizer, ROWS, None), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores[1], naive_scores(single, tokenizer, ROWS, -2.0), atol=1e-4, rtol=1e-4)
+
+
+def test_argmax_accuracy_and_mean_level():
+    scores = torch.tensor([[[0.0, -1.0, -2.0], [-1.0, -3.0, -0.5], [-1.0, -0.2, -0.9]]])  # avoid, expert, generic
+    assert levels_from_scores(scores).tolist() == [[0, 2, 1]]
+    assert level_accuracy(scores, "avoid").tolist() == pytest.approx([1 / 3])
+    assert level_accuracy(scores, 2).tolist() == pytest.approx([1 / 3])
+    assert mean_level(scores).tolist() == pytest.approx([0.0])
+    assert levels_from_scores(torch.zeros(1, 1, 3)).tolist() == [[0]]  # ties go to the lower level
+
+
+def test_search_finds_the_point_that_reaches_each_combination():
+    # two domains, two rows each; knob d moves only domain d: alpha -1 -> avoid, 0 -> generic, 1 -> expert
+    points = grid_points({"a": [-1.0, 0.0, 1.0], "b": [-1.0, 0.0, 1.0]})
+    row_domains = ["a", "a", "b", "b"]
+    scores = torch.full((len(points), 4, 3), -5.0)
+    for j, p in enumerate(points):
+        for i, d in enumerate(row_domains):
+            scores[j, i, int(p[d]) + 1] = -1.0
+    combos = search_combinations(scores, row_domains, points, ["a", "b"])
+    assert len(combos) == 9 == len(combinations(["a", "b"]))
+    for c in combos:
+        assert c["reached"] and c["min_accuracy"] == 1.0
+        assert c["point"] == {d: float(LEVELS.index(lv) - 1) for d, lv in c["targets"].items()}
+    # held-out reporting: choose on rows 0 and 2, report on rows 1 and 3; break row 3 at every point
+    broken = scores.clone()
+    broken[:, 3] = torch.tensor([-1.0, -5.0, -5.0])  # always avoid
+    split = search_combinations(broken, row_domains, points, ["a", "b"], select=[True, False, True, False])
+    assert [c["reached"] for c in split] == [c["targets"]["b"] == "avoid" for c in split]
+    # three domains: 27 combinations, every one reached at its own point of a 27-point grid
+    points3 = grid_points({d: [-1.0, 0.0, 1.0] for d in "abc"})
+    doms3 = ["a", "b", "c"]
+    scores3 = torch.full((27, 3, 3), -5.0)
+    for j, p in enumerate(points3):
+        for i, d in enumerate(doms3):
+            scores3[j, i, int(p[d]) + 1] = -1.0
+    combos3 = search_combinations(scores3, doms3, points3, doms3)
+    assert len(combos3) == 27 and sum(c["reached"] for c in combos3) == 27
+    assert len({json.dumps(c["point"], sort_keys=True) for c in combos3}) == 27
+    # a control domain is reported, not searched
+    with_control = search_combinations(scores, row_domains, points, ["a"], controls={"b": "generic"})
+    assert len(with_control) == 3 and all(c["accuracy"]["b"] == 1.0 for c in with_control)
+
+
+def test_bad_input_is_one_clear_error(setup):
+    model, tokenizer = setup
+    with pytest.raises(ValueError, match="lacks \\['expert'\\]"):
+        level_scores(model, tokenizer, [{"prompt": "hi", "avoid": "no", "generic": "hi"}], [{"x": 1.0}])
+    with pytest.raises(ValueError, match="empty"):
+        level_scores(model, tokenizer, [{**ROWS[0], "generic": " "}], [{"x": 1.0}])
+    with pytest.raises(ValueError, match="no rows"):
+        level_scores(model, tokenizer, [], [{"x": 1.0}])
+    with pytest.raises(ValueError, match="no points"):
+        level_scores(model, tokenizer, ROWS, [])
+    with pytest.raises(ValueError, match="not active"):
+        level_scores(model, tokenizer, ROWS, [{"w": 1.0}])
+    with pytest.raises(ValueError, match="one active adapter"):
+        level_scores(model, tokenizer, ROWS, [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        level_scores(model, tokenizer, ROWS, [{"x": float("nan")}])
+    with pytest.raises(ValueError, match="plain model"):
+        level_scores(_plain_model(tokenizer), tokenizer, ROWS, [0.5])
+    with pytest.raises(ValueError, match="unknown level"):
+        level_accuracy(torch.zeros(1, 2, 3), "expertise")
+    with pytest.raises(ValueError, match="dimension of 3"):
+        levels_from_scores(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="do not match"):
+        search_combinations(torch.zeros(2, 3, 3), ["a"] * 3, [{"a": 0.0}], ["a"])
+    with pytest.raises(ValueError, match="no rows"):
+        search_combinations(torch.zeros(1, 2, 3), ["a", "a"], [{"a": 0.0}], ["a", "b"])
