@@ -313,9 +313,11 @@ def cmd_score(args) -> None:
     result["combinations"] = combos
     result["reached"] = sum(c["reached"] for c in combos)
     result["twofold_reached"] = sum(c["twofold_reached"] for c in combos)
-    torch.save(
-        {"points": points, "scores": scores, "row_domains": row_domains}, Path(args.runs) / f"grid_scores_{kind}.pt"
-    )
+    # the raw scores for re-analysis: tensors as safetensors (no pickles), their labels as JSON beside them
+    from safetensors.torch import save_file
+
+    save_file({"scores": scores.contiguous()}, str(Path(args.runs) / f"grid_scores_{kind}.safetensors"))
+    write_json(Path(args.runs) / f"grid_scores_{kind}.json", {"points": points, "row_domains": row_domains})
     write_json(Path(args.results) / f"levels_{kind}.json", result)
     print(
         f"{kind}: {result['reached']}/27 combinations reached (accuracy >= 0.8 on every regulated domain, "
