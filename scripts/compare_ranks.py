@@ -1,12 +1,16 @@
 """The low-rank CLM layer against the full one on SmolLM2, same pairs and budget: adapter file size, trainable
 parameters, step time, training peak memory, held-out reward accuracy at alpha 1 and the alpha sweep's rho.
 
-Each row is trained in a fresh process (so its peak memory is its own) and swept with `peft-clm sweep`; a row whose
-run directory already holds its results is reused. Rows are `full` or `r<rank>`, optionally `@<lr>` (default: `--lr`
-for the full layer, `--lowrank-lr` for the factors). Writes `<out>/<dimension>/ranks.json` and prints a table, with
+Each row is trained in a fresh process and swept with `peft-clm sweep`; a row whose run directory already holds its
+results is reused. Rows are `full`, `r<rank>` (factors on every linear module of the layer) or `r<rank>-out`
+(factors on the two zeroed output projections only, the smallest file), optionally `@<lr>` (default: `--lr` for the
+full layer, `--lowrank-lr` for the factors). Training memory is measured in a second fresh process per row over the
+first `--memory-steps` steps of the same run (same seed, same batches): the peak RSS while training above the RSS
+of the loaded model, so the model's loading peak does not hide what the adapter's training state costs.
+Writes `<out>/<dimension>/ranks.json` and prints a table, with
 the analytic adapter sizes of an 8B Llama shape beside the measured ones.
 
-    python scripts/compare_ranks.py --dimension concise --out runs/ranks --rows full,r4,r16,r64,r16@5e-5
+    python scripts/compare_ranks.py --dimension concise --out runs/ranks --rows full,r4,r16,r64,r16-out
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peft_clm.constants import ZERO_MODULES
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,16 +39,18 @@ LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_head
 
 
 def parse_row(spec: str, lr: float, lowrank_lr: float) -> dict:
-    """`full`, `r16` or `r16@5e-4` -> {name, rank, lr}."""
+    """`full`, `r16`, `r16-out` or any of them with `@5e-4` -> {name, rank, modules, lr, dir}."""
     name, _, lr_text = spec.partition("@")
+    rank_text, out_only = (name[:-4], True) if name.endswith("-out") else (name, False)
     if name == "full":
         rank = None
-    elif name.startswith("r") and name[1:].isdigit() and int(name[1:]) > 0:
-        rank = int(name[1:])
+    elif rank_text.startswith("r") and rank_text[1:].isdigit() and int(rank_text[1:]) > 0:
+        rank = int(rank_text[1:])
     else:
-        raise SystemExit(f"row {spec!r}: expected full, r<rank> or either with @<lr>")
+        raise SystemExit(f"row {spec!r}: expected full, r<rank> or r<rank>-out, each optionally with @<lr>")
     row_lr = float(lr_text) if lr_text else (lr if rank is None else lowrank_lr)
-    return {"name": spec, "rank": rank, "lr": row_lr, "dir": f"{name}_lr{row_lr:g}"}
+    modules = list(ZERO_MODULES["llama"]) if out_only else None
+    return {"name": spec, "rank": rank, "modules": modules, "lr": row_lr, "dir": f"{name}_lr{row_lr:g}"}
 
 
 def run_python(code: str) -> dict:
@@ -53,22 +62,33 @@ def run_python(code: str) -> dict:
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def train_row(row: dict, args, out: Path) -> dict:
-    summary = out / "train_summary.json"
+def train_row(row: dict, args, out: Path, steps: int, summary: Path) -> dict:
+    """Train a row into `out` in a fresh process; its TrainResult is kept as JSON in `summary`."""
     if summary.is_file():
         return json.loads(summary.read_text())
     data = str(ROOT / "data" / args.dimension / "train.jsonl")
     code = (
         "import json; from peft_clm.tools.train import train; "
         f"r = train('smollm2', {data!r}, {str(out)!r}, method='dpo', rank={row['rank']!r}, "
-        f"max_steps={args.steps}, batch_size={args.batch_size}, lr={row['lr']!r}, beta={args.beta!r}, "
+        f"lowrank_modules={row['modules']!r}, max_steps={steps}, batch_size={args.batch_size}, lr={row['lr']!r}, "
+        f"beta={args.beta!r}, "
         f"sft_weight={args.sft_weight!r}, seed={args.seed}, progress=False, overwrite=True); "
         "d = {k: v for k, v in r.__dict__.items() if k != 'log_history'}; "
         "d['losses'] = [h['loss'] for h in r.log_history if 'loss' in h]; print('RESULT', json.dumps(d))"
     )
     result = run_python(code)
+    summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps(result, indent=1))
     return result
+
+
+def training_memory(row: dict, args, out: Path) -> dict:
+    """Peak RSS while training over the first `--memory-steps` steps (fresh process), and above the loaded model."""
+    scratch = out / "memory"
+    result = train_row(row, args, scratch / "adapter", args.memory_steps, scratch / "memory.json")
+    shutil.rmtree(scratch / "adapter", ignore_errors=True)
+    return {"train_peak_rss_mb": result["train_peak_rss_mb"],
+            "train_rss_over_model_mb": result["train_peak_rss_mb"] - result["train_start_rss_mb"]}
 
 
 def evaluate_row(args, out: Path) -> dict:
@@ -144,6 +164,7 @@ def main() -> None:
     parser.add_argument("--sft-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-prompts", type=int, default=24)
+    parser.add_argument("--memory-steps", type=int, default=4, help="steps of the training-memory run of each row")
     parser.add_argument("--results", help="also copy ranks.json and each row's sweep.json here")
     args = parser.parse_args()
     rows = [parse_row(s, args.lr, args.lowrank_lr) for s in args.rows.split(",") if s]
@@ -151,15 +172,16 @@ def main() -> None:
     table = []
     for row in rows:
         run = out / row["dir"]
-        trained = train_row(row, args, run)
+        trained = train_row(row, args, run, args.steps, run / "train_summary.json")
         evaluated = evaluate_row(args, run)
+        memory = training_memory(row, args, run)
         timed = trained["step_seconds"][1:] or trained["step_seconds"]  # the first step pays one-off set-up
         table.append({
-            "row": row["name"], "rank": row["rank"], "lr": row["lr"],
+            "row": row["name"], "rank": row["rank"], "lowrank_modules": row["modules"], "lr": row["lr"],
             "file_bytes": (run / "adapter_model.safetensors").stat().st_size,
             "trainable_params": trained["trainable_params"],
             "step_s": statistics.median(timed), "train_seconds": trained["seconds"],
-            "peak_rss_mb": trained["peak_rss_mb"], "first_loss": trained["first_loss"],
+            "peak_rss_mb": trained["peak_rss_mb"], **memory, "first_loss": trained["first_loss"],
             "final_loss": trained["final_loss"],
             "heldout_reward_accuracy": evaluated["heldout"]["reward_accuracy"],
             "heldout_mean_margin": evaluated["heldout"]["mean_margin"],
@@ -170,7 +192,7 @@ def main() -> None:
     full = next((r for r in table if r["rank"] is None), None)
     for r in table:
         r["file_percent_of_full"] = 100 * r["file_bytes"] / full["file_bytes"] if full else None
-        for key in ("heldout_reward_accuracy", "sweep_rho", "peak_rss_mb"):
+        for key in ("heldout_reward_accuracy", "sweep_rho", "peak_rss_mb", "train_rss_over_model_mb"):
             r[f"{key}_minus_full"] = r[key] - full[key] if full else None
     ranks = sorted({r["rank"] for r in rows if r["rank"]} | {4, 16, 64})
     result = {
@@ -195,11 +217,11 @@ def main() -> None:
     print(f"# {args.dimension}: {args.steps} steps x batch {args.batch_size}, beta {args.beta}, RPO weight "
           f"{args.sft_weight}, seed {args.seed}; sweep rho over alphas {ALPHAS} ({m}, {args.max_prompts} prompts)")
     print(f"{'row':<12}{'lr':>8}{'file bytes':>12}{'% full':>8}{'trainable':>12}{'s/step':>8}{'peak MB':>9}"
-          f"{'acc@1':>7}{'rho':>8}")
+          f"{'train MB':>10}{'acc@1':>7}{'rho':>8}")
     for r in table:
         pct = f"{r['file_percent_of_full']:.2f}" if r["file_percent_of_full"] is not None else "-"
         print(f"{r['row']:<12}{r['lr']:>8g}{r['file_bytes']:>12,}{pct:>8}{r['trainable_params']:>12,}"
-              f"{r['step_s']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['heldout_reward_accuracy']:>7.3f}{r['sweep_rho']:>8.3f}")
+              f"{r['step_s']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['train_rss_over_model_mb']:>10.0f}{r['heldout_reward_accuracy']:>7.3f}{r['sweep_rho']:>8.3f}")
     for label in ("analytic_this_model", "analytic_llama_8b"):
         sizes = result[label]
         print(f"{label}: full layer {sizes['full_params']:,} params; " + ", ".join(

@@ -186,3 +186,35 @@ def test_cli_trains_a_low_rank_layer(tiny_dir, tmp_path):
     assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in saved.items())  # trained from B = 0
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out)
     assert model.peft_config["default"].r == 2
+
+
+def test_low_rank_on_the_zeroed_projections_only_and_training_memory(tiny_dir, tmp_path, capsys):
+    """`--lowrank-modules` puts factors on the named modules only (the zeroed two: the smallest file), and the run
+    reports its peak memory while training, apart from the model's loading."""
+    from safetensors.torch import load_file
+
+    from peft_clm.tools.train import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(8))
+    out = tmp_path / "out_only"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--rank", "2",
+                 "--lowrank-modules", "self_attn.o_proj,mlp.down_proj", "--max-steps", "2", "--batch-size", "4",
+                 "--lr", "1e-2", "--quiet"]) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    modules = {k.split(".factors.")[1].rsplit(".", 1)[0] for k in saved}
+    assert modules == {"self_attn__o_proj", "mlp__down_proj"}
+    # exactly rank 2 on o_proj (32 -> 32) and down_proj (64 -> 32) of the tiny Llama
+    assert sum(t.numel() for t in saved.values()) == 2 * (32 + 32) + 2 * (64 + 32)
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out).peft_config[
+        "default"].lowrank_modules == ["self_attn.o_proj", "mlp.down_proj"]
+    result = train(str(tiny_dir), str(data), str(tmp_path / "full"), max_steps=1, batch_size=4, progress=False)
+    assert 0 < result.train_start_rss_mb <= result.train_peak_rss_mb <= result.peak_rss_mb
+    assert "peak memory while training" in result.summary()
+    # a module list without a rank, or naming no module of the layer, is refused before anything is written
+    with pytest.raises(ValueError, match="set r too"):
+        train(str(tiny_dir), str(data), str(tmp_path / "no_rank"), lowrank_modules=["mlp.down_proj"])
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "bad"), "--rank",
+                 "2", "--lowrank-modules", "mlp.nope,self_attn.o_proj,mlp.down_proj", "--max-steps", "1",
+                 "--quiet"]) == 2
+    assert "'mlp.nope'] are not linear modules" in capsys.readouterr().err
+    assert not (tmp_path / "no_rank").exists() and not (tmp_path / "bad").exists()

@@ -14,6 +14,7 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(
         model=args.model, data=args.data, out=args.out, method=args.method, adapter=args.adapter_type, rank=args.rank,
+        lowrank_modules=args.lowrank_modules.split(",") if args.lowrank_modules else None,
         interpolation=args.interpolation, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, beta=args.beta,
         sft_weight=args.sft_weight, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
         max_length=args.max_length,
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="adapter directory to write")
     t.add_argument("--interpolation", choices=["logits", "hidden", "weights"], default="logits")
     t.add_argument("--rank", type=int, help="a low-rank CLM layer: train (and save) rank-r factors only")
+    t.add_argument("--lowrank-modules", help="with --rank: comma-separated linear modules of the layer that get "
+                   "factors (default: all; the zeroed two, self_attn.o_proj,mlp.down_proj, give the smallest file)")
     t.add_argument("--adapter-type", choices=["clm", "lora", "full"], default="clm",
                    help="what to train: the CLM layer (default), or the LoRA / full fine-tuning baselines")
     t.add_argument("--epochs", type=float, default=1.0)

@@ -38,12 +38,15 @@ class TrainResult:
     final_loss: Optional[float]
     first_loss: Optional[float]
     reward_accuracy: Optional[float]
-    peak_rss_mb: float  # of this process
+    peak_rss_mb: float  # of this process, over its whole life (model loading included)
     num_processes: int = 1
     global_batch_size: int = 0  # pairs (or examples) per optimiser step, over every process
     is_main_process: bool = True
     log_history: list = field(default_factory=list, repr=False)
     step_seconds: list = field(default_factory=list, repr=False)  # each optimiser step, saving excluded
+    # RSS when training started (model loaded) and its peak while training; None where the OS cannot reset the peak
+    train_start_rss_mb: Optional[float] = None
+    train_peak_rss_mb: Optional[float] = None
 
     def summary(self) -> str:
         lines = [
@@ -59,6 +62,9 @@ class TrainResult:
         if self.reward_accuracy is not None:
             lines.append(f"reward accuracy (last logged steps): {self.reward_accuracy:.3f}")
         lines.append(f"peak memory (RSS): {self.peak_rss_mb:.0f} MB")
+        if self.train_peak_rss_mb is not None:
+            lines.append(f"peak memory while training: {self.train_peak_rss_mb:.0f} MB "
+                         f"({self.train_peak_rss_mb - self.train_start_rss_mb:+.0f} MB over the loaded model)")
         lines.append(f"adapter saved to {self.out_dir}")
         return "\n".join(lines)
 
@@ -67,6 +73,40 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _TrainingPeakMemory:
+    """The peak RSS of this process while training only, not while the model loads (which dominates the
+    lifetime peak and hides what an adapter's training state costs). Linux only: `start()` resets the kernel's
+    high-water mark (`/proc/self/clear_refs`, "5") and records the RSS; `stop()` reads the mark back. Elsewhere
+    both give None. The reset also resets what `getrusage` reports, so `lifetime_peak_mb()` keeps the peak from
+    before it."""
+
+    def __init__(self) -> None:
+        self.start_mb: Optional[float] = None
+        self.peak_mb: Optional[float] = None
+        self.before_mb = 0.0
+
+    @staticmethod
+    def _status_mb(key: str) -> float:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(key + ":"))
+        return int(line.split()[1]) / 1024  # kB
+
+    def start(self) -> None:
+        self.before_mb = _peak_rss_mb()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start_mb = self._status_mb("VmRSS")
+        except (OSError, StopIteration):
+            self.start_mb = None
+
+    def stop(self) -> None:
+        self.peak_mb = self._status_mb("VmHWM") if self.start_mb is not None else None
+
+    def lifetime_peak_mb(self) -> float:
+        return max(self.before_mb, _peak_rss_mb(), self.peak_mb or 0.0)
 
 
 class _StepTimer:
@@ -137,6 +177,15 @@ def prepare_output_dir(out: str, model_dir: Optional[Path], resume: Optional[str
     new = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     return new
+
+
+def _discard_run_output(out: str, new_out: bool, before: set) -> None:
+    """Undo what a failed run wrote: remove `out` if the run created it, else only the entries it added."""
+    if new_out:
+        shutil.rmtree(out, ignore_errors=True)
+    elif Path(out).is_dir():
+        for item in set(Path(out).iterdir()) - before:
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
 
 
 def _distributed_state():
@@ -227,6 +276,7 @@ def train(
     method: str = "dpo",
     adapter: str = "clm",
     rank: Optional[int] = None,
+    lowrank_modules: Optional[list[str]] = None,
     interpolation: str = "logits",
     epochs: float = 1.0,
     max_steps: int = -1,
@@ -252,7 +302,8 @@ def train(
     `resume` is a checkpoint directory under `out`, or "last". `adapter` picks what is trained: "clm" (the
     identity layer; with `rank`, a low-rank CLM layer whose file holds only rank-r factors), or the baselines
     "lora" (rank 16 on every linear layer) and "full" (every parameter; TRL then keeps a frozen reference copy of
-    the model). `sft_weight` adds the chosen answers' NLL to the DPO loss.
+    the model). `lowrank_modules` names the layer's linear modules that get factors (default: every one; the two
+    zeroed projections alone give the smallest file). `sft_weight` adds the chosen answers' NLL to the DPO loss.
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
     `out` must be new or empty (or `resume` from it, or `overwrite` it), and never the model's own directory. A run
@@ -277,7 +328,7 @@ def train(
         raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
     if rank is not None and adapter != "clm":
         raise ValueError("--rank makes a low-rank CLM layer; it does not apply to --adapter-type lora or full.")
-    ClmConfig(r=rank)  # the rank is checked before anything loads
+    ClmConfig(r=rank, lowrank_modules=lowrank_modules)  # checked before anything loads
     rows = read_jsonl(data, method)  # checked in full before anything loads
     state = _distributed_state()
 
@@ -286,91 +337,95 @@ def train(
         return new, set(Path(out).iterdir())
 
     new_out, before = _main_process_first(state, prepare)
-    set_seed(seed)  # the same seed in every process: the same initial layer (DDP also broadcasts rank 0's)
-    random.seed(seed)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    base, tokenizer = load_model(model, dtype=dtype)
-    dataset = Dataset.from_list(rows)
-    if adapter == "clm":
-        peft_config = ClmConfig(interpolation=interpolation, alpha=1.0, r=rank)
-    elif adapter == "lora":
-        from peft import LoraConfig
+    try:
+        set_seed(seed)  # the same seed in every process: the same initial layer (DDP also broadcasts rank 0's)
+        random.seed(seed)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        base, tokenizer = load_model(model, dtype=dtype)
+        dataset = Dataset.from_list(rows)
+        if adapter == "clm":
+            peft_config = ClmConfig(interpolation=interpolation, alpha=1.0, r=rank, lowrank_modules=lowrank_modules)
+        elif adapter == "lora":
+            from peft import LoraConfig
 
-        peft_config = LoraConfig(
-            r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
-        )
-    else:
-        peft_config = None
-    common = {
-        "output_dir": out,
-        "num_train_epochs": epochs,
-        "max_steps": max_steps,
-        "learning_rate": lr,
-        "per_device_train_batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "seed": seed,
-        "data_seed": seed,
-        "logging_steps": logging_steps,
-        "save_strategy": "steps",
-        "save_steps": max(1, max_steps // 2) if max_steps > 0 else 500,
-        "save_total_limit": 1,
-        "report_to": [],
-        "activation_checkpointing": gradient_checkpointing,  # the current name of gradient checkpointing
-        "bf16": bf16,
-        "use_cpu": not torch.cuda.is_available(),
-        "disable_tqdm": not progress,
-        "max_length": max_length,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "logging_nan_inf_filter": False,  # log the real loss, so a NaN is seen (and stops the run)
-        # every trainable parameter (the CLM layer or its factors, LoRA, the whole model) takes part in every
-        # forward, so DDP need not walk the graph for unused ones each step
-        "ddp_find_unused_parameters": False,
-    }
-    if method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+            peft_config = LoraConfig(
+                r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+            )
+        else:
+            peft_config = None
+        common = {
+            "output_dir": out,
+            "num_train_epochs": epochs,
+            "max_steps": max_steps,
+            "learning_rate": lr,
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "seed": seed,
+            "data_seed": seed,
+            "logging_steps": logging_steps,
+            "save_strategy": "steps",
+            "save_steps": max(1, max_steps // 2) if max_steps > 0 else 500,
+            "save_total_limit": 1,
+            "report_to": [],
+            "activation_checkpointing": gradient_checkpointing,  # the current name of gradient checkpointing
+            "bf16": bf16,
+            "use_cpu": not torch.cuda.is_available(),
+            "disable_tqdm": not progress,
+            "max_length": max_length,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "logging_nan_inf_filter": False,  # log the real loss, so a NaN is seen (and stops the run)
+            # every trainable parameter (the CLM layer or its factors, LoRA, the whole model) takes part in every
+            # forward, so DDP need not walk the graph for unused ones each step
+            "ddp_find_unused_parameters": False,
+        }
+        if method == "dpo":
+            from trl import DPOConfig, DPOTrainer
 
-        # sft_weight > 0 adds the NLL of the chosen answers (RPO), which keeps the policy fluent.
-        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
-        args = DPOConfig(beta=beta, **losses, **common)
-        ref_model = load_model(model, dtype=dtype)[0].eval() if separate_reference else None
-        trainer = DPOTrainer(
-            model=base,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-    else:
-        from trl import SFTConfig, SFTTrainer
+            # sft_weight > 0 adds the NLL of the chosen answers (RPO), which keeps the policy fluent.
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
+            args = DPOConfig(beta=beta, **losses, **common)
+            ref_model = load_model(model, dtype=dtype)[0].eval() if separate_reference else None
+            trainer = DPOTrainer(
+                model=base,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+        else:
+            from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**common)
-        trainer = SFTTrainer(
-            model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-        )
-    timer, guard = _StepTimer(), _finite_guard()
-    trainer.add_callback(timer.callback)
-    trainer.add_callback(guard)
-    if not progress:
-        from transformers import PrinterCallback
+            args = SFTConfig(**common)
+            trainer = SFTTrainer(
+                model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+            )
+        timer, guard = _StepTimer(), _finite_guard()
+        trainer.add_callback(timer.callback)
+        trainer.add_callback(guard)
+        if not progress:
+            from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
-    if resume == "last":
-        checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume = str(checkpoints[-1]) if checkpoints else None
+            trainer.remove_callback(PrinterCallback)
+        if resume == "last":
+            checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            resume = str(checkpoints[-1]) if checkpoints else None
+    except Exception:  # a run refused while setting up (a bad module name, data the trainer rejects) writes nothing
+        if state.is_main_process:
+            _discard_run_output(out, new_out, before)
+        raise
+    memory = _TrainingPeakMemory()
+    memory.start()
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
+    memory.stop()
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()  # every process has finished (and written its checkpoint part)
     if guard.problem:  # every process sees the same gathered loss and synchronised weights, so all stop here
         if accelerator.is_main_process:
-            if new_out:
-                shutil.rmtree(out, ignore_errors=True)
-            else:  # keep what was there before this run, drop what it wrote
-                for item in set(Path(out).iterdir()) - before:
-                    shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
+            _discard_run_output(out, new_out, before)
         accelerator.wait_for_everyone()
         raise TrainingDiverged(f"training diverged: {guard.problem}; nothing was saved. Lower --lr or check the data.")
     if accelerator.is_main_process:  # the trained weights are the same in every process: one writer
@@ -395,7 +450,9 @@ def train(
         final_loss=history[-1]["loss"] if history else None,
         first_loss=history[0]["loss"] if history else None,
         reward_accuracy=sum(tail) / len(tail) if tail else None,
-        peak_rss_mb=_peak_rss_mb(),
+        peak_rss_mb=memory.lifetime_peak_mb(),
+        train_start_rss_mb=memory.start_mb,
+        train_peak_rss_mb=memory.peak_mb,
         num_processes=state.num_processes,
         global_batch_size=batch_size * grad_accum * state.num_processes,
         is_main_process=state.is_main_process,
