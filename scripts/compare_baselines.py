@@ -3,8 +3,8 @@
 Trains each (or reuses a finished run), then reports held-out reward accuracy at full strength, the dimension's
 metric on held-out prompts, trainable parameters, training time and peak memory; sweeps LoRA's own scale knob like
 CLM's alpha, with the same metrics (`out/DIMENSION/lora_scale/sweep.{json,csv,png}`: fluency, per-prompt
-reliability, held-out rewards); writes `compare.json`, `full_dpo_reference.json` (the line `peft-clm sweep
---reference` draws) and a table.
+reliability, held-out rewards); writes `compare.json`, with full DPO `full_dpo_reference.json` (the line `peft-clm
+sweep --reference` draws), and a table.
 
     python scripts/compare_baselines.py --dimension concise --out runs/compare --steps 40    # ~25 min on 2 cores
     python scripts/compare_baselines.py --dimension formal --methods clm,lora   # without full DPO (the slowest)

@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-from peft_clm.constants import ZERO_MODULES
-
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC = {"concise": "words", "formal": "casualness"}
@@ -49,6 +47,8 @@ def parse_row(spec: str, lr: float, lowrank_lr: float) -> dict:
     else:
         raise SystemExit(f"row {spec!r}: expected full, r<rank> or r<rank>-out, each optionally with @<lr>")
     row_lr = float(lr_text) if lr_text else (lr if rank is None else lowrank_lr)
+    from peft_clm.constants import ZERO_MODULES
+
     modules = list(ZERO_MODULES["llama"]) if out_only else None
     return {"name": spec, "rank": rank, "modules": modules, "lr": row_lr, "dir": f"{name}_lr{row_lr:g}"}
 
@@ -83,10 +83,18 @@ def train_row(row: dict, args, out: Path, steps: int, summary: Path) -> dict:
 
 
 def training_memory(row: dict, args, out: Path) -> dict:
-    """Peak RSS while training over the first `--memory-steps` steps (fresh process), and above the loaded model."""
-    scratch = out / "memory"
-    result = train_row(row, args, scratch / "adapter", args.memory_steps, scratch / "memory.json")
+    """Peak host RSS while training over the first `--memory-steps` steps (fresh process; checkpoint saving included,
+    as in a real run), and above the loaded model. A kept measurement is reused only for the same settings."""
+    scratch, settings = out / "memory", {"steps": args.memory_steps, "batch_size": args.batch_size, "seed": args.seed}
+    kept = scratch / "memory.json"
+    if kept.is_file() and json.loads(kept.read_text()).get("settings") != settings:
+        kept.unlink()
+    result = train_row(row, args, scratch / "adapter", args.memory_steps, kept)
+    if result.get("settings") != settings:
+        kept.write_text(json.dumps({**result, "settings": settings}, indent=1))
     shutil.rmtree(scratch / "adapter", ignore_errors=True)
+    if result["train_peak_rss_mb"] is None:
+        raise SystemExit("this OS cannot reset the peak RSS (/proc/self/clear_refs): no training-memory figure")
     return {"train_peak_rss_mb": result["train_peak_rss_mb"],
             "train_rss_over_model_mb": result["train_peak_rss_mb"] - result["train_start_rss_mb"]}
 
@@ -221,7 +229,8 @@ def main() -> None:
     for r in table:
         pct = f"{r['file_percent_of_full']:.2f}" if r["file_percent_of_full"] is not None else "-"
         print(f"{r['row']:<12}{r['lr']:>8g}{r['file_bytes']:>12,}{pct:>8}{r['trainable_params']:>12,}"
-              f"{r['step_s']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['train_rss_over_model_mb']:>10.0f}{r['heldout_reward_accuracy']:>7.3f}{r['sweep_rho']:>8.3f}")
+              f"{r['step_s']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['train_rss_over_model_mb']:>10.0f}"
+              f"{r['heldout_reward_accuracy']:>7.3f}{r['sweep_rho']:>8.3f}")
     for label in ("analytic_this_model", "analytic_llama_8b"):
         sizes = result[label]
         print(f"{label}: full layer {sizes['full_params']:,} params; " + ", ".join(

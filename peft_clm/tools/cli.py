@@ -14,7 +14,8 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(
         model=args.model, data=args.data, out=args.out, method=args.method, adapter=args.adapter_type, rank=args.rank,
-        lowrank_modules=args.lowrank_modules.split(",") if args.lowrank_modules else None,
+        lowrank_modules=[m.strip() for m in args.lowrank_modules.split(",") if m.strip()] if args.lowrank_modules
+        else None,
         interpolation=args.interpolation, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, beta=args.beta,
         sft_weight=args.sft_weight, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
         max_length=args.max_length,

@@ -38,13 +38,14 @@ class TrainResult:
     final_loss: Optional[float]
     first_loss: Optional[float]
     reward_accuracy: Optional[float]
-    peak_rss_mb: float  # of this process, over its whole life (model loading included)
+    peak_rss_mb: float  # host RSS of this process, over its whole life (model loading included)
     num_processes: int = 1
     global_batch_size: int = 0  # pairs (or examples) per optimiser step, over every process
     is_main_process: bool = True
     log_history: list = field(default_factory=list, repr=False)
     step_seconds: list = field(default_factory=list, repr=False)  # each optimiser step, saving excluded
-    # RSS when training started (model loaded) and its peak while training; None where the OS cannot reset the peak
+    # host RSS when training started (model loaded) and its peak while training; None where the OS cannot reset
+    # the peak
     train_start_rss_mb: Optional[float] = None
     train_peak_rss_mb: Optional[float] = None
 
@@ -61,7 +62,7 @@ class TrainResult:
                          "peak memory below is the main process's")
         if self.reward_accuracy is not None:
             lines.append(f"reward accuracy (last logged steps): {self.reward_accuracy:.3f}")
-        lines.append(f"peak memory (RSS): {self.peak_rss_mb:.0f} MB")
+        lines.append(f"peak memory (host RSS): {self.peak_rss_mb:.0f} MB")
         if self.train_peak_rss_mb is not None:
             lines.append(f"peak memory while training: {self.train_peak_rss_mb:.0f} MB "
                          f"({self.train_peak_rss_mb - self.train_start_rss_mb:+.0f} MB over the loaded model)")
@@ -70,22 +71,28 @@ class TrainResult:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS so far, including peaks from before a `_TrainingPeakMemory` reset."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(now, _TrainingPeakMemory.lifetime_mb)
 
 
 class _TrainingPeakMemory:
-    """The peak RSS of this process while training only, not while the model loads (which dominates the
-    lifetime peak and hides what an adapter's training state costs). Linux only: `start()` resets the kernel's
-    high-water mark (`/proc/self/clear_refs`, "5") and records the RSS; `stop()` reads the mark back. Elsewhere
-    both give None. The reset also resets what `getrusage` reports, so `lifetime_peak_mb()` keeps the peak from
-    before it."""
+    """The peak host RSS of this process while training only, not while the model loads (which dominates the
+    lifetime peak and hides what an adapter's training state costs); GPU memory is not counted.
+
+    Lifecycle: `start()` keeps the lifetime peak so far in `lifetime_mb` (the reset below also resets what
+    `getrusage` reports, for every later call in the process), resets the kernel's high-water mark
+    (`/proc/self/clear_refs`, "5", Linux) and records the RSS; `stop()` reads the mark back. Where the reset is
+    not available or does not take (the mark stays far above the RSS), both figures are None.
+    """
+
+    lifetime_mb = 0.0  # the process's peak RSS before any reset; class-wide, as the kernel's mark is process-wide
 
     def __init__(self) -> None:
         self.start_mb: Optional[float] = None
         self.peak_mb: Optional[float] = None
-        self.before_mb = 0.0
 
     @staticmethod
     def _status_mb(key: str) -> float:
@@ -94,19 +101,20 @@ class _TrainingPeakMemory:
         return int(line.split()[1]) / 1024  # kB
 
     def start(self) -> None:
-        self.before_mb = _peak_rss_mb()
+        _TrainingPeakMemory.lifetime_mb = _peak_rss_mb()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.start_mb = self._status_mb("VmRSS")
-        except (OSError, StopIteration):
+            rss, mark = self._status_mb("VmRSS"), self._status_mb("VmHWM")
+            self.start_mb = rss if mark - rss < 16 else None  # 16 MB: what the process may allocate in between
+        except (OSError, StopIteration, ValueError):
             self.start_mb = None
 
     def stop(self) -> None:
-        self.peak_mb = self._status_mb("VmHWM") if self.start_mb is not None else None
-
-    def lifetime_peak_mb(self) -> float:
-        return max(self.before_mb, _peak_rss_mb(), self.peak_mb or 0.0)
+        try:
+            self.peak_mb = self._status_mb("VmHWM") if self.start_mb is not None else None
+        except (OSError, StopIteration, ValueError):
+            self.peak_mb = None
 
 
 class _StepTimer:
@@ -450,7 +458,7 @@ def train(
         final_loss=history[-1]["loss"] if history else None,
         first_loss=history[0]["loss"] if history else None,
         reward_accuracy=sum(tail) / len(tail) if tail else None,
-        peak_rss_mb=memory.lifetime_peak_mb(),
+        peak_rss_mb=max(_peak_rss_mb(), memory.peak_mb or 0.0),
         train_start_rss_mb=memory.start_mb,
         train_peak_rss_mb=memory.peak_mb,
         num_processes=state.num_processes,
