@@ -229,16 +229,23 @@ CAN_RESET_PEAK = os.access("/proc/self/clear_refs", os.W_OK)
 
 @pytest.mark.skipif(not CAN_RESET_PEAK, reason="the peak RSS can be reset on Linux only")
 def test_training_peak_memory_excludes_what_came_before_but_the_lifetime_peak_keeps_it():
+    import mmap
+
     from peft_clm.tools.train import _peak_rss_mb, _TrainingPeakMemory
 
-    buffer = torch.ones(64 * 2**20)  # 256 MB, touched: a peak before training
-    del buffer
+    def touch(megabytes: int) -> mmap.mmap:  # fresh anonymous pages, made resident (malloc could reuse old ones)
+        pages = mmap.mmap(-1, megabytes * 2**20)
+        for offset in range(0, megabytes * 2**20, mmap.PAGESIZE):
+            pages[offset] = 1
+        return pages
+
+    touch(256).close()  # a peak before training
     before = _peak_rss_mb()
     memory = _TrainingPeakMemory()
     memory.start()
-    during = torch.ones(16 * 2**20)  # 64 MB while "training"
+    during = touch(64)  # 64 MB while "training"
     memory.stop()
+    during.close()
     assert memory.peak_mb >= memory.start_mb + 60  # the allocation while training is seen
     assert memory.peak_mb < before - 150  # the earlier 256 MB peak is not
     assert _peak_rss_mb() >= before  # but the lifetime peak still holds it
-    del during

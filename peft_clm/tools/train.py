@@ -112,7 +112,8 @@ class _TrainingPeakMemory:
 
     def stop(self) -> None:
         try:
-            self.peak_mb = self._status_mb("VmHWM") if self.start_mb is not None else None
+            # the kernel's RSS counters are synced lazily: the mark can read a fraction of a MB below the start
+            self.peak_mb = max(self._status_mb("VmHWM"), self.start_mb) if self.start_mb is not None else None
         except (OSError, StopIteration, ValueError):
             self.peak_mb = None
 
