@@ -315,6 +315,9 @@ def train(
     zeroed projections alone give the smallest file). `sft_weight` adds the chosen answers' NLL to the DPO loss.
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
+    On Linux the run resets the process's peak-RSS mark when training starts (to report `train_peak_rss_mb`), so
+    `resource.getrusage(...).ru_maxrss` read afterwards in the same process no longer includes earlier peaks; the
+    result's `peak_rss_mb` does.
     `out` must be new or empty (or `resume` from it, or `overwrite` it), and never the model's own directory. A run
     whose loss or weights become non-finite raises `TrainingDiverged` and saves nothing.
 
