@@ -61,26 +61,55 @@ def pair_rows(rows: list[dict], chosen: str, rejected: str) -> list[dict]:
     return [{"prompt": r["prompt"], "chosen": msg(r[chosen]), "rejected": msg(r[rejected])} for r in rows]
 
 
+def write_pairs(out: Path, pairs: list[dict], what: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tmp.replace(out)
+    print(f"{out}: {len(pairs)} pairs ({what})")
+
+
 def cmd_pairs(args) -> None:
+    """Per-domain DPO pairs. `--design ordinal` (default): expert > generic and generic > avoid on the domain's
+    questions, plus `--anchors` questions from each other domain (general included) as anchor pairs, the same two
+    answers in both orders (`peft_clm.tools.levels.anchor_pairs`). `--design expert-avoid`: the first design,
+    expert over avoid on the domain's questions only."""
+    from peft_clm.tools.levels import anchor_pairs, ordinal_pairs, target_pairs
+
     data = Path(args.data)
     for split in ("train", "heldout"):
         rows = read_jsonl(data / f"{split}.jsonl")
         for domain in REGULATED:
-            part = [r for r in rows if r["domain"] == domain]
-            out = data / "pairs" / domain / f"{split}.jsonl"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(json.dumps(p) + "\n" for p in pair_rows(part, "expert", "avoid")))
-            print(f"{out}: {len(part)} pairs (chosen expert, rejected avoid)")
+            own = [r for r in rows if r["domain"] == domain]
+            if args.design == "expert-avoid":
+                write_pairs(
+                    data / "pairs" / domain / f"{split}.jsonl",
+                    pair_rows(own, "expert", "avoid"),
+                    "chosen expert, rejected avoid",
+                )
+                continue
+            pairs = ordinal_pairs(own)
+            anchors = (
+                []
+                if split == "heldout"
+                else [r for d in DOMAINS if d != domain for r in [x for x in rows if x["domain"] == d][: args.anchors]]
+            )
+            write_pairs(
+                data / "pairs" / domain / f"{split}.jsonl",
+                pairs + anchor_pairs(anchors),
+                f"{len(pairs)} ordinal, {2 * len(anchors)} anchor pairs from {len(anchors)} other questions",
+            )
     # One pooled training set for one combination (medical expert, legal avoid, financial expert), to time
-    # retraining per combination: the pairs push each domain towards its target level. (The lean data has no
-    # generic answers for training questions, so this combination has no generic target.)
+    # retraining per combination: each domain's target level over its two other levels, general anchored.
     rows = read_jsonl(data / "train.jsonl")
-    orient = {"medical": ("expert", "avoid"), "legal": ("avoid", "expert"), "financial": ("expert", "avoid")}
-    pooled = [p for r in rows if r["domain"] in orient for p in pair_rows([r], *orient[r["domain"]])]
-    out = data / "pairs" / POOLED / "train.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(p) + "\n" for p in pooled))
-    print(f"{out}: {len(pooled)} pairs (medical expert, legal avoid, financial expert)")
+    targets = {"medical": "expert", "legal": "avoid", "financial": "expert"}
+    if args.design == "expert-avoid":  # the first design's data has no generic answers for training questions
+        orient = {"medical": ("expert", "avoid"), "legal": ("avoid", "expert"), "financial": ("expert", "avoid")}
+        pooled = [p for r in rows if r["domain"] in orient for p in pair_rows([r], *orient[r["domain"]])]
+    else:
+        pooled = [p for d, lv in targets.items() for p in target_pairs([r for r in rows if r["domain"] == d], lv)]
+        pooled += anchor_pairs([r for r in rows if r["domain"] == "general"][: args.anchors])
+    write_pairs(data / "pairs" / POOLED / "train.jsonl", pooled, "medical expert, legal avoid, financial expert")
 
 
 def cmd_handcheck(args) -> None:
@@ -575,6 +604,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=["clm", "full", "vectors"], default="clm")
     parser.add_argument("--domains", default=",".join(REGULATED))
     parser.add_argument("--pooled", action="store_true")
+    parser.add_argument("--design", choices=["ordinal", "expert-avoid"], default="ordinal", help="pairs stage")
+    parser.add_argument("--anchors", type=int, default=15, help="pairs stage: anchor questions per other domain")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)

@@ -1,5 +1,6 @@
 """Level scoring (peft_clm.tools.levels) on tiny random models: the k + 1 pass logits-mode scores equal a naive
-one-sequence-at-a-time loop at every grid point, the argmax and accuracies, the 27-combination search, bad input."""
+one-sequence-at-a-time loop at every grid point, the argmax and accuracies, the 27-combination search, bad input;
+the level pairs (ordinal, target, anchor) and the anchors' zero-then-restoring DPO gradient."""
 
 import json
 
@@ -12,14 +13,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from peft_clm import ClmConfig
 from peft_clm.tools.levels import (
     LEVELS,
+    anchor_pairs,
     combinations,
     grid_points,
     level_accuracy,
     level_scores,
     levels_from_scores,
     mean_level,
+    ordinal_pairs,
     search_combinations,
+    target_pairs,
 )
+from peft_clm.tools.preference import _batches, _completion_logprob
 
 
 ROWS = [
@@ -200,3 +205,73 @@ def test_bad_input_is_one_clear_error(setup):
         search_combinations(torch.zeros(2, 3, 3), ["a"] * 3, [{"a": 0.0}], ["a"])
     with pytest.raises(ValueError, match="no rows"):
         search_combinations(torch.zeros(1, 2, 3), ["a", "a"], [{"a": 0.0}], ["a", "b"])
+
+
+def _texts(pairs):
+    return [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs]
+
+
+def test_ordinal_and_target_pairs_order_the_levels():
+    row = ROWS[0]
+    assert _texts(ordinal_pairs([row])) == [(row["expert"], row["generic"]), (row["generic"], row["avoid"])]
+    assert _texts(target_pairs([row], "avoid")) == [(row["avoid"], row["generic"]), (row["avoid"], row["expert"])]
+    assert all(p["prompt"] == row["prompt"] for p in ordinal_pairs([row]) + target_pairs([row], 2))
+    assert len(ordinal_pairs(ROWS)) == len(target_pairs(ROWS, "generic")) == 2 * len(ROWS)
+
+
+def test_anchor_pairs_hold_both_orders_and_alternate_the_other_level():
+    texts = _texts(anchor_pairs(ROWS))
+    assert texts[:4] == [
+        (ROWS[0]["generic"], ROWS[0]["avoid"]),
+        (ROWS[0]["avoid"], ROWS[0]["generic"]),
+        (ROWS[1]["generic"], ROWS[1]["expert"]),
+        (ROWS[1]["expert"], ROWS[1]["generic"]),
+    ]
+    assert sorted(texts) == sorted((r, c) for c, r in texts)
+
+
+def _dpo_loss(model, tokenizer, pairs, beta=0.1):
+    """TRL's sigmoid DPO loss with the policy at alpha 1 and the reference at alpha 0 (what training optimises)."""
+
+    def logps(side, alpha):
+        prompts, answers = [p["prompt"] for p in pairs], [p[side][0]["content"] for p in pairs]
+        (ids, mask, target), *_ = _batches(tokenizer, prompts, answers, len(pairs), 64, torch.device("cpu"))
+        return _completion_logprob(model(input_ids=ids, attention_mask=mask, clm_alpha=alpha).logits, ids, target)
+
+    with torch.no_grad():
+        ref = logps("chosen", 0.0) - logps("rejected", 0.0)
+    margin = beta * (logps("chosen", 1.0) - logps("rejected", 1.0) - ref)
+    return -torch.nn.functional.logsigmoid(margin).mean(), margin.detach()
+
+
+def test_anchor_pairs_have_zero_gradient_at_the_reference_and_pull_a_drifted_margin_back():
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(_plain_model(tokenizer), ClmConfig(interpolation="logits"))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_norm(pairs):
+        model.zero_grad()
+        _dpo_loss(model, tokenizer, pairs)[0].backward()
+        return torch.cat([p.grad.flatten() for p in params]).norm().item()
+
+    # at the identity initialisation the policy is the reference: ordinal pairs push, anchors cancel exactly
+    assert grad_norm(ordinal_pairs(ROWS)) > 1e-4
+    assert grad_norm(anchor_pairs(ROWS)) < 1e-7
+    # a policy that drifted (a stand-in for training on another domain) is pulled back towards margin 0
+    perturb(model, seed=3, scale=0.3)
+    one_sided = anchor_pairs(ROWS)[::2]  # generic over the other level, the margins anchors hold at 0
+    before = _dpo_loss(model, tokenizer, one_sided)[1].abs().sum()
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(10):
+        optimizer.zero_grad()
+        _dpo_loss(model, tokenizer, anchor_pairs(ROWS))[0].backward()
+        optimizer.step()
+    after = _dpo_loss(model, tokenizer, one_sided)[1].abs().sum()
+    assert before > 1e-3 and after < 0.5 * before
+
+
+def test_pairs_refuse_a_row_without_the_level():
+    with pytest.raises(ValueError, match="no 'generic' answer"):
+        ordinal_pairs([{"prompt": "q", "avoid": "a", "expert": "e"}])
+    with pytest.raises(ValueError, match="unknown level"):
+        target_pairs(ROWS, "expertise")

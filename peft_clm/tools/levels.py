@@ -13,6 +13,8 @@ audit it: the references are stored text, the score is one forward pass per refe
   level, and the mean level (-1 avoid, 0 generic, +1 expert) that leakage is measured on.
 - `grid_points`, `combinations` and `search_combinations`: the multi-domain search. For each combination of target
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
+- `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each row, for a
+  knob that walks one domain's levels in order and leaves other rows where the base puts them.
 """
 
 from __future__ import annotations
@@ -267,3 +269,50 @@ def search_combinations(
             }
         )
     return results
+
+
+def _pair(row: Mapping, chosen: str, rejected: str) -> dict:
+    def answer(level: str) -> list[dict]:
+        if not isinstance(row.get(level), str) or not row[level].strip():
+            raise ValueError(
+                f"row {row.get('prompt')!r} has no {level!r} answer; these pairs need {chosen!r} and {rejected!r}."
+            )
+        return [{"role": "assistant", "content": row[level]}]
+
+    return {"prompt": row["prompt"], "chosen": answer(chosen), "rejected": answer(rejected)}
+
+
+def ordinal_pairs(rows: Sequence[Mapping]) -> list[dict]:
+    """Two pairs per row that order its levels, expert over generic and generic over avoid: a knob trained on them
+    moves towards expert at alpha > 0 and, since alpha < 0 reverses the learned preferences, towards avoid below 0.
+
+    (Expert over avoid alone moves the expert answers but never lifts avoid above the base's own generic answers.)
+
+    >>> row = {"prompt": [{"role": "user", "content": "q"}], "avoid": "a", "generic": "g", "expert": "e"}
+    >>> [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in ordinal_pairs([row])]
+    [('e', 'g'), ('g', 'a')]
+    """
+    return [_pair(r, hi, lo) for r in rows for hi, lo in (("expert", "generic"), ("generic", "avoid"))]
+
+
+def target_pairs(rows: Sequence[Mapping], level: str) -> list[dict]:
+    """Two pairs per row, `level` over each of the other two: the data of one pooled adapter trained straight for a
+    target level (the retraining the multi-knob search replaces)."""
+    level = LEVELS[level_index(level)]
+    return [_pair(r, level, other) for r in rows for other in LEVELS if other != level]
+
+
+def anchor_pairs(rows: Sequence[Mapping]) -> list[dict]:
+    """Two pairs per row with the same two answers in both orders: generic and one other level (avoid on even rows,
+    expert on odd ones).
+
+    Their DPO gradients cancel while the policy's margin between the two equals the reference's, and pull it back
+    when it drifts, so mixed into a knob's data they hold rows of other domains where the base puts them at every
+    alpha, on either side of 0 (a one-sided pair, generic over expert, would push those rows away from generic at
+    negative alpha).
+    """
+    out = []
+    for i, r in enumerate(rows):
+        other = ("avoid", "expert")[i % 2]
+        out += [_pair(r, "generic", other), _pair(r, other, "generic")]
+    return out
