@@ -2,8 +2,8 @@
 
 Stages (each writes JSON under --results, default results/domains; `report` joins them into tables, CSV and plots):
 
-    python scripts/domains_experiment.py pairs                 # data/domains -> per-domain DPO pairs
-    python scripts/domains_experiment.py train --kind clm      # one CLM adapter per domain (expert over avoid)
+    python scripts/domains_experiment.py pairs                 # data/domains -> per-domain DPO pairs (ordinal)
+    python scripts/domains_experiment.py train --kind clm      # one CLM adapter per domain
     python scripts/domains_experiment.py train --kind full     # full DPO per domain, for alignment vectors
     python scripts/domains_experiment.py train --kind clm --pooled   # one pooled adapter: the retraining cost
     python scripts/domains_experiment.py score --kind clm      # 1-D sweeps, leakage, 3-knob grid, 27 combinations

@@ -1,0 +1,103 @@
+"""Is the formal dimension's wrong-way figure the casualness markers' sparsity, or the knob? Re-score stored sweeps.
+
+The formal sweeps' wrong-way fraction (prompts whose casualness rises from alpha 0 to 1) is 21%. Casualness counts
+about 0.8 markers per answer, so one marker can decide a prompt. This script re-scores the answers the sweeps
+already stored (no generation) with two dense measures that every word feeds, and reports for each measure:
+
+- how often it ranks the held-out pairs the way the data does (chosen more formal than rejected): a measure that
+  disagrees with the preference data cannot judge the knob;
+- the fraction of prompts that move the wrong way from alpha 0 to 1, 1.5 and 2 (ties: unmoved).
+
+Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`; `neg_word_length`,
+minus the mean characters per word (formal prose uses longer words); `personal_pronouns`, first- and second-person
+pronouns per 100 words (a closed word class, so it needs no tagger).
+
+    python scripts/formal_direction_check.py results/formal/sweep.json \
+        results/modes/formal_{hidden,weights}/sweep.json results/baselines/formal_lora_scale/sweep.json \
+        --out results/formal/direction_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from peft_clm.tools.text_metrics import casualness, words  # noqa: E402
+
+
+PERSONAL = {"i", "me", "my", "mine", "you", "your", "yours", "we", "us", "our", "ours"}
+
+
+def neg_word_length(text: str) -> float:
+    ws = words(text)
+    return -statistics.mean(len(w) for w in ws) if ws else 0.0
+
+
+def personal_pronouns(text: str) -> float:
+    ws = [w.lower().split("'")[0] for w in words(text)]  # "you're" counts as "you"
+    return 100.0 * sum(w in PERSONAL for w in ws) / len(ws) if ws else 0.0
+
+
+MEASURES = {"casualness": casualness, "neg_word_length": neg_word_length, "personal_pronouns": personal_pronouns}
+
+
+def content(message) -> str:
+    return message[-1]["content"] if isinstance(message, list) else message
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweeps", nargs="+", help="sweep.json files of the formal dimension")
+    parser.add_argument("--pairs", default="data/formal/heldout.jsonl")
+    parser.add_argument("--alphas", default="1,1.5,2")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    pairs = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
+    result = {"pairs": args.pairs, "pair_agreement": {}, "sweeps": {}}
+    for name, f in MEASURES.items():
+        diffs = [f(content(p["chosen"])) - f(content(p["rejected"])) for p in pairs]
+        result["pair_agreement"][name] = {
+            "chosen_more_formal": sum(d < 0 for d in diffs) / len(diffs),
+            "tie": sum(d == 0 for d in diffs) / len(diffs),
+        }
+    alphas = [float(a) for a in args.alphas.split(",")]
+    for path in args.sweeps:
+        answers = json.loads(Path(path).read_text())["answers"]
+        at = {float(k): v for k, v in answers.items()}
+        if 0.0 not in at or any(a not in at for a in alphas):
+            raise SystemExit(f"{path}: answers at alphas {sorted(at)}; need 0 and {alphas}.")
+        per = {}
+        for name, f in MEASURES.items():
+            base = [f(t) for t in at[0.0]]
+            per[name] = {}
+            for a in alphas:
+                moved = [f(t) - b for t, b in zip(at[a], base)]
+                per[name][str(a)] = {
+                    "wrong_way": sum(m > 0 for m in moved) / len(moved),
+                    "unmoved": sum(m == 0 for m in moved) / len(moved),
+                    "mean_change": statistics.mean(moved),
+                }
+        result["sweeps"][path] = per
+    print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
+    for name, v in result["pair_agreement"].items():
+        print(f"  {name:18s} {v['chosen_more_formal']:.2f} / {v['tie']:.2f}")
+    print("wrong-way fraction from alpha 0 to " + ", ".join(f"{a:g}" for a in alphas) + " (unmoved in brackets)")
+    for path, per in result["sweeps"].items():
+        for name, by in per.items():
+            cells = "  ".join(f"{by[str(a)]['wrong_way']:.2f} ({by[str(a)]['unmoved']:.2f})" for a in alphas)
+            print(f"  {path:48s} {name:18s} {cells}")
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()
