@@ -1,0 +1,53 @@
+"""scripts/formal_direction_check.py: its dense measures and its wrong-way counts on a hand-written sweep."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "formal_direction_check", ROOT / "scripts" / "formal_direction_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dense_measures_on_strings():
+    check = _script()
+    assert check.neg_word_length("a tree") == -2.5
+    assert check.neg_word_length("") == 0.0
+    assert check.personal_pronouns("You're right and I agree with them") == pytest.approx(100 * 2 / 7)
+
+
+def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
+    check = _script()
+    answers = {
+        "0.0": ["I think it's cool", "The sky is blue", "Water is wet"],
+        "1.0": ["It is considerable", "Hey, the sky's awesome!", "Water is wet"],  # aligned, wrong way, unmoved
+        "2.0": ["Consequently, considerable", "The atmosphere appears azure", "Precipitation accumulates"],
+    }
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"answers": answers}))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        json.dumps({"chosen": "Precipitation accumulates considerably", "rejected": "Hey it's wet lol"}) + "\n"
+    )
+    out = tmp_path / "check.json"
+    monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out)])
+    check.main()
+    result = json.loads(out.read_text())
+    casual = result["sweeps"][str(sweep)]["casualness"]
+    assert casual["1.0"]["wrong_way"] == pytest.approx(1 / 3) and casual["1.0"]["unmoved"] == pytest.approx(1 / 3)
+    assert result["sweeps"][str(sweep)]["neg_word_length"]["2.0"]["wrong_way"] == 0.0
+    assert result["pair_agreement"]["casualness"]["chosen_more_formal"] == 1.0
+    monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1.5"])
+    with pytest.raises(SystemExit, match="need 0 and"):
+        check.main()
