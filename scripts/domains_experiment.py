@@ -416,6 +416,45 @@ def cmd_markers(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- report
+def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
+    """Along each knob alone (the grid's points with the other knobs at 0), the mean over its own domain's held-out
+    questions of (avoid - generic) and (expert - generic) mean per-token log-likelihood: how far each level is from
+    being the argmax. Written to gaps_<kind>.json; returns markdown rows for the summary."""
+    path = runs / f"grid_scores_{kind}.safetensors"
+    if not path.exists():
+        return []
+    from safetensors.torch import load_file
+
+    scores = load_file(str(path))["scores"]
+    meta = json.loads((runs / f"grid_scores_{kind}.json").read_text())
+    gaps = {}
+    for d in REGULATED:
+        rows = [i for i, rd in enumerate(meta["row_domains"]) if rd == d]
+        gaps[d] = {}
+        for j, p in enumerate(meta["points"]):
+            if all(v == 0.0 for k, v in p.items() if k != d):
+                s = scores[j][rows]
+                gaps[d][p[d]] = {
+                    "avoid_minus_generic": float((s[:, 0] - s[:, 1]).mean()),
+                    "expert_minus_generic": float((s[:, 2] - s[:, 1]).mean()),
+                }
+    write_json(results / f"gaps_{kind}.json", {d: {str(a): g for a, g in v.items()} for d, v in gaps.items()})
+    alphas = sorted(next(iter(gaps.values())))
+    md = [
+        f"| {kind} knob: own domain's mean log-likelihood gap, avoid - generic / expert - generic, at alpha | "
+        + " | ".join(f"{a:g}" for a in alphas)
+        + " |",
+        "| --- " * (len(alphas) + 1) + "|",
+    ]
+    for d, by in gaps.items():
+        md.append(
+            f"| {d} | "
+            + " | ".join(f"{by[a]['avoid_minus_generic']:+.2f} / {by[a]['expert_minus_generic']:+.2f}" for a in alphas)
+            + " |"
+        )
+    return md + [""]
+
+
 def cmd_report(args) -> None:
     results = Path(args.results)
     kinds = [k for k in ("clm", "vectors") if (results / f"levels_{k}.json").exists()]
@@ -561,6 +600,8 @@ def cmd_report(args) -> None:
             f"{r['search_seconds']:.0f} s."
         )
         md.append("")
+    for k in kinds:
+        md += score_gaps(Path(args.runs), k, results)
     (results / "summary.md").write_text("\n".join(md) + "\n")
     text = "\n".join(lines)
     (results / "report.md").write_text(text + "\n")
