@@ -74,7 +74,7 @@ def cmd_pairs(args) -> None:
     questions, plus `--anchors` questions from each other domain (general included) as anchor pairs, the same two
     answers in both orders (`peft_clm.tools.levels.anchor_pairs`). `--design expert-avoid`: the first design,
     expert over avoid on the domain's questions only."""
-    from peft_clm.tools.levels import anchor_pairs, ordinal_pairs, target_pairs
+    from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, ordinal_pairs, target_pairs
 
     data = Path(args.data)
     for split in ("train", "heldout"):
@@ -83,21 +83,22 @@ def cmd_pairs(args) -> None:
             own = [r for r in rows if r["domain"] == domain]
             if args.design == "expert-avoid":
                 write_pairs(
-                    data / "pairs" / domain / f"{split}.jsonl",
+                    data / args.pairs / domain / f"{split}.jsonl",
                     pair_rows(own, "expert", "avoid"),
                     "chosen expert, rejected avoid",
                 )
                 continue
-            pairs = ordinal_pairs(own)
+            two_ended = args.design == "two-ended"
+            pairs = end_pairs(own) if two_ended else ordinal_pairs(own)
             anchors = (
                 []
                 if split == "heldout"
                 else [r for d in DOMAINS if d != domain for r in [x for x in rows if x["domain"] == d][: args.anchors]]
             )
             write_pairs(
-                data / "pairs" / domain / f"{split}.jsonl",
-                pairs + anchor_pairs(anchors),
-                f"{len(pairs)} ordinal, {2 * len(anchors)} anchor pairs from {len(anchors)} other questions",
+                data / args.pairs / domain / f"{split}.jsonl",
+                pairs + (held_pairs(anchors) if two_ended else anchor_pairs(anchors)),
+                f"{len(pairs)} {args.design}, {2 * len(anchors)} anchor pairs from {len(anchors)} other questions",
             )
     # One pooled training set for one combination (medical expert, legal avoid, financial expert), to time
     # retraining per combination: each domain's target level over its two other levels, general anchored.
@@ -109,7 +110,7 @@ def cmd_pairs(args) -> None:
     else:
         pooled = [p for d, lv in targets.items() for p in target_pairs([r for r in rows if r["domain"] == d], lv)]
         pooled += anchor_pairs([r for r in rows if r["domain"] == "general"][: args.anchors])
-    write_pairs(data / "pairs" / POOLED / "train.jsonl", pooled, "medical expert, legal avoid, financial expert")
+    write_pairs(data / args.pairs / POOLED / "train.jsonl", pooled, "medical expert, legal avoid, financial expert")
 
 
 def cmd_handcheck(args) -> None:
@@ -139,7 +140,7 @@ def cmd_handcheck(args) -> None:
 def cmd_train(args) -> None:
     from peft_clm.tools.train import train
 
-    data = Path(args.data) / "pairs"
+    data = Path(args.data) / args.pairs
     adapter = "clm" if args.kind == "clm" else "full"
     jobs = (
         [(POOLED, data / POOLED / "train.jsonl")]
@@ -645,7 +646,10 @@ def main() -> None:
     parser.add_argument("--kind", choices=["clm", "full", "vectors"], default="clm")
     parser.add_argument("--domains", default=",".join(REGULATED))
     parser.add_argument("--pooled", action="store_true")
-    parser.add_argument("--design", choices=["ordinal", "expert-avoid"], default="ordinal", help="pairs stage")
+    parser.add_argument(
+        "--design", choices=["ordinal", "two-ended", "expert-avoid"], default="ordinal", help="pairs stage"
+    )
+    parser.add_argument("--pairs", default="pairs", help="the pairs' folder under --data (pairs and train stages)")
     parser.add_argument("--anchors", type=int, default=15, help="pairs stage: anchor questions per other domain")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)

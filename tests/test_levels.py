@@ -15,7 +15,9 @@ from peft_clm.tools.levels import (
     LEVELS,
     anchor_pairs,
     combinations,
+    end_pairs,
     grid_points,
+    held_pairs,
     level_accuracy,
     level_scores,
     levels_from_scores,
@@ -217,6 +219,17 @@ def test_ordinal_and_target_pairs_order_the_levels():
     assert _texts(target_pairs([row], "avoid")) == [(row["avoid"], row["generic"]), (row["avoid"], row["expert"])]
     assert all(p["prompt"] == row["prompt"] for p in ordinal_pairs([row]) + target_pairs([row], 2))
     assert len(ordinal_pairs(ROWS)) == len(target_pairs(ROWS, "generic")) == 2 * len(ROWS)
+
+
+def test_end_and_held_pairs_name_the_end_they_train():
+    row = ROWS[1]
+
+    def with_alpha(pairs):
+        return [(*t, p["alpha"]) for t, p in zip(_texts(pairs), pairs)]
+
+    a, g, e = row["avoid"], row["generic"], row["expert"]
+    assert with_alpha(end_pairs([row])) == [(e, g, 1.0), (a, g, -1.0)]
+    assert with_alpha(held_pairs([row])) == [(g, e, 1.0), (g, a, -1.0)]
 
 
 def test_anchor_pairs_hold_both_orders_and_alternate_the_other_level():

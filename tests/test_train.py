@@ -249,3 +249,71 @@ def test_training_peak_memory_excludes_what_came_before_but_the_lifetime_peak_ke
     assert memory.peak_mb >= memory.start_mb + 60  # the allocation while training is seen
     assert memory.peak_mb < before - 150  # the earlier 256 MB peak is not
     assert _peak_rss_mb() >= before  # but the lifetime peak still holds it
+
+
+def test_pairs_with_their_own_alpha_train_both_ends_of_one_knob(tiny_dir, tmp_path):
+    """Rows with "alpha": -1 are scored with the policy at alpha -1: one adapter learns one preference at +1 and
+    another at -1 (tools.alpha_pairs); the reference is alpha 0 for both, so the first loss is log 2."""
+    from peft_clm.tools.train import train
+
+    rows = preference_rows(16)
+    up = [{**r, "alpha": 1} for r in rows[:8]]  # concise over verbose at +1
+    # at -1: a third answer over the concise one (as avoid over generic at the knob's negative end)
+    down = [
+        {"prompt": r["prompt"], "chosen": "no , ask a friend .", "rejected": r["chosen"], "alpha": -1}
+        for r in rows[8:]
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", up + down)
+    result = train(
+        str(tiny_dir),
+        str(data),
+        str(tmp_path / "knob"),
+        max_steps=12,
+        batch_size=4,
+        lr=5e-3,
+        beta=0.5,
+        seed=0,
+        progress=False,
+    )
+    assert result.first_loss == pytest.approx(0.6931, abs=1e-3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "knob").eval()
+    plain = [{k: v for k, v in r.items() if k != "alpha"} for r in up + down]
+    at_plus, at_minus = (
+        preference_metrics(model, tokenizer, plain[:8], beta=0.5),
+        preference_metrics(model, tokenizer, plain[8:], beta=0.5, alpha=-1.0),
+    )
+    assert at_plus["dpo_loss"] < 0.6931 - 0.05 and at_plus["reward_accuracy"] > 0.5
+    assert at_minus["dpo_loss"] < 0.6931 - 0.05 and at_minus["reward_accuracy"] > 0.5
+    # the same rows without their alphas train the -1 pairs at +1, which then rank them the wrong way at -1
+    write_jsonl(data, plain)
+    train(
+        str(tiny_dir),
+        str(data),
+        str(tmp_path / "one_end"),
+        max_steps=12,
+        batch_size=4,
+        lr=5e-3,
+        beta=0.5,
+        seed=0,
+        progress=False,
+    )
+    one_end = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "one_end").eval()
+    assert preference_metrics(one_end, tokenizer, plain[8:], beta=0.5, alpha=-1.0)["dpo_loss"] > 0.6931
+
+
+def test_pair_alphas_are_checked_before_anything_is_written(tiny_dir, tmp_path):
+    from peft_clm.tools.train import train
+
+    rows = preference_rows(4)
+    out = tmp_path / "out"
+    for bad, match in ((0, "is 0"), ("1", "finite number"), (float("inf"), "finite number")):
+        data = write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "alpha": bad}] + rows[1:])
+        with pytest.raises(DataError, match=f"line 1: .*{match}"):
+            train(str(tiny_dir), str(data), str(out), max_steps=1, progress=False)
+    data = write_jsonl(tmp_path / "ok.jsonl", [{**rows[0], "alpha": -1}] + rows[1:])
+    with pytest.raises(ValueError, match="adapter='lora' has no alpha"):
+        train(str(tiny_dir), str(data), str(out), adapter="lora", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="weights mode does not take"):
+        train(str(tiny_dir), str(data), str(out), interpolation="weights", max_steps=1, progress=False)
+    assert not out.exists()

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
+from ..alpha import check_alpha
+
 
 FORMATS = {
     "dpo": ("prompt", "chosen", "rejected"),
@@ -32,6 +34,18 @@ def _check_field(value: Any, key: str) -> str | None:
                 return f"field {key!r} has a message with empty content"
         return None
     return f"field {key!r} must be a string or a list of messages, got {type(value).__name__}"
+
+
+def _check_pair_alpha(value: Any) -> str | None:
+    try:
+        alpha = check_alpha(value, "field 'alpha'", rows=False)
+    except ValueError as e:
+        return str(e)
+    return (
+        "field 'alpha' is 0: the reference itself, a pair there teaches nothing; use a nonzero alpha"
+        if alpha == 0
+        else None
+    )
 
 
 def _lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
@@ -69,8 +83,9 @@ def _json_object(line: str, lineno: int, problems: list[str]) -> dict | None:
 
 
 def read_jsonl(path: Union[str, Path], method: str) -> list[dict]:
-    """Read and check a JSONL file for `method` ("dpo": prompt/chosen/rejected, "sft": prompt/completion or
-    messages). Raises one `DataError` listing every bad row.
+    """Read and check a JSONL file for `method` ("dpo": prompt/chosen/rejected, and optionally the nonzero "alpha"
+    its policy is scored at, see `tools.alpha_pairs`; "sft": prompt/completion or messages). Raises one `DataError`
+    listing every bad row.
 
     Example:
         ```py
@@ -94,7 +109,14 @@ def read_jsonl(path: Union[str, Path], method: str) -> list[dict]:
         if bad:
             problems.append(f"line {lineno}: {bad}")
             continue
-        rows.append({k: row[k] for k in keys})
+        kept = {k: row[k] for k in keys}
+        if method == "dpo" and "alpha" in row:  # the alpha the pair's policy is scored at (tools.alpha_pairs)
+            bad = _check_pair_alpha(row["alpha"])
+            if bad:
+                problems.append(f"line {lineno}: {bad}")
+                continue
+            kept["alpha"] = row["alpha"]
+        rows.append(kept)
     _report(path, problems, "trained")
     if not rows:
         raise DataError(f"{path} holds no rows.")

@@ -14,7 +14,8 @@ audit it: the references are stored text, the score is one forward pass per refe
 - `grid_points`, `combinations` and `search_combinations`: the multi-domain search. For each combination of target
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
 - `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each row, for a
-  knob that walks one domain's levels in order and leaves other rows where the base puts them.
+  knob that walks one domain's levels in order and leaves other rows where the base puts them; `end_pairs` and
+  `held_pairs` do the same with each pair scored at the knob's end it is for (alpha +1 or -1, `tools.alpha_pairs`).
 """
 
 from __future__ import annotations
@@ -316,3 +317,21 @@ def anchor_pairs(rows: Sequence[Mapping]) -> list[dict]:
         other = ("avoid", "expert")[i % 2]
         out += [_pair(r, "generic", other), _pair(r, other, "generic")]
     return out
+
+
+def end_pairs(rows: Sequence[Mapping]) -> list[dict]:
+    """Two pairs per row, one for each end of the knob: expert over generic scored at alpha +1 and avoid over
+    generic at alpha -1 (`"alpha"` fields, `tools.alpha_pairs`), so that the negative end is trained, not inferred.
+
+    >>> row = {"prompt": "q", "avoid": "a", "generic": "g", "expert": "e"}
+    >>> [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["alpha"]) for p in end_pairs([row])]
+    [('e', 'g', 1.0), ('a', 'g', -1.0)]
+    """
+    return [{**_pair(r, hi, "generic"), "alpha": a} for r in rows for hi, a in (("expert", 1.0), ("avoid", -1.0))]
+
+
+def held_pairs(rows: Sequence[Mapping]) -> list[dict]:
+    """Two pairs per row of another domain: generic over expert at alpha +1 and generic over avoid at alpha -1. They
+    push with the same first-order force as a knob's own `end_pairs` (where `anchor_pairs` only pull back a margin
+    that has drifted), so at both ends the knob learns to leave these rows at their generic level."""
+    return [{**_pair(r, "generic", lo), "alpha": a} for r in rows for lo, a in (("expert", 1.0), ("avoid", -1.0))]

@@ -278,6 +278,26 @@ def _save_atomically(model, tokenizer, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _per_pair_alpha(rows: list[dict], adapter: str, interpolation: str) -> bool:
+    """Whether DPO rows name their own alpha (`tools.alpha_pairs`); if so, every row gets a `clm_alpha` (1 where it
+    has none). Refuses what cannot score a pair at its own alpha."""
+    if not any("alpha" in r for r in rows):
+        return False
+    if adapter != "clm":
+        raise ValueError(
+            f"the data's 'alpha' fields score each pair at an alpha of a CLM knob; adapter={adapter!r} has no alpha "
+            "(use adapter 'clm', or drop the fields)."
+        )
+    if interpolation == "weights":
+        raise ValueError(
+            "the data's 'alpha' fields need one alpha per sequence, which weights mode does not take; train in "
+            "'logits' or 'hidden' mode (the adapter then runs in any mode)."
+        )
+    for r in rows:
+        r["clm_alpha"] = float(r.pop("alpha", 1.0))
+    return True
+
+
 def train(
     model: str,
     data: str,
@@ -313,6 +333,8 @@ def train(
     "lora" (rank 16 on every linear layer) and "full" (every parameter; TRL then keeps a frozen reference copy of
     the model). `lowrank_modules` names the layer's linear modules that get factors (default: every one; the two
     zeroed projections alone give the smallest file). `sft_weight` adds the chosen answers' NLL to the DPO loss.
+    DPO rows with an `alpha` field are scored with the policy at that alpha (`tools.alpha_pairs`: training both
+    ends of one knob); rows without one at 1.
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
     On Linux the run resets the process's peak-RSS mark when training starts (to report `train_peak_rss_mb`), so
@@ -342,6 +364,7 @@ def train(
         raise ValueError("--rank makes a low-rank CLM layer; it does not apply to --adapter-type lora or full.")
     ClmConfig(r=rank, lowrank_modules=lowrank_modules)  # checked before anything loads
     rows = read_jsonl(data, method)  # checked in full before anything loads
+    per_pair_alpha = _per_pair_alpha(rows, adapter, interpolation)
     state = _distributed_state()
 
     def prepare() -> tuple[bool, set]:
@@ -398,6 +421,8 @@ def train(
             losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight > 0 else {}
             args = DPOConfig(beta=beta, **losses, **common)
             ref_model = load_model(model, dtype=dtype)[0].eval() if separate_reference else None
+            if per_pair_alpha:
+                from .alpha_pairs import AlphaPairDPOTrainer as DPOTrainer  # noqa: N814
             trainer = DPOTrainer(
                 model=base,
                 ref_model=ref_model,
