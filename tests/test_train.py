@@ -264,17 +264,12 @@ def test_pairs_with_their_own_alpha_train_both_ends_of_one_knob(tiny_dir, tmp_pa
         for r in rows[8:]
     ]
     data = write_jsonl(tmp_path / "pairs.jsonl", up + down)
-    result = train(
-        str(tiny_dir),
-        str(data),
-        str(tmp_path / "knob"),
-        max_steps=12,
-        batch_size=4,
-        lr=5e-3,
-        beta=0.5,
-        seed=0,
-        progress=False,
-    )
+
+    def train_on(name):
+        return train(str(tiny_dir), str(data), str(tmp_path / name), max_steps=12, batch_size=4, lr=5e-3, beta=0.5,
+                     seed=0, progress=False)
+
+    result = train_on("knob")
     assert result.first_loss == pytest.approx(0.6931, abs=1e-3)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "knob").eval()
@@ -287,17 +282,7 @@ def test_pairs_with_their_own_alpha_train_both_ends_of_one_knob(tiny_dir, tmp_pa
     assert at_minus["dpo_loss"] < 0.6931 - 0.05 and at_minus["reward_accuracy"] > 0.5
     # the same rows without their alphas train the -1 pairs at +1, which then rank them the wrong way at -1
     write_jsonl(data, plain)
-    train(
-        str(tiny_dir),
-        str(data),
-        str(tmp_path / "one_end"),
-        max_steps=12,
-        batch_size=4,
-        lr=5e-3,
-        beta=0.5,
-        seed=0,
-        progress=False,
-    )
+    train_on("one_end")
     one_end = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "one_end").eval()
     assert preference_metrics(one_end, tokenizer, plain[8:], beta=0.5, alpha=-1.0)["dpo_loss"] > 0.6931
 
