@@ -302,3 +302,20 @@ def test_pair_alphas_are_checked_before_anything_is_written(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="weights mode does not take"):
         train(str(tiny_dir), str(data), str(out), interpolation="weights", max_steps=1, progress=False)
     assert not out.exists()
+
+
+def test_pair_alphas_on_a_soft_capped_model_train_in_hidden_mode_only(tmp_path):
+    """Gemma-2 soft-caps its final logits, so logits mode would mix after TRL's fused head: refused before training,
+    with nothing written; hidden mode trains."""
+    from peft_clm.tools.train import train
+
+    save_tiny_model_dir(tmp_path / "gemma2", arch="gemma2")
+    rows = preference_rows(8)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**r, "alpha": -1 if i % 2 else 1} for i, r in enumerate(rows)])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="soft-caps its final logits.*'hidden' mode"):
+        train(str(tmp_path / "gemma2"), str(data), str(out), max_steps=1, batch_size=4, progress=False)
+    assert not out.exists()
+    result = train(str(tmp_path / "gemma2"), str(data), str(out), interpolation="hidden", max_steps=2, batch_size=4,
+                   progress=False, overwrite=True)
+    assert result.steps == 2 and result.first_loss == pytest.approx(0.6931, abs=1e-3)

@@ -18,6 +18,10 @@ Lifecycle of `AlphaPairDPOTrainer`, a thin subclass of TRL's `DPOTrainer`:
 - nothing outlives the call: the context is this thread's and is restored on the way out.
 
 Logits and hidden modes take one alpha per sequence; weights mode does not, so `train()` refuses the combination.
+A negative alpha means something different in each mode (`2 * base - aligned` at the logits in logits mode, at the
+layer's output in hidden mode), so the negative end is learnt for the mode it was trained in. In logits mode a batch
+with any row not at 1 runs both paths (about twice the activations of an all-+1 batch); models whose final logits
+are soft-capped (Gemma-2) mix after TRL's fused head, which cannot be done, so they train such data in hidden mode.
 
 Example (a JSONL file of DPO rows):
     ```
@@ -32,6 +36,8 @@ from typing import Any
 
 import torch
 from trl import DPOTrainer
+
+from .. import transformers_compat as compat
 
 
 COLUMN = "clm_alpha"
@@ -55,8 +61,30 @@ class AlphaPairDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer, with the policy of each pair scored at the pair's own alpha (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
+        dataset = kwargs.get("train_dataset")
+        if dataset is not None and COLUMN not in dataset.column_names:
+            raise ValueError(
+                f"AlphaPairDPOTrainer needs a {COLUMN!r} column (each pair's alpha); the dataset has "
+                f"{dataset.column_names}."
+            )
         super().__init__(*args, **kwargs)
+        clm = self.accelerator.unwrap_model(self.model)
+        layer = getattr(getattr(clm, "base_model", None), "clm_layer", None)
+        if layer is None:
+            raise ValueError(
+                "AlphaPairDPOTrainer trains a CLM adapter (give peft_config=ClmConfig(...) or a CLM "
+                f"PeftModel); got {type(clm).__name__}."
+            )
+        if layer().interpolation == "logits" and compat.final_logit_softcapping(clm.base_model.model) is not None:
+            raise ValueError(
+                "this model soft-caps its final logits, so logits mode mixes them after the head, which "
+                "TRL's fused head does not allow: train pairs with their own alpha in 'hidden' mode."
+            )
         self.data_collator = _CollatorWithAlpha(self.data_collator)
+
+    def compute_ref_log_probs(self, model, inputs):
+        # the reference is alpha 0 whatever the pair's alpha: the column is not a model input
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != COLUMN})
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -38,9 +38,9 @@ def _check_field(value: Any, key: str) -> str | None:
 
 def _check_pair_alpha(value: Any) -> str | None:
     try:
-        alpha = check_alpha(value, "field 'alpha'", rows=False)
+        alpha = check_alpha(value, "alpha", rows=False)
     except ValueError as e:
-        return str(e)
+        return f"field {e}"
     return (
         "field 'alpha' is 0: the reference itself, a pair there teaches nothing; use a nonzero alpha"
         if alpha == 0

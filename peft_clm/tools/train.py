@@ -291,7 +291,7 @@ def _per_pair_alpha(rows: list[dict], adapter: str, interpolation: str) -> bool:
     if interpolation == "weights":
         raise ValueError(
             "the data's 'alpha' fields need one alpha per sequence, which weights mode does not take; train in "
-            "'logits' or 'hidden' mode (the adapter then runs in any mode)."
+            "'logits' or 'hidden' mode (a negative end is learnt for the mode it is trained in)."
         )
     for r in rows:
         r["clm_alpha"] = float(r.pop("alpha", 1.0))
