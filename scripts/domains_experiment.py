@@ -54,13 +54,6 @@ def dir_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ pairs
-def pair_rows(rows: list[dict], chosen: str, rejected: str) -> list[dict]:
-    def msg(text):
-        return [{"role": "assistant", "content": text}]
-
-    return [{"prompt": r["prompt"], "chosen": msg(r[chosen]), "rejected": msg(r[rejected])} for r in rows]
-
-
 def write_pairs(out: Path, pairs: list[dict], what: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -72,9 +65,10 @@ def write_pairs(out: Path, pairs: list[dict], what: str) -> None:
 def cmd_pairs(args) -> None:
     """Per-domain DPO pairs. `--design ordinal` (default): expert > generic and generic > avoid on the domain's
     questions, plus `--anchors` questions from each other domain (general included) as anchor pairs, the same two
-    answers in both orders (`peft_clm.tools.levels.anchor_pairs`). `--design expert-avoid`: the first design,
-    expert over avoid on the domain's questions only."""
-    from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, ordinal_pairs, target_pairs
+    answers in both orders (`peft_clm.tools.levels.anchor_pairs`). `--design two-ended`: expert > generic at alpha
+    +1 and avoid > generic at -1 (`end_pairs`), the other domains' questions as one-sided `held_pairs` at both ends.
+    `--design expert-avoid`: the first design, expert over avoid on the domain's questions only."""
+    from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, level_pair, ordinal_pairs, target_pairs
 
     data = Path(args.data)
     for split in ("train", "heldout"):
@@ -84,7 +78,7 @@ def cmd_pairs(args) -> None:
             if args.design == "expert-avoid":
                 write_pairs(
                     data / args.pairs / domain / f"{split}.jsonl",
-                    pair_rows(own, "expert", "avoid"),
+                    [level_pair(r, "expert", "avoid") for r in own],
                     "chosen expert, rejected avoid",
                 )
                 continue
@@ -106,7 +100,7 @@ def cmd_pairs(args) -> None:
     targets = {"medical": "expert", "legal": "avoid", "financial": "expert"}
     if args.design == "expert-avoid":  # the first design's data has no generic answers for training questions
         orient = {"medical": ("expert", "avoid"), "legal": ("avoid", "expert"), "financial": ("expert", "avoid")}
-        pooled = [p for r in rows if r["domain"] in orient for p in pair_rows([r], *orient[r["domain"]])]
+        pooled = [level_pair(r, *orient[r["domain"]]) for r in rows if r["domain"] in orient]
     else:
         pooled = [p for d, lv in targets.items() for p in target_pairs([r for r in rows if r["domain"] == d], lv)]
         pooled += anchor_pairs([r for r in rows if r["domain"] == "general"][: args.anchors])

@@ -13,9 +13,10 @@ audit it: the references are stored text, the score is one forward pass per refe
   level, and the mean level (-1 avoid, 0 generic, +1 expert) that leakage is measured on.
 - `grid_points`, `combinations` and `search_combinations`: the multi-domain search. For each combination of target
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
-- `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each row, for a
-  knob that walks one domain's levels in order and leaves other rows where the base puts them; `end_pairs` and
-  `held_pairs` do the same with each pair scored at the knob's end it is for (alpha +1 or -1, `tools.alpha_pairs`).
+- `level_pair`, `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each
+  row, for a knob that walks one domain's levels in order and leaves other rows where the base puts them;
+  `end_pairs` and `held_pairs` do the same with each pair scored at the knob's end it is for (alpha +1 or -1,
+  `tools.alpha_pairs`).
 """
 
 from __future__ import annotations
@@ -272,7 +273,9 @@ def search_combinations(
     return results
 
 
-def _pair(row: Mapping, chosen: str, rejected: str) -> dict:
+def level_pair(row: Mapping, chosen: str, rejected: str) -> dict:
+    """One DPO pair from a row's reference answers: `chosen` level over `rejected` level (conversational)."""
+
     def answer(level: str) -> list[dict]:
         if not isinstance(row.get(level), str) or not row[level].strip():
             raise ValueError(
@@ -284,23 +287,24 @@ def _pair(row: Mapping, chosen: str, rejected: str) -> dict:
 
 
 def ordinal_pairs(rows: Sequence[Mapping]) -> list[dict]:
-    """Two pairs per row that order its levels, expert over generic and generic over avoid: a knob trained on them
-    moves towards expert at alpha > 0 and, since alpha < 0 reverses the learned preferences, towards avoid below 0.
+    """Two pairs per row that order its levels, expert over generic and generic over avoid, all scored at alpha 1.
 
-    (Expert over avoid alone moves the expert answers but never lifts avoid above the base's own generic answers.)
+    A knob trained on them moves towards expert at alpha > 0. It was meant to move towards avoid below 0, but in
+    logits mode alpha -1 does not reverse these preferences between whole answers (the domains experiment: the avoid
+    answers fall at -1 as at +1); `end_pairs` trains the negative end where it is used.
 
     >>> row = {"prompt": [{"role": "user", "content": "q"}], "avoid": "a", "generic": "g", "expert": "e"}
     >>> [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in ordinal_pairs([row])]
     [('e', 'g'), ('g', 'a')]
     """
-    return [_pair(r, hi, lo) for r in rows for hi, lo in (("expert", "generic"), ("generic", "avoid"))]
+    return [level_pair(r, hi, lo) for r in rows for hi, lo in (("expert", "generic"), ("generic", "avoid"))]
 
 
 def target_pairs(rows: Sequence[Mapping], level: str) -> list[dict]:
     """Two pairs per row, `level` over each of the other two: the data of one pooled adapter trained straight for a
     target level (the retraining the multi-knob search replaces)."""
     level = LEVELS[level_index(level)]
-    return [_pair(r, level, other) for r in rows for other in LEVELS if other != level]
+    return [level_pair(r, level, other) for r in rows for other in LEVELS if other != level]
 
 
 def anchor_pairs(rows: Sequence[Mapping]) -> list[dict]:
@@ -308,14 +312,14 @@ def anchor_pairs(rows: Sequence[Mapping]) -> list[dict]:
     expert on odd ones).
 
     Their DPO gradients cancel while the policy's margin between the two equals the reference's, and pull it back
-    when it drifts, so mixed into a knob's data they hold rows of other domains where the base puts them at every
-    alpha, on either side of 0 (a one-sided pair, generic over expert, would push those rows away from generic at
-    negative alpha).
+    when it drifts, the aim being to hold rows of other domains where the base puts them on either side of 0. The
+    pull is second order in the drift (about beta**2 * m / 2 against beta / 2 for a one-sided pair), too weak to
+    hold them in the domains experiment (leakage 0.79-0.93); `held_pairs` pushes one-sidedly at each end instead.
     """
     out = []
     for i, r in enumerate(rows):
         other = ("avoid", "expert")[i % 2]
-        out += [_pair(r, "generic", other), _pair(r, other, "generic")]
+        out += [level_pair(r, "generic", other), level_pair(r, other, "generic")]
     return out
 
 
@@ -327,11 +331,11 @@ def end_pairs(rows: Sequence[Mapping]) -> list[dict]:
     >>> [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["alpha"]) for p in end_pairs([row])]
     [('e', 'g', 1.0), ('a', 'g', -1.0)]
     """
-    return [{**_pair(r, hi, "generic"), "alpha": a} for r in rows for hi, a in (("expert", 1.0), ("avoid", -1.0))]
+    return [{**level_pair(r, hi, "generic"), "alpha": a} for r in rows for hi, a in (("expert", 1.0), ("avoid", -1.0))]
 
 
 def held_pairs(rows: Sequence[Mapping]) -> list[dict]:
     """Two pairs per row of another domain: generic over expert at alpha +1 and generic over avoid at alpha -1. They
     push with the same first-order force as a knob's own `end_pairs` (where `anchor_pairs` only pull back a margin
     that has drifted), so at both ends the knob learns to leave these rows at their generic level."""
-    return [{**_pair(r, "generic", lo), "alpha": a} for r in rows for lo, a in (("expert", 1.0), ("avoid", -1.0))]
+    return [{**level_pair(r, "generic", lo), "alpha": a} for r in rows for lo, a in (("expert", 1.0), ("avoid", -1.0))]
