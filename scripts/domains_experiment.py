@@ -67,7 +67,9 @@ def cmd_pairs(args) -> None:
     questions, plus `--anchors` questions from each other domain (general included) as anchor pairs, the same two
     answers in both orders (`peft_clm.tools.levels.anchor_pairs`). `--design two-ended`: expert > generic at alpha
     +1 and avoid > generic at -1 (`end_pairs`), the other domains' questions as one-sided `held_pairs` at both ends.
-    `--design expert-avoid`: the first design, expert over avoid on the domain's questions only."""
+    `--design two-ended-held`: the same, with the other domains' generic answers preferred over both other levels at
+    both ends (`held_pairs(..., both_levels=True)`). `--design expert-avoid`: the first design, expert over avoid on
+    the domain's questions only."""
     from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, level_pair, ordinal_pairs, target_pairs
 
     data = Path(args.data)
@@ -82,17 +84,22 @@ def cmd_pairs(args) -> None:
                     "chosen expert, rejected avoid",
                 )
                 continue
-            two_ended = args.design == "two-ended"
+            two_ended = args.design.startswith("two-ended")
             pairs = end_pairs(own) if two_ended else ordinal_pairs(own)
             anchors = (
                 []
                 if split == "heldout"
                 else [r for d in DOMAINS if d != domain for r in [x for x in rows if x["domain"] == d][: args.anchors]]
             )
+            others = (
+                held_pairs(anchors, both_levels=args.design == "two-ended-held")
+                if two_ended
+                else anchor_pairs(anchors)
+            )
             write_pairs(
                 data / args.pairs / domain / f"{split}.jsonl",
-                pairs + (held_pairs(anchors) if two_ended else anchor_pairs(anchors)),
-                f"{len(pairs)} {args.design}, {2 * len(anchors)} anchor pairs from {len(anchors)} other questions",
+                pairs + others,
+                f"{len(pairs)} {args.design}, {len(others)} pairs holding {len(anchors)} other questions",
             )
     # One pooled training set for one combination (medical expert, legal avoid, financial expert), to time
     # retraining per combination: each domain's target level over its two other levels, general anchored.
@@ -641,7 +648,10 @@ def main() -> None:
     parser.add_argument("--domains", default=",".join(REGULATED))
     parser.add_argument("--pooled", action="store_true")
     parser.add_argument(
-        "--design", choices=["ordinal", "two-ended", "expert-avoid"], default="ordinal", help="pairs stage"
+        "--design",
+        choices=["ordinal", "two-ended", "two-ended-held", "expert-avoid"],
+        default="ordinal",
+        help="pairs stage",
     )
     parser.add_argument("--pairs", default="pairs", help="the pairs' folder under --data (pairs and train stages)")
     parser.add_argument("--anchors", type=int, default=15, help="pairs stage: anchor questions per other domain")

@@ -230,6 +230,7 @@ def test_end_and_held_pairs_name_the_end_they_train():
     a, g, e = row["avoid"], row["generic"], row["expert"]
     assert with_alpha(end_pairs([row])) == [(e, g, 1.0), (a, g, -1.0)]
     assert with_alpha(held_pairs([row])) == [(g, e, 1.0), (g, a, -1.0)]
+    assert with_alpha(held_pairs([row], both_levels=True)) == [(g, e, 1.0), (g, a, 1.0), (g, e, -1.0), (g, a, -1.0)]
 
 
 def test_anchor_pairs_hold_both_orders_and_alternate_the_other_level():

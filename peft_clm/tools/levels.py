@@ -334,8 +334,22 @@ def end_pairs(rows: Sequence[Mapping]) -> list[dict]:
     return [{**level_pair(r, hi, "generic"), "alpha": a} for r in rows for hi, a in (("expert", 1.0), ("avoid", -1.0))]
 
 
-def held_pairs(rows: Sequence[Mapping]) -> list[dict]:
-    """Two pairs per row of another domain: generic over expert at alpha +1 and generic over avoid at alpha -1. They
+def held_pairs(rows: Sequence[Mapping], both_levels: bool = False) -> list[dict]:
+    """Pairs for rows of another domain: generic over expert at alpha +1 and generic over avoid at alpha -1. They
     push with the same first-order force as a knob's own `end_pairs` (where `anchor_pairs` only pull back a margin
-    that has drifted), so at both ends the knob learns to leave these rows at their generic level."""
-    return [{**level_pair(r, "generic", lo), "alpha": a} for r in rows for lo, a in (("expert", 1.0), ("avoid", -1.0))]
+    that has drifted), so at both ends the knob learns to leave these rows at their generic level.
+
+    With `both_levels`, generic is preferred over both other levels at both ends (four pairs per row): two pairs per
+    row left the other domains free to drift towards avoid at positive alpha (the domains experiment's two-ended
+    design), which this closes.
+
+    >>> row = {"prompt": "q", "avoid": "a", "generic": "g", "expert": "e"}
+    >>> [(p["rejected"][0]["content"], p["alpha"]) for p in held_pairs([row], both_levels=True)]
+    [('e', 1.0), ('a', 1.0), ('e', -1.0), ('a', -1.0)]
+    """
+    ends = (
+        (("expert", 1.0), ("avoid", 1.0), ("expert", -1.0), ("avoid", -1.0))
+        if both_levels
+        else (("expert", 1.0), ("avoid", -1.0))
+    )
+    return [{**level_pair(r, "generic", lo), "alpha": a} for r in rows for lo, a in ends]
