@@ -291,19 +291,23 @@ def cmd_score(args) -> None:
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
     result = {"kind": kind, "alphas": alphas, "n_questions": {d: row_domains.count(d) for d in DOMAINS}}
-    # Every point at once: the 1-D sweeps (one knob moves, the others at 0) and the 3-knob grid. In logits mode
-    # they all come from 4 passes per batch; a vector point is a forward pass of its own.
-    grid_alphas = [float(a) for a in (args.grid_alphas or args.alphas).split(",")]
-    points = grid_points({d: grid_alphas for d in REGULATED})
     zero = {d: 0.0 for d in REGULATED}
     points_1d = [zero] + [{**zero, d: a} for d in REGULATED for a in alphas if a != 0.0]
-    union = list({key_of(p): p for p in points_1d + points}.values())
     t0 = time.perf_counter()
-    all_scores = dict(zip(map(key_of, union), score_points(kind, model, tokenizer, rows, union, vectors)))
-    scores = torch.stack([all_scores[key_of(p)] for p in points])
-    combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
-    result["search_seconds"] = time.perf_counter() - t0
-    result["n_points_scored"] = len(union)
+    all_scores: dict = {}
+
+    def score(points):  # each point once: the 1-D sweeps and the grid share their axis points
+        todo = list({key_of(p): p for p in points if key_of(p) not in all_scores}.values())
+        if todo:
+            all_scores.update(zip(map(key_of, todo), score_points(kind, model, tokenizer, rows, todo, vectors)))
+
+    # In logits mode every point comes from 4 passes per batch, so the sweeps and the grid are scored at once; a
+    # vector point is a forward pass of its own, so --grid-picks scores the sweeps first and builds each knob's grid
+    # from its own picks (avoid alpha, 0, expert alpha): 27 points instead of a full grid.
+    if not args.grid_picks:
+        grid_alphas = {d: [float(a) for a in (args.grid_alphas or args.alphas).split(",")] for d in REGULATED}
+        score(points_1d + grid_points(grid_alphas))
+    score(points_1d)
     sweeps, knobs = {}, {}
     for d in REGULATED:
         sweeps[d] = [
@@ -325,6 +329,14 @@ def cmd_score(args) -> None:
             flush=True,
         )
     result["sweeps"], result["knobs"] = sweeps, knobs
+    if args.grid_picks:
+        grid_alphas = {d: sorted({knobs[d]["avoid"]["alpha"], 0.0, knobs[d]["expert"]["alpha"]}) for d in REGULATED}
+    points = grid_points(grid_alphas)
+    score(points)
+    scores = torch.stack([all_scores[key_of(p)] for p in points])
+    combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
+    result["search_seconds"] = time.perf_counter() - t0
+    result["n_points_scored"] = len(all_scores)
     # Two-fold check: choose the point on half the questions of each domain, report on the other half.
     halves = []
     for fold in (0, 1):
@@ -339,7 +351,7 @@ def cmd_score(args) -> None:
     for c, h0, h1 in zip(combos, *halves):
         c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
         c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
-    result["grid_alphas"] = grid_alphas
+    result["grid_alphas"] = grid_alphas if args.grid_picks else grid_alphas[REGULATED[0]]
     result["n_points"] = len(points)
     result["combinations"] = combos
     result["reached"] = sum(c["reached"] for c in combos)
@@ -347,13 +359,17 @@ def cmd_score(args) -> None:
     # the raw scores for re-analysis: tensors as safetensors (no pickles), their labels as JSON beside them
     from safetensors.torch import save_file
 
-    save_file({"scores": scores.contiguous()}, str(Path(args.runs) / f"grid_scores_{kind}.safetensors"))
-    write_json(Path(args.runs) / f"grid_scores_{kind}.json", {"points": points, "row_domains": row_domains})
+    scored = [json.loads(k) for k in all_scores]  # every point scored: the sweeps and the grid
+    save_file(
+        {"scores": torch.stack(list(all_scores.values())).contiguous()},
+        str(Path(args.runs) / f"grid_scores_{kind}.safetensors"),
+    )
+    write_json(Path(args.runs) / f"grid_scores_{kind}.json", {"points": scored, "row_domains": row_domains})
     write_json(Path(args.results) / f"levels_{kind}.json", result)
     print(
         f"{kind}: {result['reached']}/27 combinations reached (accuracy >= 0.8 on every regulated domain, "
         f"point chosen on the same questions); {result['twofold_reached']}/27 with the point chosen on the other "
-        f"half; {len(union)} points (sweeps and grid) scored and searched in {result['search_seconds']:.0f} s"
+        f"half; {len(all_scores)} points (sweeps and grid) scored and searched in {result['search_seconds']:.0f} s"
     )
 
 
@@ -419,7 +435,7 @@ def cmd_markers(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------- report
 def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
-    """Along each knob alone (the grid's points with the other knobs at 0), the mean over its own domain's held-out
+    """Along each knob alone (the scored points with the other knobs at 0), the mean over its own domain's held-out
     questions of (avoid - generic) and (expert - generic) mean per-token log-likelihood: how far each level is from
     being the argmax. Written to gaps_<kind>.json; returns markdown rows for the summary."""
     path = runs / f"grid_scores_{kind}.safetensors"
@@ -441,7 +457,7 @@ def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
                     "expert_minus_generic": float((s[:, 2] - s[:, 1]).mean()),
                 }
     write_json(results / f"gaps_{kind}.json", {d: {str(a): g for a, g in v.items()} for d, v in gaps.items()})
-    alphas = sorted(next(iter(gaps.values())))
+    alphas = sorted(set.intersection(*(set(by) for by in gaps.values())))  # alphas every knob was scored at alone
     md = [
         f"| {kind} knob: own domain's mean log-likelihood gap, avoid - generic / expert - generic, at alpha | "
         + " | ".join(f"{a:g}" for a in alphas)
@@ -663,6 +679,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--alphas", default="-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3")
     parser.add_argument("--grid-alphas", default=None, help="per knob for the 3-knob grid (default: --alphas)")
+    parser.add_argument(
+        "--grid-picks",
+        action="store_true",
+        help="score stage: each knob's grid is its avoid alpha, 0 and its expert alpha from its own sweep",
+    )
     parser.add_argument("--max-per-domain", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
