@@ -280,6 +280,10 @@ def test_pairs_with_their_own_alpha_train_both_ends_of_one_knob(tiny_dir, tmp_pa
     )
     assert at_plus["dpo_loss"] < 0.6931 - 0.05 and at_plus["reward_accuracy"] > 0.5
     assert at_minus["dpo_loss"] < 0.6931 - 0.05 and at_minus["reward_accuracy"] > 0.5
+    # rows that keep their alpha are each scored at their own end: the same figures in one call
+    both = preference_metrics(model, tokenizer, up + down, beta=0.5)
+    assert both["dpo_loss"] == pytest.approx((at_plus["dpo_loss"] + at_minus["dpo_loss"]) / 2, rel=1e-5)
+    assert both["n"] == 16
     # the same rows without their alphas train the -1 pairs at +1, which then rank them the wrong way at -1
     write_jsonl(data, plain)
     train_on("one_end")

@@ -171,7 +171,9 @@ def preference_metrics(
 ) -> dict:
     """DPO loss, reward accuracy and mean reward margin of a CLM model at `alpha` against alpha 0.
 
-    `reference` (log-probs at alpha 0 from `preference_logprobs`) saves recomputing them across alphas.
+    A row with an `"alpha"` field (a pair for one end of the knob, `tools.alpha_pairs`) is scored at
+    `alpha * row["alpha"]`, so at alpha 1 every pair is scored where it was trained. `reference` (log-probs at
+    alpha 0 from `preference_logprobs`) saves recomputing them across alphas.
 
     Example:
         ```py
@@ -181,7 +183,14 @@ def preference_metrics(
     kw = {"batch_size": batch_size, "max_length": max_length}
     if reference is None:
         reference = preference_logprobs(model, tokenizer, rows, alpha=0.0, **kw)
-    policy = reference if alpha == 0 else preference_logprobs(model, tokenizer, rows, alpha=alpha, **kw)
+    if alpha == 0:
+        return metrics_from_logprobs(reference, reference, beta)
+    ends = [float(r.get("alpha", 1.0)) for r in rows]
+    policy = (torch.empty_like(reference[0]), torch.empty_like(reference[1]))
+    for end in sorted(set(ends)):  # one pass per distinct end
+        idx = [i for i, e in enumerate(ends) if e == end]
+        chosen, rejected = preference_logprobs(model, tokenizer, [rows[i] for i in idx], alpha=alpha * end, **kw)
+        policy[0][idx], policy[1][idx] = chosen, rejected
     return metrics_from_logprobs(policy, reference, beta)
 
 
