@@ -554,13 +554,18 @@ def cmd_report(args) -> None:
                     f"{name}: {d}: {v['steps']} steps in {v['seconds']:.0f} s ({v['seconds_per_step']:.1f} s/step), "
                     f"{v['trainable_params']:,} trainable params, weights on disk {disk / 1e6:.1f} MB"
                 )
+    for vector in sorted((Path(args.runs) / "vectors").glob("*.safetensors")):  # stored wide (float64) for exactness
+        lines.append(f"vector {vector.stem}: {vector.stat().st_size / 1e6:.1f} MB on disk")
     for k in kinds:
-        pooled = results / "train_clm_pooled.json"
+        # retraining per combination: one pooled run where measured, else the longest per-domain run of the same
+        # kind (CLM knobs against CLM training, vectors against full DPO, as the seed compares them)
+        trained = "clm" if k == "clm" else "full"
+        pooled = results / f"train_{trained}_pooled.json"
         if pooled.exists():
-            unit, what = next(iter(json.loads(pooled.read_text()).values())), "one pooled run"
-        elif (results / "train_clm.json").exists():  # the pooled run was not measured: the longest per-domain run
-            per_domain = json.loads((results / "train_clm.json").read_text()).values()
-            unit, what = max(per_domain, key=lambda v: v["seconds"]), "the longest per-domain CLM run"
+            unit, what = next(iter(json.loads(pooled.read_text()).values())), f"one pooled {trained} run"
+        elif (results / f"train_{trained}.json").exists():
+            per_domain = json.loads((results / f"train_{trained}.json").read_text()).values()
+            unit, what = max(per_domain, key=lambda v: v["seconds"]), f"the longest per-domain {trained} run"
         else:
             continue
         one = unit["seconds"]
