@@ -390,7 +390,7 @@ def cmd_markers(args) -> None:
     for d in REGULATED:
         part = [r for r in rows if r["domain"] == d][: args.max_per_domain]
         settings = {lv: levels_json["knobs"][d][lv]["alpha"] for lv in LEVELS}
-        points = [{d: settings[lv]} for lv in LEVELS]
+        points = [{**{k: 0.0 for k in REGULATED}, d: settings[lv]} for lv in LEVELS]  # the other knobs at 0
         t0 = time.perf_counter()
         answers = generate_answers(
             model, tokenizer, [r["prompt"] for r in part], points, args.max_new_tokens, batch_size=16, progress=False

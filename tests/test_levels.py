@@ -113,11 +113,14 @@ def test_other_modes_run_one_pass_per_point_and_agree_with_the_loop(setup, mode)
     model, tokenizer = setup
     model.set_interpolation(mode)
     try:
-        points = [{"x": 0.5, "y": -1.0, "z": 0.3}, {"x": 0.0}]  # a partial dict leaves the other knobs at 0
+        points = [{"x": 0.5, "y": -1.0, "z": 0.3}, {"x": 0.0}]
         scores = level_scores(model, tokenizer, ROWS, points, batch_size=5)
         torch.testing.assert_close(scores[0], naive_scores(model, tokenizer, ROWS, points[0]), atol=1e-4, rtol=1e-4)
+        # a partial dict means what it means in a forward call or generate: the other knobs keep their alpha (1)
+        kept = {"x": 0.0, "y": 1.0, "z": 1.0}
+        torch.testing.assert_close(scores[1], naive_scores(model, tokenizer, ROWS, kept), atol=1e-4, rtol=1e-4)
         zero = {"x": 0.0, "y": 0.0, "z": 0.0}
-        torch.testing.assert_close(scores[1], naive_scores(model, tokenizer, ROWS, zero), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(scores[1], naive_scores(model, tokenizer, ROWS, zero), atol=1e-3)
     finally:
         model.set_interpolation("logits")
 

@@ -5,7 +5,8 @@ mean per-token log-likelihood given the bare prompt (chat template, no system me
 audit it: the references are stored text, the score is one forward pass per reference.
 
 - `level_scores(model, tokenizer, rows, points)`: [points, questions, 3] mean per-token log-likelihoods. A point is
-  a number (one active adapter), a dict {adapter: alpha} (several), or None (the model as it is: a plain model, or
+  a number (one active adapter), a dict {adapter: alpha} (several; adapters left out keep their current alpha, as
+  in a forward call or `generate`), or None (the model as it is: a plain model, or
   a checkpoint with an alignment vector applied). In logits mode the logits at any point are
   `base + sum_i a_i (aligned_i - base)`, so k + 1 passes (the base and each adapter alone at 1) serve every point
   of any grid; other modes run one pass per point.
@@ -70,7 +71,8 @@ def _check_points(model, points: Sequence[Point]) -> tuple[Optional[list[str]], 
             unknown = [k for k in p if k not in names]
             if unknown:
                 raise ValueError(f"point {dict(p)} names adapter(s) {unknown} that are not active; active: {names}.")
-            point = {n: float(p.get(n, 0.0)) for n in names}
+            # as in a forward call (`alpha.resolve_alpha`): adapters left out keep their current alpha
+            point = {n: float(p[n]) if n in p else float(layer.alpha[n]) for n in names}
         elif isinstance(p, (int, float)) and not isinstance(p, bool):
             if len(names) != 1:
                 raise ValueError(f"a bare number needs one active adapter; {names} are active, give a dict.")
