@@ -136,6 +136,7 @@ def level_scores(
 
     Example:
         ```py
+        >>> # two active adapters, both named in every point
         >>> s = level_scores(model, tok, heldout_rows, [{"medical": a, "legal": 0.0} for a in (-2, 0, 2)])
         >>> levels_from_scores(s)      # 0 avoid, 1 generic, 2 expert, per point and question
         ```
