@@ -304,10 +304,11 @@ def cmd_score(args) -> None:
     # In logits mode every point comes from 4 passes per batch, so the sweeps and the grid are scored at once; a
     # vector point is a forward pass of its own, so --grid-picks scores the sweeps first and builds each knob's grid
     # from its own picks (avoid alpha, 0, expert alpha): 27 points instead of a full grid.
-    if not args.grid_picks:
+    if args.grid_picks:
+        score(points_1d)
+    else:
         grid_alphas = {d: [float(a) for a in (args.grid_alphas or args.alphas).split(",")] for d in REGULATED}
         score(points_1d + grid_points(grid_alphas))
-    score(points_1d)
     sweeps, knobs = {}, {}
     for d in REGULATED:
         sweeps[d] = [
@@ -332,7 +333,7 @@ def cmd_score(args) -> None:
     if args.grid_picks:
         grid_alphas = {d: sorted({knobs[d]["avoid"]["alpha"], 0.0, knobs[d]["expert"]["alpha"]}) for d in REGULATED}
     points = grid_points(grid_alphas)
-    score(points)
+    score(points)  # with --grid-picks the grid's new points; otherwise all scored already
     scores = torch.stack([all_scores[key_of(p)] for p in points])
     combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
     result["search_seconds"] = time.perf_counter() - t0

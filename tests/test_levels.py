@@ -202,6 +202,14 @@ def test_bad_input_is_one_clear_error(setup):
         level_scores(model, tokenizer, ROWS, [{"x": float("nan")}])
     with pytest.raises(ValueError, match="plain model"):
         level_scores(_plain_model(tokenizer), tokenizer, ROWS, [0.5])
+    model.set_alpha([0.0, 1.0])  # per sequence: a left-out adapter has no one alpha to keep
+    try:
+        with pytest.raises(ValueError, match=r"leaves out \['y', 'z'\].*one per sequence"):
+            level_scores(model, tokenizer, ROWS, [{"x": 1.0}])
+        full = level_scores(model, tokenizer, ROWS, [{"x": 1.0, "y": 0.0, "z": 0.0}])  # naming all of them works
+        assert full.shape == (1, len(ROWS), 3)
+    finally:
+        model.set_alpha(1.0)
     with pytest.raises(ValueError, match="unknown level"):
         level_accuracy(torch.zeros(1, 2, 3), "expertise")
     with pytest.raises(ValueError, match="dimension of 3"):

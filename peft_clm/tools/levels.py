@@ -72,6 +72,12 @@ def _check_points(model, points: Sequence[Point]) -> tuple[Optional[list[str]], 
             if unknown:
                 raise ValueError(f"point {dict(p)} names adapter(s) {unknown} that are not active; active: {names}.")
             # as in a forward call (`alpha.resolve_alpha`): adapters left out keep their current alpha
+            per_sequence = [n for n in names if n not in p and isinstance(layer.alpha[n], torch.Tensor)]
+            if per_sequence:
+                raise ValueError(
+                    f"point {dict(p)} leaves out {per_sequence}, whose current alpha is one per sequence (set_alpha "
+                    f"with a list); a point scores every question at one alpha: name every active adapter {names}."
+                )
             point = {n: float(p[n]) if n in p else float(layer.alpha[n]) for n in names}
         elif isinstance(p, (int, float)) and not isinstance(p, bool):
             if len(names) != 1:
