@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from peft_clm.tools.alpha_pairs import mirrored_pairs
 from peft_clm.tools.loading import load_model
 
 
@@ -158,6 +159,9 @@ def main() -> None:
     parser.add_argument("--dimensions", default="concise,formal")
     parser.add_argument("--regrade", action="store_true",
                         help="concise only: rebuild the pairs from the detailed answers already in --out/concise")
+    parser.add_argument("--two-ended", action="store_true",
+                        help="also write train_two_ended.jsonl: each train pair at alpha +1 and its mirror at -1 "
+                        "(peft_clm.tools.alpha_pairs.mirrored_pairs)")
     args = parser.parse_args()
     if args.regrade and args.dimensions != "concise":
         parser.error("--regrade rebuilds the concise pairs only: give --dimensions concise.")
@@ -189,6 +193,13 @@ def main() -> None:
             rejected = answer(model, tokenizer, rejected_instr, questions, 48, args.batch_size)
             rows = [pair(q, c, r) for q, c, r in zip(questions, chosen, rejected) if c and r and c != r]
         split = write_split(out, rows, heldout_prompts)
+        if args.two_ended:
+            tmp = out / "train_two_ended.jsonl.tmp"
+            tmp.write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mirrored_pairs(split["train"])),
+                encoding="utf-8",
+            )
+            tmp.replace(out / "train_two_ended.jsonl")
         print(
             f"{dim}: {len(split['train'])} train / {len(split['heldout'])} held-out pairs in {time.time() - t0:.0f} s"
         )

@@ -159,6 +159,7 @@ def cmd_train(args) -> None:
             str(out),
             method="dpo",
             adapter=adapter,
+            interpolation=args.interpolation,
             max_steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -184,6 +185,7 @@ def cmd_train(args) -> None:
             "lr": args.lr,
             "beta": args.beta,
             "sft_weight": args.sft_weight,
+            "interpolation": args.interpolation,
             "batch_size": args.batch_size,
             "max_length": args.max_length,
         }
@@ -260,7 +262,7 @@ def load(kind, args):
         for d in REGULATED[1:]:
             peft_model.load_adapter(str(runs / d), adapter_name=d)
         peft_model.base_model.set_adapter(list(REGULATED))
-        peft_model.set_interpolation("logits")
+        peft_model.set_interpolation(args.interpolation)
         return peft_model.eval(), tokenizer, None
     model, tokenizer = load_model("smollm2")
     vectors = {d: str(Path(args.runs) / "vectors" / f"{d}.safetensors") for d in REGULATED}
@@ -674,6 +676,13 @@ def main() -> None:
         choices=["ordinal", "two-ended", "two-ended-held", "expert-avoid"],
         default="ordinal",
         help="pairs stage",
+    )
+    parser.add_argument(
+        "--interpolation",
+        choices=["logits", "hidden"],
+        default="logits",
+        help="train and score stages: the CLM mixing mode a knob is trained and scored in (its negative end is "
+        "learnt for that mode)",
     )
     parser.add_argument("--pairs", default="pairs", help="the pairs' folder under --data (pairs and train stages)")
     parser.add_argument("--anchors", type=int, default=15, help="pairs stage: anchor questions per other domain")

@@ -308,6 +308,24 @@ def test_pair_alphas_are_checked_before_anything_is_written(tiny_dir, tmp_path):
     assert not out.exists()
 
 
+def test_mirrored_pairs_train_the_negative_end_on_the_swapped_pair():
+    """Each pair at +1 and swapped at -1, in order; the input rows are not changed; rows with an alpha are
+    refused."""
+    from peft_clm.tools.alpha_pairs import mirrored_pairs
+
+    rows = preference_rows(2)
+    before = json.dumps(rows)
+    out = mirrored_pairs(rows)
+    assert json.dumps(rows) == before
+    assert [r["alpha"] for r in out] == [1.0, -1.0, 1.0, -1.0]
+    for row, plus, minus in zip(rows, out[::2], out[1::2]):
+        assert (plus["chosen"], plus["rejected"]) == (row["chosen"], row["rejected"])
+        assert (minus["chosen"], minus["rejected"]) == (row["rejected"], row["chosen"])
+        assert plus["prompt"] == minus["prompt"] == row["prompt"]
+    with pytest.raises(ValueError, match="row 1 already has an 'alpha'"):
+        mirrored_pairs([rows[0], {**rows[1], "alpha": -1}])
+
+
 def test_pair_alphas_on_a_soft_capped_model_train_in_hidden_mode_only(tmp_path):
     """Gemma-2 soft-caps its final logits, so logits mode would mix after TRL's fused head: refused before training,
     with nothing written; hidden mode trains."""

@@ -43,6 +43,26 @@ from .. import transformers_compat as compat
 COLUMN = "clm_alpha"
 
 
+def mirrored_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pair at alpha +1 and its mirror (chosen and rejected swapped) at alpha -1, for a knob whose negative end
+    should be trained, not only extrapolated (e.g. a concise knob that should write the longer answers fluently at
+    alpha < 0). Rows that already carry an `alpha` are refused: mirroring them twice has no one meaning.
+
+    Example:
+        ```py
+        >>> [(r["chosen"], r["alpha"]) for r in mirrored_pairs([{"prompt": "q", "chosen": "a", "rejected": "b"}])]
+        [('a', 1.0), ('b', -1.0)]
+        ```
+    """
+    out = []
+    for i, row in enumerate(rows):
+        if "alpha" in row:
+            raise ValueError(f"row {i} already has an 'alpha' ({row['alpha']!r}); mirror rows without one.")
+        out.append({**row, "alpha": 1.0})
+        out.append({**row, "chosen": row["rejected"], "rejected": row["chosen"], "alpha": -1.0})
+    return out
+
+
 class _CollatorWithAlpha:
     """TRL's preference collator, plus `clm_alpha`: each example's alpha, once for its chosen and once for its
     rejected sequence."""
