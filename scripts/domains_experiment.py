@@ -681,7 +681,7 @@ def main() -> None:
         "--interpolation",
         choices=["logits", "hidden"],
         default="logits",
-        help="train and score stages: the CLM mixing mode a knob is trained and scored in (its negative end is "
+        help="train, score and markers stages: the CLM mixing mode a knob is trained and used in (its negative end is "
         "learnt for that mode)",
     )
     parser.add_argument("--pairs", default="pairs", help="the pairs' folder under --data (pairs and train stages)")
