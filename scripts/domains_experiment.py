@@ -377,6 +377,39 @@ def cmd_score(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- markers
+def cmd_knob(args) -> None:
+    """One knob alone (the first of --domains, trained with `train --domains D`): its 1-D level sweep on every
+    domain and its own domain's mean log-likelihood gaps, without the other knobs: for trying a design on one
+    domain before training all three. Writes knob_<domain>.json under --results."""
+    import torch
+    from peft import PeftModel
+
+    from peft_clm.tools.levels import level_scores
+    from peft_clm.tools.loading import load_model
+
+    domain = args.domains.split(",")[0]
+    alphas = [float(a) for a in args.alphas.split(",")]
+    model, tokenizer = load_model("smollm2")
+    knob = PeftModel.from_pretrained(model, str(Path(args.runs) / "clm" / domain), adapter_name=domain).eval()
+    knob.set_interpolation(args.interpolation)
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    row_domains = [r["domain"] for r in rows]
+    own = torch.tensor([d == domain for d in row_domains])
+    with torch.no_grad():
+        scores = level_scores(knob, tokenizer, rows, alphas, batch_size=8)
+    sweep = []
+    for a, s in zip(alphas, scores):
+        gaps = (s[own] - s[own][:, 1:2]).mean(0)  # avoid - generic, 0, expert - generic
+        sweep.append({"alpha": a, "levels": distribution(s, row_domains), "gap_avoid": float(gaps[0]),
+                      "gap_expert": float(gaps[2])})
+        print(f"{a:+5.2f} | " + " | ".join(
+            f"{d} " + "/".join(f"{sweep[-1]['levels'][d][lv]:.2f}" for lv in ("avoid", "generic", "expert"))
+            for d in DOMAINS
+        ) + f" | gaps {gaps[0]:+.2f} / {gaps[2]:+.2f}", flush=True)
+    write_json(Path(args.results) / f"knob_{domain}.json",
+               {"domain": domain, "interpolation": args.interpolation, "runs": args.runs, "sweep": sweep})
+
+
 def cmd_markers(args) -> None:
     """Generate answers to each domain's held-out questions with its knob at its avoid alpha, 0 and its expert
     alpha; mean refusal/specificity markers per level, and agreement with the likelihood level of the same setting."""
@@ -664,7 +697,7 @@ def cmd_report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["pairs", "handcheck", "train", "score", "markers", "report"])
+    parser.add_argument("stage", choices=["pairs", "handcheck", "train", "score", "knob", "markers", "report"])
     parser.add_argument("--data", default=str(ROOT / "data" / "domains"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "domains"))
     parser.add_argument("--results", default=str(ROOT / "results" / "domains"))
@@ -681,8 +714,8 @@ def main() -> None:
         "--interpolation",
         choices=["logits", "hidden"],
         default="logits",
-        help="train, score and markers stages: the CLM mixing mode a knob is trained and used in (its negative end is "
-        "learnt for that mode)",
+        help="train, score, knob and markers stages: the CLM mixing mode a knob is trained and used in (its "
+        "negative end is learnt for that mode)",
     )
     parser.add_argument("--pairs", default="pairs", help="the pairs' folder under --data (pairs and train stages)")
     parser.add_argument("--anchors", type=int, default=15, help="pairs stage: anchor questions per other domain")
@@ -708,6 +741,7 @@ def main() -> None:
         "handcheck": cmd_handcheck,
         "train": cmd_train,
         "score": cmd_score,
+        "knob": cmd_knob,
         "markers": cmd_markers,
         "report": cmd_report,
     }[args.stage](args)
