@@ -14,7 +14,8 @@ Stages (each writes JSON under --results, default results/domains; `report` join
 The level of the model on a held-out question is the reference answer (avoid / generic / expert, stored in
 data/domains/heldout.jsonl) with the highest mean per-token log-likelihood given the bare question
 (`peft_clm.tools.levels`). A knob's avoid (expert) alpha is the smallest |alpha| of its sweep at which its own
-domain's avoid (expert) accuracy is highest. Leakage of a knob at an alpha: the change of the mean level
+domain's avoid (expert) accuracy is highest, or with `--pick specific` the alpha of lowest leakage among those where
+it is at least 0.8. Leakage of a knob at an alpha: the change of the mean level
 (-1 avoid, 0 generic, +1 expert) on each other domain, as a fraction of the change on its own domain.
 """
 
@@ -207,28 +208,6 @@ def distribution(scores, row_domains) -> dict:
     return out
 
 
-def pick_alpha(sweep: list[dict], domain: str, level: str, sign: float) -> dict:
-    """The alpha of a 1-D sweep (on the side `sign`) with the highest accuracy at `level` on `domain`; ties: the
-    smallest |alpha|."""
-    side = [r for r in sweep if r["alpha"] * sign > 0]
-    best = max(side, key=lambda r: (r["levels"][domain][level], -abs(r["alpha"])))
-    return {"alpha": best["alpha"], "accuracy": best["levels"][domain][level]}
-
-
-def leakage(sweep: list[dict], domain: str, alpha: float) -> dict:
-    base = next(r for r in sweep if r["alpha"] == 0.0)["levels"]
-    at = next(r for r in sweep if r["alpha"] == alpha)["levels"]
-    own = at[domain]["mean_level"] - base[domain]["mean_level"]
-    out = {"own_change": own}
-    for d in DOMAINS:
-        if d != domain:
-            change = at[d]["mean_level"] - base[d]["mean_level"]
-            out[d] = {"change": change, "leakage": abs(change) / abs(own) if own else None}
-    values = [v["leakage"] for k, v in out.items() if k != "own_change"]
-    out["max"] = max(values) if all(v is not None for v in values) else None
-    return out
-
-
 def key_of(point: dict) -> str:
     return json.dumps({d: float(point.get(d, 0.0)) for d in REGULATED})
 
@@ -248,6 +227,20 @@ def score_points(kind, model, tokenizer, rows, points, vectors=None, batch_size=
         with applied(model, [(vectors[d], s) for d, s in p.items() if s != 0.0]):
             out.append(level_scores(model, tokenizer, rows, [None], batch_size=batch_size)[0])
     return torch.stack(out)
+
+
+def saved_scores(runs: Path, kind: str, row_domains: list[str]) -> dict:
+    """The points an earlier `score` run saved under `runs` ({key: [N, 3] scores}); refuses scores of other rows."""
+    from safetensors.torch import load_file
+
+    labels_path, tensor_path = runs / f"grid_scores_{kind}.json", runs / f"grid_scores_{kind}.safetensors"
+    if not (labels_path.exists() and tensor_path.exists()):
+        raise SystemExit(f"--reuse-scores: no saved scores at {tensor_path} (run the score stage without it first)")
+    labels = json.loads(labels_path.read_text())
+    if labels["row_domains"] != row_domains:
+        raise SystemExit(f"--reuse-scores: {labels_path} was scored on other questions (--max-per-domain differs)")
+    scores = load_file(str(tensor_path))["scores"]
+    return {key_of(p): s for p, s in zip(labels["points"], scores)}
 
 
 def load(kind, args):
@@ -272,7 +265,7 @@ def load(kind, args):
 def cmd_score(args) -> None:
     import torch
 
-    from peft_clm.tools.levels import grid_points, search_combinations
+    from peft_clm.tools.levels import grid_points, knob_leakage, pick_alpha, search_combinations
 
     kind = args.kind
     if kind == "vectors":
@@ -297,6 +290,9 @@ def cmd_score(args) -> None:
     points_1d = [zero] + [{**zero, d: a} for d in REGULATED for a in alphas if a != 0.0]
     t0 = time.perf_counter()
     all_scores: dict = {}
+    if args.reuse_scores:  # re-analysis (e.g. another --pick): points already scored by an earlier run of this stage
+        all_scores.update(saved_scores(Path(args.runs), kind, row_domains))
+        print(f"reusing {len(all_scores)} scored points from {args.runs}", flush=True)
 
     def score(points):  # each point once: the 1-D sweeps and the grid share their axis points
         todo = list({key_of(p): p for p in points if key_of(p) not in all_scores}.values())
@@ -316,14 +312,15 @@ def cmd_score(args) -> None:
         sweeps[d] = [
             {"alpha": a, "levels": distribution(all_scores[key_of({**zero, d: a})], row_domains)} for a in alphas
         ]
-        avoid, expert = pick_alpha(sweeps[d], d, "avoid", -1), pick_alpha(sweeps[d], d, "expert", 1)
+        avoid = pick_alpha(sweeps[d], d, "avoid", -1, args.pick)
+        expert = pick_alpha(sweeps[d], d, "expert", 1, args.pick)
         generic = {"alpha": 0.0, "accuracy": sweeps[d][alphas.index(0.0)]["levels"][d]["generic"]}
         knobs[d] = {
             "avoid": avoid,
             "generic": generic,
             "expert": expert,
-            "leakage_at_avoid": leakage(sweeps[d], d, avoid["alpha"]),
-            "leakage_at_expert": leakage(sweeps[d], d, expert["alpha"]),
+            "leakage_at_avoid": knob_leakage(sweeps[d], d, avoid["alpha"]),
+            "leakage_at_expert": knob_leakage(sweeps[d], d, expert["alpha"]),
         }
         print(
             f"{d}: avoid at {avoid['alpha']:g} ({avoid['accuracy']:.2f}), expert at {expert['alpha']:g} "
@@ -331,7 +328,7 @@ def cmd_score(args) -> None:
             f"{knobs[d]['leakage_at_expert']['max']} (expert)",
             flush=True,
         )
-    result["sweeps"], result["knobs"] = sweeps, knobs
+    result["sweeps"], result["knobs"], result["pick"] = sweeps, knobs, args.pick
     if args.grid_picks:
         grid_alphas = {d: sorted({knobs[d]["avoid"]["alpha"], 0.0, knobs[d]["expert"]["alpha"]}) for d in REGULATED}
     points = grid_points(grid_alphas)
@@ -731,6 +728,18 @@ def main() -> None:
         "--grid-picks",
         action="store_true",
         help="score stage: each knob's grid is its avoid alpha, 0 and its expert alpha from its own sweep",
+    )
+    parser.add_argument(
+        "--pick",
+        choices=["accuracy", "specific"],
+        default="accuracy",
+        help="score stage: a knob's avoid/expert alpha is the one of highest own accuracy, or (specific) of the "
+        "alphas reaching 0.8, the one of lowest leakage (peft_clm.tools.levels.pick_alpha)",
+    )
+    parser.add_argument(
+        "--reuse-scores",
+        action="store_true",
+        help="score stage: start from the points saved by an earlier score run under --runs (re-analysis)",
     )
     parser.add_argument("--max-per-domain", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=40)

@@ -18,11 +18,13 @@ from peft_clm.tools.levels import (
     end_pairs,
     grid_points,
     held_pairs,
+    knob_leakage,
     level_accuracy,
     level_scores,
     levels_from_scores,
     mean_level,
     ordinal_pairs,
+    pick_alpha,
     search_combinations,
     target_pairs,
 )
@@ -182,6 +184,41 @@ def test_search_finds_the_point_that_reaches_each_combination():
     # a control domain is reported, not searched
     with_control = search_combinations(scores, row_domains, points, ["a"], controls={"b": "generic"})
     assert len(with_control) == 3 and all(c["accuracy"]["b"] == 1.0 for c in with_control)
+
+
+def _sweep(rows):
+    """A 1-D sweep of a knob on domain "a" with "b" beside it: rows (alpha, a's expert share, b's mean level)."""
+    return [
+        {"alpha": a, "levels": {"a": {"avoid": 0.0, "expert": e, "mean_level": e}, "b": {"mean_level": lb}}}
+        for a, e, lb in rows
+    ]
+
+
+def test_knob_leakage_and_the_two_pick_rules():
+    sweep = _sweep([(-1, 0.0, 0.0), (0, 0.0, 0.1), (1, 0.8, 0.3), (2, 1.0, 0.6), (3, 1.0, 0.6)])
+    leak = knob_leakage(sweep, "a", 2)
+    assert leak["own_change"] == pytest.approx(1.0) and leak["b"]["change"] == pytest.approx(0.5)
+    assert leak["max"] == pytest.approx(0.5)
+    assert knob_leakage(sweep, "a", 1)["max"] == pytest.approx(0.25)
+    assert knob_leakage(sweep, "a", -1)["max"] is None  # no own change: leakage undefined, not 0 or inf
+    # highest accuracy, ties to the smaller |alpha|; "specific" trades accuracy for the least leakage above 0.8
+    assert pick_alpha(sweep, "a", "expert", 1) == {"alpha": 2, "accuracy": 1.0}
+    assert pick_alpha(sweep, "a", "expert", 1, "specific") == {"alpha": 1, "accuracy": 0.8}
+    assert pick_alpha(sweep, "a", "expert", 1, "specific", reached=0.9)["alpha"] == 2
+    # nothing reaches the level: "specific" falls back to the most accurate alpha
+    assert pick_alpha(sweep, "a", "avoid", -1, "specific") == {"alpha": -1, "accuracy": 0.0}
+
+
+def test_knob_leakage_and_pick_alpha_refuse_bad_input():
+    sweep = _sweep([(0, 0.0, 0.0), (1, 0.8, 0.3)])
+    with pytest.raises(ValueError, match="needs alpha 0 and alpha 2"):
+        knob_leakage(sweep, "a", 2)
+    with pytest.raises(ValueError, match="needs alpha 0"):
+        knob_leakage(sweep[1:], "a", 1)
+    with pytest.raises(ValueError, match="rule must be 'accuracy' or 'specific'; got 'best'"):
+        pick_alpha(sweep, "a", "expert", 1, "best")
+    with pytest.raises(ValueError, match="no alpha on the side of sign -1"):
+        pick_alpha(sweep, "a", "avoid", -1)
 
 
 def test_bad_input_is_one_clear_error(setup):

@@ -12,6 +12,8 @@ audit it: the references are stored text, the score is one forward pass per refe
   of any grid; other modes run one pass per point.
 - `levels_from_scores`, `level_accuracy`, `mean_level`: the argmax level, the share of questions at a target
   level, and the mean level (-1 avoid, 0 generic, +1 expert) that leakage is measured on.
+- `knob_leakage` and `pick_alpha`: from one knob's 1-D sweep, how much it moves the other domains at an alpha, and
+  the alpha where it reaches a level (most accurately, or with the least leakage).
 - `grid_points`, `combinations` and `search_combinations`: the multi-domain search. For each combination of target
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
 - `level_pair`, `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each
@@ -210,6 +212,63 @@ def level_accuracy(scores: torch.Tensor, target: Union[str, int]) -> torch.Tenso
 def mean_level(scores: torch.Tensor) -> torch.Tensor:
     """Per point, the mean level over questions with avoid = -1, generic = 0, expert = +1."""
     return (levels_from_scores(scores).float() - 1.0).mean(-1)
+
+
+def knob_leakage(sweep: Sequence[Mapping], domain: str, alpha: float) -> dict:
+    """How much a knob moves the other domains at `alpha`, against its own domain.
+
+    `sweep` is one knob's 1-D sweep: rows {"alpha": a, "levels": {domain: {"mean_level": m, ...}}}, one at alpha 0.
+    Returns the own domain's change of mean level from alpha 0 ("own_change"), per other domain its change and
+    leakage |change| / |own change| (None when the own domain does not move), and "max", the largest leakage (None
+    when any is None).
+    """
+    by_alpha = {float(r["alpha"]): r["levels"] for r in sweep}
+    if 0.0 not in by_alpha or float(alpha) not in by_alpha:
+        raise ValueError(f"the sweep needs alpha 0 and alpha {alpha}; it has {sorted(by_alpha)}.")
+    base, at = by_alpha[0.0], by_alpha[float(alpha)]
+    own = at[domain]["mean_level"] - base[domain]["mean_level"]
+    out: dict = {"own_change": own}
+    for d in at:
+        if d != domain:
+            change = at[d]["mean_level"] - base[d]["mean_level"]
+            out[d] = {"change": change, "leakage": abs(change) / abs(own) if own else None}
+    values = [v["leakage"] for k, v in out.items() if k != "own_change"]
+    out["max"] = max(values) if values and all(v is not None for v in values) else None
+    return out
+
+
+def pick_alpha(
+    sweep: Sequence[Mapping], domain: str, level: str, sign: float, rule: str = "accuracy", reached: float = 0.8
+) -> dict:
+    """A knob's alpha for `level` on `domain`: of the sweep's alphas on the side of `sign` (-1 or +1), with rule
+
+    - "accuracy": the highest accuracy at the level (ties: the smallest |alpha|);
+    - "specific": of the alphas where the accuracy is at least `reached`, the one of lowest `knob_leakage` (ties:
+      the smallest |alpha|), so that the knob moves the other domains least where it does its job; where no alpha
+      reaches the level, as "accuracy".
+
+    Returns {"alpha": a, "accuracy": accuracy at a}.
+
+    >>> sweep = [{"alpha": a, "levels": {"med": {"expert": e, "mean_level": e}, "law": {"expert": 0, "mean_level": l}}}
+    ...          for a, e, l in [(0, 0, 0), (1, 0.8, 0), (2, 1.0, 0.5)]]
+    >>> pick_alpha(sweep, "med", "expert", 1)["alpha"], pick_alpha(sweep, "med", "expert", 1, "specific")["alpha"]
+    (2, 1)
+    """
+    if rule not in ("accuracy", "specific"):
+        raise ValueError(f"rule must be 'accuracy' or 'specific'; got {rule!r}.")
+    side = [r for r in sweep if r["alpha"] * sign > 0]
+    if not side:
+        raise ValueError(f"the sweep has no alpha on the side of sign {sign}.")
+    best = max(side, key=lambda r: (r["levels"][domain][level], -abs(r["alpha"])))
+    candidates = [r for r in side if r["levels"][domain][level] >= reached]
+    if rule == "specific" and candidates:
+
+        def leak(r):
+            m = knob_leakage(sweep, domain, r["alpha"])["max"]
+            return float("inf") if m is None else m
+
+        best = min(candidates, key=lambda r: (leak(r), abs(r["alpha"])))
+    return {"alpha": best["alpha"], "accuracy": best["levels"][domain][level]}
 
 
 def grid_points(knobs: Mapping[str, Sequence[float]]) -> list[dict]:
