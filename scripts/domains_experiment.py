@@ -265,7 +265,7 @@ def load(kind, args):
 def cmd_score(args) -> None:
     import torch
 
-    from peft_clm.tools.levels import grid_points, knob_leakage, pick_alpha, search_combinations
+    from peft_clm.tools.levels import additive_scores, grid_points, knob_leakage, pick_alpha, search_combinations
 
     kind = args.kind
     if kind == "vectors":
@@ -302,7 +302,7 @@ def cmd_score(args) -> None:
     # In logits mode every point comes from 4 passes per batch, so the sweeps and the grid are scored at once; a
     # vector point is a forward pass of its own, so --grid-picks scores the sweeps first and builds each knob's grid
     # from its own picks (avoid alpha, 0, expert alpha): 27 points instead of a full grid.
-    if args.grid_picks:
+    if args.grid_picks or args.grid_predicted:
         score(points_1d)
     else:
         grid_alphas = {d: [float(a) for a in (args.grid_alphas or args.alphas).split(",")] for d in REGULATED}
@@ -332,21 +332,58 @@ def cmd_score(args) -> None:
     if args.grid_picks:
         grid_alphas = {d: sorted({knobs[d]["avoid"]["alpha"], 0.0, knobs[d]["expert"]["alpha"]}) for d in REGULATED}
     points = grid_points(grid_alphas)
-    score(points)  # with --grid-picks the grid's new points; otherwise all scored already
-    scores = torch.stack([all_scores[key_of(p)] for p in points])
-    combos = search_combinations(scores, row_domains, points, REGULATED, controls={"general": "generic"})
-    result["search_seconds"] = time.perf_counter() - t0
-    result["n_points_scored"] = len(all_scores)
     # Two-fold check: choose the point on half the questions of each domain, report on the other half.
-    halves = []
+    selects = []
     for fold in (0, 1):
         seen: dict = {}
-        select = []
+        selects.append([])
         for d in row_domains:
             seen[d] = seen.get(d, -1) + 1
-            select.append(seen[d] % 2 == fold)
+            selects[-1].append(seen[d] % 2 == fold)
+    controls = {"general": "generic"}
+    # --grid-predicted: predict the full grid of the sweeps' alphas from the 1-D sweeps (additive_scores) and add
+    # each combination's predicted best point to the grid, chosen on all questions for the main search and on each
+    # fold's half for that fold (so the two-fold figure never chooses with the questions it reports on).
+    pools = {"all": list(points), 0: list(points), 1: list(points)}
+    if args.grid_predicted:
+        base = all_scores[key_of(zero)]
+        one_knob = {d: {a: all_scores[key_of({**zero, d: a})] for a in alphas} for d in REGULATED}
+        full = grid_points({d: alphas for d in REGULATED})
+        predicted = additive_scores(base, one_knob, full)
+        result["predicted"] = {}
+        for name, select in (("all", None), (0, selects[0]), (1, selects[1])):
+            chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls)
+            pools[name] += [c["point"] for c in chosen]
+            if name == "all":
+                result["predicted"] = {
+                    "grid_points": len(full),
+                    "reached": sum(c["reached"] for c in chosen),
+                    "combinations": [{"targets": c["targets"], "point": c["point"], "accuracy": c["accuracy"]}
+                                     for c in chosen],
+                }
+        for name in pools:  # each point once, in first-seen order
+            pools[name] = list({key_of(p): p for p in pools[name]}.values())
+        print(f"predicted: {result['predicted']['reached']}/27 combinations on the additive {len(full)}-point grid; "
+              f"scoring {len({key_of(p) for pool in pools.values() for p in pool} - set(all_scores))} new points",
+              flush=True)
+    score([p for pool in pools.values() for p in pool])  # the grid's points not scored yet
+    points = pools["all"]
+    scores = torch.stack([all_scores[key_of(p)] for p in points])
+    combos = search_combinations(scores, row_domains, points, REGULATED, controls=controls)
+    result["search_seconds"] = time.perf_counter() - t0
+    result["n_points_scored"] = len(all_scores)
+    halves = []
+    for fold in (0, 1):
+        pool = pools[fold]
         halves.append(
-            search_combinations(scores, row_domains, points, REGULATED, select=select, controls={"general": "generic"})
+            search_combinations(
+                torch.stack([all_scores[key_of(p)] for p in pool]),
+                row_domains,
+                pool,
+                REGULATED,
+                select=selects[fold],
+                controls=controls,
+            )
         )
     for c, h0, h1 in zip(combos, *halves):
         c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
@@ -546,6 +583,8 @@ def cmd_report(args) -> None:
         lines.append(
             f"27 combinations ({k}, grid {r['grid_alphas']} per knob, {r['n_points']} points): "
             f"{r['reached']}/27 reached; {r['twofold_reached']}/27 with two-fold selection"
+            + (f"; the additive prediction from the 1-D sweeps, {r['predicted']['reached']}/27 on its "
+               f"{r['predicted']['grid_points']}-point grid, added its picks" if "predicted" in r else "")
         )
         combo_csv = []
         for c in r["combinations"]:
@@ -654,6 +693,9 @@ def cmd_report(args) -> None:
             f"**{r['twofold_reached']}/27** two-fold (chosen on half, reported on the other half); "
             f"{r.get('n_points_scored', r['n_points'])} points scored and searched in "
             f"{r['search_seconds']:.0f} s."
+            + (f" The grid also holds each combination's best point of the full {r['predicted']['grid_points']}-point "
+               f"grid as predicted additively from the 1-D sweeps (the prediction: {r['predicted']['reached']}/27)."
+               if "predicted" in r else "")
         )
         md.append("")
     for k in kinds:
@@ -728,6 +770,12 @@ def main() -> None:
         "--grid-picks",
         action="store_true",
         help="score stage: each knob's grid is its avoid alpha, 0 and its expert alpha from its own sweep",
+    )
+    parser.add_argument(
+        "--grid-predicted",
+        action="store_true",
+        help="score stage: also score, for each combination, the best point of the full grid of --alphas as "
+        "predicted from the 1-D sweeps (peft_clm.tools.levels.additive_scores)",
     )
     parser.add_argument(
         "--pick",

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from peft_clm import ClmConfig
 from peft_clm.tools.levels import (
     LEVELS,
+    additive_scores,
     anchor_pairs,
     combinations,
     end_pairs,
@@ -219,6 +220,31 @@ def test_knob_leakage_and_pick_alpha_refuse_bad_input():
         pick_alpha(sweep, "a", "expert", 1, "best")
     with pytest.raises(ValueError, match="no alpha on the side of sign -1"):
         pick_alpha(sweep, "a", "avoid", -1)
+
+
+def test_additive_prediction_uses_each_knobs_own_sweep_and_refuses_a_missing_alpha():
+    """Knob y is left at identity, so a two-knob point must score as knob x alone: the prediction from the 1-D
+    sweeps is then exact, which checks that each alpha is looked up in its own knob's sweep."""
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(_plain_model(tokenizer, seed=3), ClmConfig(interpolation="hidden"), adapter_name="x")
+    model.add_adapter("y", ClmConfig(interpolation="hidden"))
+    perturb(model, seed=5, scale=0.3, adapter="x")
+    model.base_model.set_adapter(["x", "y"])
+    model.eval()
+    alphas = [-1.0, 0.5, 2.0]
+    one_d = [{"x": 0.0, "y": 0.0}] + [{"x": a, "y": 0.0} for a in alphas] + [{"x": 0.0, "y": a} for a in alphas]
+    scores = level_scores(model, tokenizer, ROWS, one_d)
+    base = scores[0]
+    sweeps = {"x": dict(zip(alphas, scores[1:4])), "y": dict(zip(alphas, scores[4:7]))}
+    grid = grid_points({"x": [-1.0, 0.0, 2.0], "y": [0.5, -1.0]})
+    predicted = additive_scores(base, sweeps, grid)
+    real = level_scores(model, tokenizer, ROWS, grid)
+    torch.testing.assert_close(predicted, real, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(real[0], real[2])  # x moves the scores: the check is not vacuous
+    with pytest.raises(ValueError, match=r"knob 'x' has no 1-D score at alpha 1.5; it has \[-1.0, 0.5, 2.0\]"):
+        additive_scores(base, sweeps, [{"x": 1.5}])
+    with pytest.raises(ValueError, match=r"base must be \[questions, levels\]"):
+        additive_scores(scores, sweeps, grid)
 
 
 def test_bad_input_is_one_clear_error(setup):

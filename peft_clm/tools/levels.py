@@ -16,6 +16,7 @@ audit it: the references are stored text, the score is one forward pass per refe
   the alpha where it reaches a level (most accurately, or with the least leakage).
 - `grid_points`, `combinations` and `search_combinations`: the multi-domain search. For each combination of target
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
+  `additive_scores` predicts a large grid from the 1-D sweeps alone, to choose which of its points to score.
 - `level_pair`, `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each
   row, for a knob that walks one domain's levels in order and leaves other rows where the base puts them;
   `end_pairs` and `held_pairs` do the same with each pair scored at the knob's end it is for (alpha +1 or -1,
@@ -277,6 +278,36 @@ def grid_points(knobs: Mapping[str, Sequence[float]]) -> list[dict]:
         raise ValueError(f"give at least one alpha for every knob; got {dict(knobs)}.")
     names = list(knobs)
     return [dict(zip(names, map(float, values))) for values in itertools.product(*(knobs[n] for n in names))]
+
+
+def additive_scores(
+    base: torch.Tensor, one_knob: Mapping[str, Mapping[float, torch.Tensor]], points: Sequence[Mapping[str, float]]
+) -> torch.Tensor:
+    """Predicted level scores at multi-knob points from each knob's 1-D sweep: `base + sum_k (s_k(a_k) - base)`.
+
+    `base` is [N, 3] (every knob at 0), `one_knob[k][a]` the [N, 3] scores with knob k alone at alpha a, and each
+    point gives an alpha from its sweep to every knob (a knob left out is at 0). The prediction assumes each knob's
+    effect on every question's log-likelihoods adds up, which no mode makes exact (logits mode adds logits, not
+    log-probabilities; hidden mode adds hidden states that the rest of the model then transforms): it is a cheap
+    guide to which points of a large grid are worth scoring, never a score to report.
+
+    >>> base = torch.zeros(1, 3)
+    >>> sweeps = {"a": {1.0: torch.tensor([[0.0, 0.0, 1.0]])}, "b": {-1.0: torch.tensor([[2.0, 0.0, 0.0]])}}
+    >>> additive_scores(base, sweeps, [{"a": 1.0, "b": -1.0}, {"a": 1.0}]).tolist()
+    [[[2.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]]]
+    """
+    if base.dim() != 2:
+        raise ValueError(f"base must be [questions, levels]; got shape {tuple(base.shape)}.")
+    out = base.expand(len(points), *base.shape).clone()
+    for j, point in enumerate(points):
+        for knob, alpha in point.items():
+            if float(alpha) == 0.0:
+                continue
+            sweep = one_knob.get(knob, {})
+            if float(alpha) not in sweep:
+                raise ValueError(f"knob {knob!r} has no 1-D score at alpha {alpha}; it has {sorted(sweep)}.")
+            out[j] += sweep[float(alpha)] - base
+    return out
 
 
 def combinations(domains: Sequence[str]) -> list[dict]:
