@@ -350,7 +350,6 @@ def cmd_score(args) -> None:
         one_knob = {d: {a: all_scores[key_of({**zero, d: a})] for a in alphas} for d in REGULATED}
         full = grid_points({d: alphas for d in REGULATED})
         predicted = additive_scores(base, one_knob, full)
-        result["predicted"] = {}
         for name, select in (("all", None), (0, selects[0]), (1, selects[1])):
             chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls)
             pools[name] += [c["point"] for c in chosen]
