@@ -241,6 +241,9 @@ def test_additive_prediction_uses_each_knobs_own_sweep_and_refuses_a_missing_alp
     real = level_scores(model, tokenizer, ROWS, grid)
     torch.testing.assert_close(predicted, real, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(real[0], real[2])  # x moves the scores: the check is not vacuous
+    # where both knobs move the scores, both effects are added (y's is zero above, so check the sum on its own)
+    moved = {"x": {1.0: base + 1.0}, "y": {-1.0: base - 3.0}}
+    torch.testing.assert_close(additive_scores(base, moved, [{"x": 1.0, "y": -1.0}])[0], base - 2.0)
     with pytest.raises(ValueError, match=r"knob 'x' has no 1-D score at alpha 1.5; it has \[-1.0, 0.5, 2.0\]"):
         additive_scores(base, sweeps, [{"x": 1.5}])
     with pytest.raises(ValueError, match=r"base must be \[questions, levels\]"):
