@@ -16,6 +16,9 @@ prompt:
   `peft_clm.tools.text_metrics.casualness` (transparent marker counts), which training never sees.
 
     python scripts/build_preference_data.py --out data        # ~8 min on 2 CPU cores
+    python scripts/build_preference_data.py --out data --dimensions formal --register-only
+        # register-only formal pairs from the casual answers already in data/formal (no model run): the chosen side
+        # is the casual answer rewritten by the formal instruction's rules (`formalize`), so content is shared
     python scripts/build_preference_data.py --out data --dimensions concise --regrade
         # the concise pairs from the detailed answers already in data/concise (no model run; the same pairs, since
         # decoding is greedy and the draws are seeded)
@@ -116,6 +119,79 @@ def graded_chosen(detailed: str, rng: random.Random) -> str | None:
     return detailed[: ends[rng.randrange(len(ends))]].strip()
 
 
+# Register-only formal pairs: the chosen side is the casual answer itself, rewritten by the rules of the formal
+# instruction ("complete sentences, precise vocabulary, no contractions, no exclamation marks, no slang"), so the
+# two sides share their content and differ in register only. With the instructed pairs, content changes too (the
+# two answers are two different texts), and at alpha 1 the knob moved the sparse register markers by less than
+# greedy answers vary from prompt to prompt (21% of prompts the wrong way).
+_PRONOUN_IS = r"it|that|there|here|what|who|where|how|he|she|this|everything|something|nothing|everyone"
+_CONTRACTIONS = [  # (pattern, replacement); case of the first letter is kept by `_keep_case`
+    (r"\bcan't\b", "cannot"), (r"\bwon't\b", "will not"), (r"\bshan't\b", "shall not"), (r"\bain't\b", "is not"),
+    (r"\blet's\b", "let us"), (r"\b(\w+)n't\b", r"\1 not"), (r"\b(\w+)'re\b", r"\1 are"),
+    (r"\b(\w+)'ve\b", r"\1 have"), (r"\b(\w+)'ll\b", r"\1 will"), (r"\b(i)'m\b", r"\1 am"),
+    (r"\b(i|you|we|they|he|she|it)'d\b", r"\1 would"), (rf"\b({_PRONOUN_IS})'s\b", r"\1 is"),
+    (r"\bol'", "old"), (r"\by'know\b,?\s*", ""),
+]
+_SLANG = {  # casual word -> its formal counterpart ("" drops it)
+    "gonna": "going to", "wanna": "want to", "gotta": "have to", "kinda": "somewhat", "sorta": "somewhat",
+    "awesome": "excellent", "cool": "interesting", "super": "very", "totally": "entirely", "stuff": "material",
+    "basically": "essentially", "literally": "", "yeah": "yes", "yep": "yes", "nope": "no", "folks": "people",
+    "guys": "everyone", "crazy": "remarkable", "huge": "very large", "amazing": "remarkable", "cuz": "because",
+    "ya": "you", "fun": "enjoyable", "pretty": "fairly", "lol": "", "omg": "", "tbh": "", "btw": "", "wow": "",
+}
+# openers and interjections that only carry tone: "Hey there!", "Okay, so", "Well,", "let me tell you,", "dude,"
+_INTERJECTION = re.compile(
+    r"\b(?:(?:hey|hi|oh|ok|okay|well|so)(?: there| man| buddy| dude)?[,!.]+\s*"
+    r"|(?:let me tell you|you know|dude|buddy|man)\s*,\s*)",
+    re.IGNORECASE,
+)
+_EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
+
+
+def _keep_case(match: re.Match, replacement: str) -> str:
+    out = match.expand(replacement)
+    return out[:1].upper() + out[1:] if match.group(0)[:1].isupper() and out else out
+
+
+def formalize(text: str) -> str:
+    """`text` in a formal register with its content kept: contractions expanded (possessives kept), slang replaced
+    or dropped (`_SLANG`), tone-only interjections and emoji dropped, '!' and '...' made full stops, each sentence
+    capitalised.
+
+    Example:
+        ```py
+        >>> formalize("Hey buddy! It's kinda awesome... the world's biggest stuff, lol!")
+        'It is somewhat excellent. The world's biggest material.'
+        ```
+    """
+    out = _EMOJI.sub("", text)
+    out = _INTERJECTION.sub("", out)
+    out = re.sub(r"(^|[.!?]\s+|\n\s*)(?:so|and),?\s+", r"\1", out, flags=re.IGNORECASE)  # chatty sentence openers
+    for pattern, replacement in _CONTRACTIONS:
+        out = re.sub(pattern, lambda m, r=replacement: _keep_case(m, r), out, flags=re.IGNORECASE)
+    for word, replacement in _SLANG.items():
+        out = re.sub(rf"\b{word}\b", lambda m, r=replacement: _keep_case(m, r), out, flags=re.IGNORECASE)
+    out = re.sub(r"[!?]*!+[!?]*", lambda m: "?" if "?" in m.group(0) else ".", out)
+    out = re.sub(r"\.{2,}|\u2026", ".", out)
+    out = re.sub(r"[ \t]+([,.;:?])", r"\1", out)  # a dropped word leaves no space before punctuation
+    out = re.sub(r",\s*([,.;:?])", r"\1", out)
+    out = re.sub(r"[ \t]{2,}", " ", out).strip()
+    out = re.sub(r"(^|[.?]\s+|\n\s*)([a-z])", lambda m: m.group(1) + m.group(2).upper(), out)
+    return out
+
+
+def register_rows(rows: list[dict]) -> list[dict]:
+    """Register-only pairs from instructed formal pairs: (question, formalize(casual answer), casual answer); pairs
+    whose casual answer has nothing to rewrite are left out (chosen and rejected would be the same text)."""
+    out = []
+    for r in rows:
+        casual = r["rejected"][0]["content"]
+        formal = formalize(casual)
+        if formal and formal != casual:
+            out.append(pair(r["prompt"][0]["content"], formal, casual))
+    return out
+
+
 def write_split(out: Path, rows: list[dict], heldout_prompts: set[str]) -> dict:
     """train.jsonl / heldout.jsonl (split by prompt), each written to a temporary file and renamed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -159,12 +235,27 @@ def main() -> None:
     parser.add_argument("--dimensions", default="concise,formal")
     parser.add_argument("--regrade", action="store_true",
                         help="concise only: rebuild the pairs from the detailed answers already in --out/concise")
+    parser.add_argument("--register-only", action="store_true",
+                        help="formal only: write train_register.jsonl and heldout_register.jsonl from the casual "
+                        "answers already in --out/formal (chosen: formalize(casual); no model run)")
     parser.add_argument("--two-ended", action="store_true",
                         help="also write train_two_ended.jsonl: each train pair at alpha +1 and its mirror at -1 "
                         "(peft_clm.tools.alpha_pairs.mirrored_pairs)")
     args = parser.parse_args()
     if args.regrade and args.dimensions != "concise":
         parser.error("--regrade rebuilds the concise pairs only: give --dimensions concise.")
+    if args.register_only:
+        if args.dimensions != "formal":
+            parser.error("--register-only rebuilds the formal pairs only: give --dimensions formal.")
+        out = Path(args.out) / "formal"
+        for name in ("train", "heldout"):
+            rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+            register = register_rows(rows)
+            tmp = out / f"{name}_register.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in register), encoding="utf-8")
+            tmp.replace(out / f"{name}_register.jsonl")
+            print(f"formal: {len(register)} register-only {name} pairs (of {len(rows)}; the rest had nothing to rewrite)")
+        return
     torch.manual_seed(0)
     model, tokenizer = (None, None) if args.regrade else load_model("smollm2")
     questions = prompts()[: args.n_prompts]

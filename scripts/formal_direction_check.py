@@ -6,7 +6,9 @@ already stored (no generation) with two dense measures that every word feeds, an
 
 - how often it ranks the held-out pairs the way the data does (chosen more formal than rejected): a measure that
   disagrees with the preference data cannot judge the knob;
-- the fraction of prompts that move the wrong way from alpha 0 to 1, 1.5 and 2 (ties: unmoved).
+- the fraction of prompts that move the wrong way from alpha 0 to 1, 1.5 and 2 (ties: unmoved);
+- the same fraction for the knob's training target: the held-out pairs' chosen answers (SmolLM2 under the formal
+  instruction, which alpha 1 internalises) against the sweep's alpha-0 answers to the same prompts.
 
 Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`; `neg_word_length`,
 minus the mean characters per word (formal prose uses longer words); `personal_pronouns`, first- and second-person
@@ -83,6 +85,18 @@ def main() -> None:
                     "unmoved": sum(m == 0 for m in moved) / len(moved),
                     "mean_change": statistics.mean(moved),
                 }
+        # The knob's training target against the same base answers: the held-out pairs' chosen side is SmolLM2's
+        # answer under the formal instruction that alpha 1 internalises (same prompts, in the sweep's order), so
+        # its wrong-way fraction is what a knob that reproduced its data exactly would score at alpha 1.
+        chosen = [content(p["chosen"]) for p in pairs[: len(at[0.0])]]
+        per["instructed"] = {} if len(chosen) == len(at[0.0]) else None  # None: fewer pairs than swept prompts
+        for name, f in MEASURES.items() if per["instructed"] is not None else ():
+            moved = [f(t) - f(b) for t, b in zip(chosen, at[0.0])]
+            per["instructed"][name] = {
+                "wrong_way": sum(m > 0 for m in moved) / len(moved),
+                "unmoved": sum(m == 0 for m in moved) / len(moved),
+                "mean_change": statistics.mean(moved),
+            }
         result["sweeps"][path] = per
     print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
     for name, v in result["pair_agreement"].items():
@@ -90,8 +104,17 @@ def main() -> None:
     print("wrong-way fraction from alpha 0 to " + ", ".join(f"{a:g}" for a in alphas) + " (unmoved in brackets)")
     for path, per in result["sweeps"].items():
         for name, by in per.items():
+            if name == "instructed":
+                continue
             cells = "  ".join(f"{by[str(a)]['wrong_way']:.2f} ({by[str(a)]['unmoved']:.2f})" for a in alphas)
             print(f"  {path:48s} {name:18s} {cells}")
+    print("the training target (the formal-instructed answers of the held-out pairs) against the same alpha-0 answers")
+    for path, per in result["sweeps"].items():
+        if per["instructed"] is None:
+            print(f"  {path:48s} (fewer pairs than swept prompts: not compared)")
+            continue
+        cells = "  ".join(f"{name} {v['wrong_way']:.2f} ({v['unmoved']:.2f})" for name, v in per["instructed"].items())
+        print(f"  {path:48s} {cells}")
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(out.name + ".tmp")

@@ -37,9 +37,12 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"answers": answers}))
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        json.dumps({"chosen": "Precipitation accumulates considerably", "rejected": "Hey it's wet lol"}) + "\n"
-    )
+    rows = [  # the chosen sides against the alpha-0 answers: aligned, wrong way, unmoved
+        {"chosen": "Precipitation accumulates considerably", "rejected": "Hey it's wet lol"},
+        {"chosen": "Hey the sky's cool!", "rejected": "Hey lol!!"},
+        {"chosen": "Water is wet", "rejected": "Water's wet lol"},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "check.json"
     monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out)])
     check.main()
@@ -48,6 +51,11 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
     assert casual["1.0"]["wrong_way"] == pytest.approx(1 / 3) and casual["1.0"]["unmoved"] == pytest.approx(1 / 3)
     assert result["sweeps"][str(sweep)]["neg_word_length"]["2.0"]["wrong_way"] == 0.0
     assert result["pair_agreement"]["casualness"]["chosen_more_formal"] == 1.0
+    instructed = result["sweeps"][str(sweep)]["instructed"]["casualness"]
+    assert instructed["wrong_way"] == pytest.approx(1 / 3) and instructed["unmoved"] == pytest.approx(1 / 3)
+    pairs.write_text(json.dumps(rows[0]) + "\n")  # fewer pairs than swept prompts: no comparison, no crash
+    check.main()
+    assert json.loads(out.read_text())["sweeps"][str(sweep)]["instructed"] is None
     monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1.5"])
     with pytest.raises(SystemExit, match="need 0 and"):
         check.main()

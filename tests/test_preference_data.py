@@ -4,6 +4,7 @@ rebuild exactly from the detailed answers (`scripts/build_preference_data.py --r
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 
@@ -46,3 +47,38 @@ def test_shipped_concise_pairs_are_graded_and_rebuild_exactly():
     rebuilt = build.concise_rows(questions, [detailed[q] for q in questions])
     by_prompt = {r["prompt"][0]["content"]: r for r in rows}
     assert [by_prompt[r["prompt"][0]["content"]] for r in rebuilt] == rebuilt
+
+
+def test_formalize_rewrites_register_and_keeps_content():
+    build = _builder()
+    assert build.formalize("Hey buddy! It's kinda awesome... the world's biggest stuff, lol!") == (
+        "It is somewhat excellent. The world's biggest material."
+    )
+    assert build.formalize("So here's a rundown. And they can't stop, y'know?") == "Here is a rundown. They cannot stop?"
+    assert build.formalize("I'd say you'd like it \U0001F600!") == "I would say you would like it."
+    text = "Photosynthesis converts light into chemical energy in the chloroplasts of plant cells."
+    assert build.formalize(text) == text  # nothing casual: unchanged
+
+
+def test_register_pairs_share_content_and_lower_casualness():
+    from peft_clm.tools.text_metrics import casualness
+
+    build = _builder()
+    rows = [json.loads(line) for line in (ROOT / "data" / "formal" / "train.jsonl").read_text().splitlines()]
+    pairs = build.register_rows(rows)
+    assert 0.9 * len(rows) <= len(pairs) < len(rows)  # only pairs with something to rewrite
+    shipped = [json.loads(line) for line in (ROOT / "data" / "formal" / "train_register.jsonl").read_text().splitlines()]
+    assert shipped == pairs  # the shipped file rebuilds exactly
+    allowed = {"not", "are", "have", "will", "am", "would", "is", "us", "cannot", "old", "yes", "no"}
+    allowed |= {w for r in build._SLANG.values() for w in r.split()}
+    lower = 0
+    for p in pairs:
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        assert casualness(chosen) <= casualness(rejected)
+        lower += casualness(chosen) < casualness(rejected)
+        # content kept: every word of the chosen side is a word of the casual answer or of a rewrite rule
+        before = set(re.findall(r"[a-z]+", rejected.lower()))
+        before |= {w[:-1] for w in re.findall(r"([a-z]+)'t\b", rejected.lower())}  # don't -> do not
+        new = set(re.findall(r"[a-z]+", chosen.lower())) - before
+        assert new <= allowed, new - allowed
+    assert lower >= 0.9 * len(pairs)
