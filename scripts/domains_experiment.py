@@ -70,7 +70,9 @@ def cmd_pairs(args) -> None:
     +1 and avoid > generic at -1 (`end_pairs`), the other domains' questions as one-sided `held_pairs` at both ends.
     `--design two-ended-held`: the same, with the other domains' generic answers preferred over both other levels at
     both ends (`held_pairs(..., both_levels=True)`). `--design expert-avoid`: the first design, expert over avoid on
-    the domain's questions only."""
+    the domain's questions only. `--design per-level`: two one-ended knobs per domain, `<domain>_avoid` and
+    `<domain>_expert`, each its level over generic on the domain's questions and the other domains' generic answers
+    over both other levels, all at alpha +1 (the knob is trained only where it is used)."""
     from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, level_pair, ordinal_pairs, target_pairs
 
     data = Path(args.data)
@@ -78,6 +80,21 @@ def cmd_pairs(args) -> None:
         rows = read_jsonl(data / f"{split}.jsonl")
         for domain in REGULATED:
             own = [r for r in rows if r["domain"] == domain]
+            if args.design == "per-level":
+                anchors = (
+                    []
+                    if split == "heldout"
+                    else [r for d in DOMAINS if d != domain for r in [x for x in rows if x["domain"] == d][: args.anchors]]
+                )
+                held = [level_pair(r, "generic", lo) for r in anchors for lo in ("expert", "avoid")]
+                for level in ("avoid", "expert"):
+                    write_pairs(
+                        data / args.pairs / f"{domain}_{level}" / f"{split}.jsonl",
+                        [level_pair(r, level, "generic") for r in own] + held,
+                        f"{len(own)} {level} over generic, {len(held)} generic over both levels on "
+                        f"{len(anchors)} other questions",
+                    )
+                continue
             if args.design == "expert-avoid":
                 write_pairs(
                     data / args.pairs / domain / f"{split}.jsonl",
@@ -104,6 +121,8 @@ def cmd_pairs(args) -> None:
             )
     # One pooled training set for one combination (medical expert, legal avoid, financial expert), to time
     # retraining per combination: each domain's target level over its two other levels, general anchored.
+    if args.design == "per-level":
+        return  # the pooled run was timed with the third design
     rows = read_jsonl(data / "train.jsonl")
     targets = {"medical": "expert", "legal": "avoid", "financial": "expert"}
     if args.design == "expert-avoid":  # the first design's data has no generic answers for training questions
@@ -427,7 +446,7 @@ def cmd_knob(args) -> None:
     knob.set_interpolation(args.interpolation)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     row_domains = [r["domain"] for r in rows]
-    own = torch.tensor([d == domain for d in row_domains])
+    own = torch.tensor([d == domain.split("_")[0] for d in row_domains])  # a per-level knob: medical_expert
     with torch.no_grad():
         scores = level_scores(knob, tokenizer, rows, alphas, batch_size=8)
     sweep = []
@@ -451,6 +470,7 @@ def cmd_markers(args) -> None:
     from peft_clm.tools.domains import refusal_score, specificity_score
     from peft_clm.tools.generation import generate_answers
     from peft_clm.tools.levels import LEVELS, level_scores, levels_from_scores
+    from peft_clm.tools.text_metrics import is_degenerate
 
     levels_json = json.loads((Path(args.results) / "levels_clm.json").read_text())
     model, tokenizer, _ = load("clm", args)
@@ -471,7 +491,10 @@ def cmd_markers(args) -> None:
             spec = [specificity_score(a) for a in answers[j]]
             res["by_setting"][lv] = {
                 "refusal_mean": sum(ref) / len(ref),
+                "refusal_share": sum(x > 0 for x in ref) / len(ref),  # answers with a refusal/referral phrase
                 "specificity_mean": sum(spec) / len(spec),
+                # a marker count means nothing on a looping or empty answer: the level a user meets needs fluency
+                "degenerate_rate": sum(is_degenerate(a) for a in answers[j]) / len(answers[j]),
                 "likelihood_level_share": {
                     name: float((ll_levels[j] == k).float().mean()) for k, name in enumerate(LEVELS)
                 },
@@ -493,7 +516,9 @@ def cmd_markers(args) -> None:
             f"{d}: "
             + "; ".join(
                 f"{lv} (alpha {settings[lv]:g}): refusal {res['by_setting'][lv]['refusal_mean']:.2f}"
+                f" (share {res['by_setting'][lv]['refusal_share']:.2f})"
                 f", specificity {res['by_setting'][lv]['specificity_mean']:.2f}"
+                f", degenerate {res['by_setting'][lv]['degenerate_rate']:.2f}"
                 for lv in LEVELS
             )
             + f"; marker/likelihood agreement {res['agreement']:.2f}",
@@ -744,7 +769,7 @@ def main() -> None:
     parser.add_argument("--pooled", action="store_true")
     parser.add_argument(
         "--design",
-        choices=["ordinal", "two-ended", "two-ended-held", "expert-avoid"],
+        choices=["ordinal", "two-ended", "two-ended-held", "expert-avoid", "per-level"],
         default="ordinal",
         help="pairs stage",
     )
