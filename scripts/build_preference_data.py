@@ -254,7 +254,7 @@ def main() -> None:
             tmp = out / f"{name}_register.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in register), encoding="utf-8")
             tmp.replace(out / f"{name}_register.jsonl")
-            print(f"formal: {len(register)} register-only {name} pairs (of {len(rows)}; the rest had nothing to rewrite)")
+            print(f"formal: {len(register)} register-only {name} pairs (of {len(rows)}; the rest: nothing to rewrite)")
         return
     torch.manual_seed(0)
     model, tokenizer = (None, None) if args.regrade else load_model("smollm2")

@@ -55,6 +55,10 @@ def dir_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ pairs
+def own_rows(rows: list[dict], domain: str) -> list[dict]:
+    return [r for r in rows if r["domain"] == domain]
+
+
 def write_pairs(out: Path, pairs: list[dict], what: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -81,11 +85,8 @@ def cmd_pairs(args) -> None:
         for domain in REGULATED:
             own = [r for r in rows if r["domain"] == domain]
             if args.design == "per-level":
-                anchors = (
-                    []
-                    if split == "heldout"
-                    else [r for d in DOMAINS if d != domain for r in [x for x in rows if x["domain"] == d][: args.anchors]]
-                )
+                others = [d for d in DOMAINS if d != domain]
+                anchors = [] if split == "heldout" else [r for d in others for r in own_rows(rows, d)[: args.anchors]]
                 held = [level_pair(r, "generic", lo) for r in anchors for lo in ("expert", "avoid")]
                 for level in ("avoid", "expert"):
                     write_pairs(
@@ -231,12 +232,26 @@ def key_of(point: dict) -> str:
     return json.dumps({d: float(point.get(d, 0.0)) for d in REGULATED})
 
 
-def score_points(kind, model, tokenizer, rows, points, vectors=None, batch_size=8):
-    """Level scores at each point: CLM points are alpha dicts; vector points are {domain: scale} applied in place."""
+def dials(args) -> dict | None:
+    """The per-level design's knobs: each domain's signed dial over its avoid and expert knob (None: one knob each)."""
+    return {d: (f"{d}_avoid", f"{d}_expert") for d in REGULATED} if args.design == "per-level" else None
+
+
+def as_adapter_alphas(points: list[dict], knobs: dict | None) -> list[dict]:
+    """Points of {domain: alpha} as the adapters' alphas: the same dicts for one knob per domain, or each domain's
+    signed dial read as its avoid knob (alpha < 0) or expert knob (alpha > 0) in the per-level design."""
+    from peft_clm.tools.levels import dial_alphas
+
+    return points if knobs is None else [dial_alphas(p, knobs) for p in points]
+
+
+def score_points(kind, model, tokenizer, rows, points, vectors=None, batch_size=8, knobs=None):
+    """Level scores at each point: CLM points are {domain: alpha} (read through `as_adapter_alphas`); vector points
+    are {domain: scale} applied in place."""
     from peft_clm.tools.levels import level_scores
 
     if kind == "clm":
-        return level_scores(model, tokenizer, rows, points, batch_size=batch_size)
+        return level_scores(model, tokenizer, rows, as_adapter_alphas(points, knobs), batch_size=batch_size)
     import torch
 
     from peft_clm.tools.vectors import applied
@@ -270,10 +285,12 @@ def load(kind, args):
 
         model, tokenizer = load_model("smollm2")
         runs = Path(args.runs) / "clm"
-        peft_model = PeftModel.from_pretrained(model, str(runs / REGULATED[0]), adapter_name=REGULATED[0])
-        for d in REGULATED[1:]:
-            peft_model.load_adapter(str(runs / d), adapter_name=d)
-        peft_model.base_model.set_adapter(list(REGULATED))
+        knobs = dials(args)
+        names = list(REGULATED) if knobs is None else [k for pair in knobs.values() for k in pair]
+        peft_model = PeftModel.from_pretrained(model, str(runs / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(str(runs / name), adapter_name=name)
+        peft_model.base_model.set_adapter(names)
         peft_model.set_interpolation(args.interpolation)
         return peft_model.eval(), tokenizer, None
     model, tokenizer = load_model("smollm2")
@@ -316,7 +333,9 @@ def cmd_score(args) -> None:
     def score(points):  # each point once: the 1-D sweeps and the grid share their axis points
         todo = list({key_of(p): p for p in points if key_of(p) not in all_scores}.values())
         if todo:
-            all_scores.update(zip(map(key_of, todo), score_points(kind, model, tokenizer, rows, todo, vectors)))
+            all_scores.update(
+                zip(map(key_of, todo), score_points(kind, model, tokenizer, rows, todo, vectors, knobs=dials(args)))
+            )
 
     # In logits mode every point comes from 4 passes per batch, so the sweeps and the grid are scored at once; a
     # vector point is a forward pass of its own, so --grid-picks scores the sweeps first and builds each knob's grid
@@ -481,6 +500,7 @@ def cmd_markers(args) -> None:
         settings = {lv: levels_json["knobs"][d][lv]["alpha"] for lv in LEVELS}
         points = [{**{k: 0.0 for k in REGULATED}, d: settings[lv]} for lv in LEVELS]  # the other knobs at 0
         t0 = time.perf_counter()
+        points = as_adapter_alphas(points, dials(args))
         answers = generate_answers(
             model, tokenizer, [r["prompt"] for r in part], points, args.max_new_tokens, batch_size=16, progress=False
         )
@@ -771,7 +791,8 @@ def main() -> None:
         "--design",
         choices=["ordinal", "two-ended", "two-ended-held", "expert-avoid", "per-level"],
         default="ordinal",
-        help="pairs stage",
+        help="pairs stage; per-level also tells the score and markers stages that each domain has two knobs, "
+        "<domain>_avoid and <domain>_expert, read as one signed dial (alpha < 0: the avoid knob at -alpha)",
     )
     parser.add_argument(
         "--interpolation",

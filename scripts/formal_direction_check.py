@@ -8,7 +8,10 @@ already stored (no generation) with two dense measures that every word feeds, an
   disagrees with the preference data cannot judge the knob;
 - the fraction of prompts that move the wrong way from alpha 0 to 1, 1.5 and 2 (ties: unmoved);
 - the same fraction for the knob's training target: the held-out pairs' chosen answers (SmolLM2 under the formal
-  instruction, which alpha 1 internalises) against the sweep's alpha-0 answers to the same prompts.
+  instruction, which alpha 1 internalises) against the sweep's alpha-0 answers to the same prompts;
+- with `--instructed FILE`, the same for the formal instruction itself decoded as the sweep decodes (greedy, the
+  sweep's token budget, no repetition penalty, which the stored pairs had): the answers are generated once (the
+  one step of this script that runs the model, ~1 min) and kept in FILE.
 
 Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`; `neg_word_length`,
 minus the mean characters per word (formal prose uses longer words); `personal_pronouns`, first- and second-person
@@ -53,14 +56,45 @@ def content(message) -> str:
     return message[-1]["content"] if isinstance(message, list) else message
 
 
+def instructed_answers(path: Path, pairs: list[dict], sweep_path: str) -> list[str]:
+    """SmolLM2's greedy answers under the formal instruction to the first swept prompts, decoded as the sweep
+    decodes (its max_new_tokens); read from `path` when it holds them, else generated and written there."""
+    sweep = json.loads(Path(sweep_path).read_text())
+    n, budget = len(sweep["answers"]["0.0"]), sweep["max_new_tokens"]
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored["n_prompts"] == n and stored["max_new_tokens"] == budget:
+            return stored["answers"]
+    import importlib.util
+
+    from peft_clm.tools.generation import generate_answers
+    from peft_clm.tools.loading import load_model
+
+    spec = importlib.util.spec_from_file_location("build", Path(__file__).parent / "build_preference_data.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    system = build.INSTRUCTIONS["formal"][0]
+    model, tokenizer = load_model("smollm2")
+    prompts = [[{"role": "system", "content": system}, *p["prompt"]] for p in pairs[:n]]
+    answers = generate_answers(model, tokenizer, prompts, [None], budget, progress=False)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"instruction": system, "n_prompts": n, "max_new_tokens": budget, "answers": answers},
+                              indent=1) + "\n")
+    tmp.replace(path)
+    return answers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", help="sweep.json files of the formal dimension")
     parser.add_argument("--pairs", default="data/formal/heldout.jsonl")
     parser.add_argument("--alphas", default="1,1.5,2")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--instructed", default=None, help="JSON of the instructed answers (generated if missing)")
     args = parser.parse_args()
     pairs = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
+    instructed = instructed_answers(Path(args.instructed), pairs, args.sweeps[0]) if args.instructed else None
     result = {"pairs": args.pairs, "pair_agreement": {}, "sweeps": {}}
     for name, f in MEASURES.items():
         diffs = [f(content(p["chosen"])) - f(content(p["rejected"])) for p in pairs]
@@ -97,6 +131,15 @@ def main() -> None:
                 "unmoved": sum(m == 0 for m in moved) / len(moved),
                 "mean_change": statistics.mean(moved),
             }
+        if instructed is not None and len(instructed) == len(at[0.0]):
+            per["instructed_greedy"] = {}
+            for name, f in MEASURES.items():
+                moved = [f(t) - f(b) for t, b in zip(instructed, at[0.0])]
+                per["instructed_greedy"][name] = {
+                    "wrong_way": sum(m > 0 for m in moved) / len(moved),
+                    "unmoved": sum(m == 0 for m in moved) / len(moved),
+                    "mean_change": statistics.mean(moved),
+                }
         result["sweeps"][path] = per
     print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
     for name, v in result["pair_agreement"].items():
@@ -104,12 +147,16 @@ def main() -> None:
     print("wrong-way fraction from alpha 0 to " + ", ".join(f"{a:g}" for a in alphas) + " (unmoved in brackets)")
     for path, per in result["sweeps"].items():
         for name, by in per.items():
-            if name == "instructed":
+            if name.startswith("instructed"):  # the data's and the instruction's rows, printed below
                 continue
             cells = "  ".join(f"{by[str(a)]['wrong_way']:.2f} ({by[str(a)]['unmoved']:.2f})" for a in alphas)
             print(f"  {path:48s} {name:18s} {cells}")
     print("the training target (the formal-instructed answers of the held-out pairs) against the same alpha-0 answers")
     for path, per in result["sweeps"].items():
+        if "instructed_greedy" in per:
+            by = per["instructed_greedy"]
+            cells = "  ".join(f"{n} {v['wrong_way']:.2f} ({v['unmoved']:.2f})" for n, v in by.items())
+            print(f"  {path:48s} instruction decoded as the sweep: {cells}")
         if per["instructed"] is None:
             print(f"  {path:48s} (fewer pairs than swept prompts: not compared)")
             continue

@@ -35,7 +35,7 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
         "2.0": ["Consequently, considerable", "The atmosphere appears azure", "Precipitation accumulates"],
     }
     sweep = tmp_path / "sweep.json"
-    sweep.write_text(json.dumps({"answers": answers}))
+    sweep.write_text(json.dumps({"answers": answers, "max_new_tokens": 8}))
     pairs = tmp_path / "pairs.jsonl"
     rows = [  # the chosen sides against the alpha-0 answers: aligned, wrong way, unmoved
         {"chosen": "Precipitation accumulates considerably", "rejected": "Hey it's wet lol"},
@@ -53,6 +53,15 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
     assert result["pair_agreement"]["casualness"]["chosen_more_formal"] == 1.0
     instructed = result["sweeps"][str(sweep)]["instructed"]["casualness"]
     assert instructed["wrong_way"] == pytest.approx(1 / 3) and instructed["unmoved"] == pytest.approx(1 / 3)
+    # the instruction decoded as the sweep decodes, read from its file (stored for these 3 prompts and budget)
+    stored = tmp_path / "instructed.json"
+    stored.write_text(json.dumps({"n_prompts": 3, "max_new_tokens": 8, "answers": ["Yo it's cool!", "Sky", "Water"]}))
+    argv = ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out), "--instructed", str(stored)]
+    monkeypatch.setattr(sys, "argv", argv)
+    check.main()
+    greedy = json.loads(out.read_text())["sweeps"][str(sweep)]["instructed_greedy"]["casualness"]
+    assert greedy["wrong_way"] == pytest.approx(1 / 3) and greedy["unmoved"] == pytest.approx(2 / 3)
+    monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out)])
     pairs.write_text(json.dumps(rows[0]) + "\n")  # fewer pairs than swept prompts: no comparison, no crash
     check.main()
     assert json.loads(out.read_text())["sweeps"][str(sweep)]["instructed"] is None

@@ -16,6 +16,7 @@ from peft_clm.tools.levels import (
     additive_scores,
     anchor_pairs,
     combinations,
+    dial_alphas,
     end_pairs,
     grid_points,
     held_pairs,
@@ -248,6 +249,31 @@ def test_additive_prediction_uses_each_knobs_own_sweep_and_refuses_a_missing_alp
         additive_scores(base, sweeps, [{"x": 1.5}])
     with pytest.raises(ValueError, match=r"base must be \[questions, levels\]"):
         additive_scores(scores, sweeps, grid)
+
+
+def test_a_signed_dial_drives_one_of_two_one_ended_knobs():
+    knobs = {"m": ("m_avoid", "m_expert"), "l": ("l_avoid", "l_expert")}
+    expected = {"m_avoid": 1.5, "m_expert": 0.0, "l_avoid": 0.0, "l_expert": 0.5}
+    assert dial_alphas({"m": -1.5, "l": 0.5}, knobs) == expected
+    assert dial_alphas({}, knobs) == dict.fromkeys(["m_avoid", "m_expert", "l_avoid", "l_expert"], 0.0)
+    with pytest.raises(ValueError, match=r"names \['x'\], which have no dial; dials: \['l', 'm'\]"):
+        dial_alphas({"x": 1.0}, knobs)
+    # on a tiny model with both knobs of one dial: -a scores as the avoid knob alone at a, +a as the expert knob
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(_plain_model(tokenizer, seed=3), ClmConfig(), adapter_name="m_avoid")
+    model.add_adapter("m_expert", ClmConfig())
+    perturb(model, seed=5, scale=0.3, adapter="m_avoid")
+    perturb(model, seed=6, scale=0.3, adapter="m_expert")
+    model.base_model.set_adapter(["m_avoid", "m_expert"])
+    model.eval()
+    one = {"m": knobs["m"]}
+    dialled = level_scores(model, tokenizer, ROWS, [dial_alphas({"m": a}, one) for a in (-1.5, 0.0, 2.0)])
+    direct = level_scores(
+        model, tokenizer, ROWS, [{"m_avoid": 1.5, "m_expert": 0.0}, {"m_avoid": 0.0, "m_expert": 0.0},
+                                 {"m_avoid": 0.0, "m_expert": 2.0}]
+    )
+    torch.testing.assert_close(dialled, direct)
+    assert not torch.allclose(dialled[0], dialled[1]) and not torch.allclose(dialled[0], dialled[2])
 
 
 def test_bad_input_is_one_clear_error(setup):

@@ -54,7 +54,8 @@ def test_formalize_rewrites_register_and_keeps_content():
     assert build.formalize("Hey buddy! It's kinda awesome... the world's biggest stuff, lol!") == (
         "It is somewhat excellent. The world's biggest material."
     )
-    assert build.formalize("So here's a rundown. And they can't stop, y'know?") == "Here is a rundown. They cannot stop?"
+    rewritten = build.formalize("So here's a rundown. And they can't stop, y'know?")
+    assert rewritten == "Here is a rundown. They cannot stop?"
     assert build.formalize("I'd say you'd like it \U0001F600!") == "I would say you would like it."
     text = "Photosynthesis converts light into chemical energy in the chloroplasts of plant cells."
     assert build.formalize(text) == text  # nothing casual: unchanged
@@ -67,7 +68,8 @@ def test_register_pairs_share_content_and_lower_casualness():
     rows = [json.loads(line) for line in (ROOT / "data" / "formal" / "train.jsonl").read_text().splitlines()]
     pairs = build.register_rows(rows)
     assert 0.9 * len(rows) <= len(pairs) < len(rows)  # only pairs with something to rewrite
-    shipped = [json.loads(line) for line in (ROOT / "data" / "formal" / "train_register.jsonl").read_text().splitlines()]
+    shipped_file = ROOT / "data" / "formal" / "train_register.jsonl"
+    shipped = [json.loads(line) for line in shipped_file.read_text().splitlines()]
     assert shipped == pairs  # the shipped file rebuilds exactly
     allowed = {"not", "are", "have", "will", "am", "would", "is", "us", "cannot", "old", "yes", "no"}
     allowed |= {w for r in build._SLANG.values() for w in r.split()}

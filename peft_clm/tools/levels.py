@@ -17,6 +17,7 @@ audit it: the references are stored text, the score is one forward pass per refe
 - `grid_points`, `combinations` and `search_combinations`: the multi-domain search. For each combination of target
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
   `additive_scores` predicts a large grid from the 1-D sweeps alone, to choose which of its points to score.
+  `dial_alphas` reads a point of signed dials as the alphas of two one-ended knobs per domain (avoid, expert).
 - `level_pair`, `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each
   row, for a knob that walks one domain's levels in order and leaves other rows where the base puts them;
   `end_pairs` and `held_pairs` do the same with each pair scored at the knob's end it is for (alpha +1 or -1,
@@ -307,6 +308,25 @@ def additive_scores(
             if float(alpha) not in sweep:
                 raise ValueError(f"knob {knob!r} has no 1-D score at alpha {alpha}; it has {sorted(sweep)}.")
             out[j] += sweep[float(alpha)] - base
+    return out
+
+
+def dial_alphas(point: Mapping[str, float], knobs: Mapping[str, tuple[str, str]]) -> dict:
+    """One signed dial per domain over two one-ended knobs: a point {domain: a} as adapter alphas, with the first
+    knob of the domain's pair (its negative end, e.g. avoid) at -a when a < 0 and the second (its positive end,
+    e.g. expert) at a when a > 0. Every knob of `knobs` is named, at 0 when its dial is off or on the other side,
+    so that no adapter keeps an alpha from elsewhere; a domain left out of the point is at 0.
+
+    >>> dial_alphas({"med": -1.5}, {"med": ("med_avoid", "med_expert"), "law": ("law_avoid", "law_expert")})
+    {'med_avoid': 1.5, 'med_expert': 0.0, 'law_avoid': 0.0, 'law_expert': 0.0}
+    """
+    unknown = set(point) - set(knobs)
+    if unknown:
+        raise ValueError(f"point {dict(point)} names {sorted(unknown)}, which have no dial; dials: {sorted(knobs)}.")
+    out = {}
+    for domain, (negative, positive) in knobs.items():
+        a = float(point.get(domain, 0.0))
+        out[negative], out[positive] = max(-a, 0.0), max(a, 0.0)
     return out
 
 
