@@ -17,6 +17,11 @@ data/domains/heldout.jsonl) with the highest mean per-token log-likelihood given
 domain's avoid (expert) accuracy is highest, or with `--pick specific` the alpha of lowest leakage among those where
 it is at least 0.8. Leakage of a knob at an alpha: the change of the mean level
 (-1 avoid, 0 generic, +1 expert) on each other domain, as a fraction of the change on its own domain.
+
+With `--design per-level` (pairs, score and markers stages) each domain has two one-ended knobs, `<domain>_avoid`
+and `<domain>_expert`, trained at alpha +1 only (`train --domains medical_avoid,...`); the other stages read them as
+one signed dial per domain (`peft_clm.tools.levels.dial_alphas`: alpha -a is the avoid knob at a, +a the expert knob
+at a), so every table, pick and combination keeps the one-knob-per-domain form.
 """
 
 from __future__ import annotations
