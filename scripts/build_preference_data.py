@@ -125,26 +125,32 @@ def graded_chosen(detailed: str, rng: random.Random) -> str | None:
 # two answers are two different texts), and at alpha 1 the knob moved the sparse register markers by less than
 # greedy answers vary from prompt to prompt (21% of prompts the wrong way).
 _PRONOUN_IS = r"it|that|there|here|what|who|where|how|he|she|this|everything|something|nothing|everyone"
+# after 's only these mark "has" ("it's made of" is passive: "is"); after 'd a participle marks "had"
+_HAS_AFTER = r"(?:been|got|gotten|had)\b"
+_PARTICIPLE = r"(?:been|got|gotten|had|done|gone|seen|made|become|taken|given|known|\w+ed)\b"
 _CONTRACTIONS = [  # (pattern, replacement); case of the first letter is kept by `_keep_case`
     (r"\bcan't\b", "cannot"), (r"\bwon't\b", "will not"), (r"\bshan't\b", "shall not"), (r"\bain't\b", "is not"),
     (r"\blet's\b", "let us"), (r"\b(\w+)n't\b", r"\1 not"), (r"\b(\w+)'re\b", r"\1 are"),
     (r"\b(\w+)'ve\b", r"\1 have"), (r"\b(\w+)'ll\b", r"\1 will"), (r"\b(i)'m\b", r"\1 am"),
-    (r"\b(i|you|we|they|he|she|it)'d\b", r"\1 would"), (rf"\b({_PRONOUN_IS})'s\b", r"\1 is"),
+    # before a past participle 's is "has" and 'd is "had" ("it's been", "they'd gone"), else "is" and "would"
+    (rf"\b({_PRONOUN_IS})'s(?=\s+{_HAS_AFTER})", r"\1 has"), (rf"\b({_PRONOUN_IS})'s\b", r"\1 is"),
+    (rf"\b(i|you|we|they|he|she|it)'d(?=\s+{_PARTICIPLE})", r"\1 had"),
+    (r"\b(i|you|we|they|he|she|it)'d\b", r"\1 would"),
     (r"\bol'", "old"), (r"\by'know\b,?\s*", ""),
 ]
-_SLANG = {  # casual word -> its formal counterpart ("" drops it)
+# casual word -> its formal counterpart ("" drops it); words with an ordinary sense too ("pretty", "fun", "stuff",
+# "cool", "super") are left alone, since a rule cannot tell "look pretty" from "pretty good"
+_SLANG = {
     "gonna": "going to", "wanna": "want to", "gotta": "have to", "kinda": "somewhat", "sorta": "somewhat",
-    "awesome": "excellent", "cool": "interesting", "super": "very", "totally": "entirely", "stuff": "material",
-    "basically": "essentially", "literally": "", "yeah": "yes", "yep": "yes", "nope": "no", "folks": "people",
-    "guys": "everyone", "crazy": "remarkable", "huge": "very large", "amazing": "remarkable", "cuz": "because",
-    "ya": "you", "fun": "enjoyable", "pretty": "fairly", "lol": "", "omg": "", "tbh": "", "btw": "", "wow": "",
+    "awesome": "excellent", "totally": "entirely", "basically": "essentially", "literally": "", "yeah": "yes",
+    "yep": "yes", "nope": "no", "folks": "people", "guys": "everyone", "amazing": "remarkable", "cuz": "because",
+    "ya": "you", "lol": "", "omg": "", "tbh": "", "btw": "", "wow": "",
 }
-# openers and interjections that only carry tone: "Hey there!", "Okay, so", "Well,", "let me tell you,", "dude,"
-_INTERJECTION = re.compile(
-    r"\b(?:(?:hey|hi|oh|ok|okay|well|so)(?: there| man| buddy| dude)?[,!.]+\s*"
-    r"|(?:let me tell you|you know|dude|buddy|man)\s*,\s*)",
-    re.IGNORECASE,
-)
+# interjections that only carry tone: at a sentence's start "Hey there!", "Okay,", "Well,", "So,"; anywhere
+# "let me tell you,", "you know,", "dude,", "buddy," (a sentence-internal "well." or "so." is content)
+_OPENER = re.compile(r"(^|[.!?]\s+|\n\s*)(?:hey|hi|oh|ok|okay|well|so)(?: there| man| buddy| dude)?[,!.]+\s*",
+                     re.IGNORECASE)
+_INTERJECTION = re.compile(r"\b(?:let me tell you|you know|dude|buddy)\s*,\s*", re.IGNORECASE)
 _EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
 
 
@@ -160,11 +166,12 @@ def formalize(text: str) -> str:
 
     Example:
         ```py
-        >>> formalize("Hey buddy! It's kinda awesome... the world's biggest stuff, lol!")
-        'It is somewhat excellent. The world's biggest material.'
+        >>> formalize("Hey buddy! It's kinda awesome... it's been the world's best, lol!")
+        "It is somewhat excellent. It has been the world's best."
         ```
     """
     out = _EMOJI.sub("", text)
+    out = _OPENER.sub(r"\1", _OPENER.sub(r"\1", out))  # twice: "Hey! Well, ..." opens with two
     out = _INTERJECTION.sub("", out)
     out = re.sub(r"(^|[.!?]\s+|\n\s*)(?:so|and),?\s+", r"\1", out, flags=re.IGNORECASE)  # chatty sentence openers
     for pattern, replacement in _CONTRACTIONS:

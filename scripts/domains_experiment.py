@@ -61,6 +61,7 @@ def dir_bytes(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------------ pairs
 def own_rows(rows: list[dict], domain: str) -> list[dict]:
+    """The rows of one domain, in data order."""
     return [r for r in rows if r["domain"] == domain]
 
 
@@ -468,9 +469,10 @@ def cmd_knob(args) -> None:
     model, tokenizer = load_model("smollm2")
     knob = PeftModel.from_pretrained(model, str(Path(args.runs) / "clm" / domain), adapter_name=domain).eval()
     knob.set_interpolation(args.interpolation)
-    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    rows = read_jsonl(Path(args.data) / f"{args.split}.jsonl")  # train: does the knob generalise, or memorise?
     row_domains = [r["domain"] for r in rows]
-    own = torch.tensor([d == domain.split("_")[0] for d in row_domains])  # a per-level knob: medical_expert
+    own_domain = domain.removesuffix("_avoid").removesuffix("_expert")  # a per-level knob: medical_expert
+    own = torch.tensor([d == own_domain for d in row_domains])
     with torch.no_grad():
         scores = level_scores(knob, tokenizer, rows, alphas, batch_size=8)
     sweep = []
@@ -482,8 +484,10 @@ def cmd_knob(args) -> None:
             f"{d} " + "/".join(f"{sweep[-1]['levels'][d][lv]:.2f}" for lv in ("avoid", "generic", "expert"))
             for d in DOMAINS
         ) + f" | gaps {gaps[0]:+.2f} / {gaps[2]:+.2f}", flush=True)
-    write_json(Path(args.results) / f"knob_{domain}.json",
-               {"domain": domain, "interpolation": args.interpolation, "runs": args.runs, "sweep": sweep})
+    suffix = "" if args.split == "heldout" else f"_{args.split}"
+    write_json(Path(args.results) / f"knob_{domain}{suffix}.json",
+               {"domain": domain, "interpolation": args.interpolation, "runs": args.runs, "split": args.split,
+                "sweep": sweep})
 
 
 def cmd_markers(args) -> None:
@@ -556,7 +560,8 @@ def cmd_markers(args) -> None:
 def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
     """Along each knob alone (the scored points with the other knobs at 0), the mean over its own domain's held-out
     questions of (avoid - generic) and (expert - generic) mean per-token log-likelihood: how far each level is from
-    being the argmax. Written to gaps_<kind>.json; returns markdown rows for the summary."""
+    being the argmax; and, per domain, how far the knob moved these gaps from the base. Written to gaps_<kind>.json;
+    returns markdown rows for the summary."""
     path = runs / f"grid_scores_{kind}.safetensors"
     if not path.exists():
         return []
@@ -564,17 +569,24 @@ def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
 
     scores = load_file(str(path))["scores"]
     meta = json.loads((runs / f"grid_scores_{kind}.json").read_text())
+    by_domain = {d: [i for i, rd in enumerate(meta["row_domains"]) if rd == d] for d in DOMAINS}
+
+    def mean_gaps(s, d) -> dict:
+        s = s[by_domain[d]]
+        return {"avoid_minus_generic": float((s[:, 0] - s[:, 1]).mean()),
+                "expert_minus_generic": float((s[:, 2] - s[:, 1]).mean())}
+
+    base = next(scores[j] for j, p in enumerate(meta["points"]) if all(v == 0.0 for v in p.values()))
     gaps = {}
     for d in REGULATED:
-        rows = [i for i, rd in enumerate(meta["row_domains"]) if rd == d]
         gaps[d] = {}
         for j, p in enumerate(meta["points"]):
             if all(v == 0.0 for k, v in p.items() if k != d):
-                s = scores[j][rows]
-                gaps[d][p[d]] = {
-                    "avoid_minus_generic": float((s[:, 0] - s[:, 1]).mean()),
-                    "expert_minus_generic": float((s[:, 2] - s[:, 1]).mean()),
-                }
+                # every domain's gaps moved from the base: a knob can leave another domain at its level (no level
+                # leakage) and still push its gaps, which shows when knobs are combined
+                at = {o: mean_gaps(scores[j], o) for o in DOMAINS}
+                moved = {o: {g: v - mean_gaps(base, o)[g] for g, v in at[o].items()} for o in DOMAINS}
+                gaps[d][p[d]] = {**at[d], "change_by_domain": moved}
     write_json(results / f"gaps_{kind}.json", {d: {str(a): g for a, g in v.items()} for d, v in gaps.items()})
     alphas = sorted(set.intersection(*(set(by) for by in gaps.values())))  # alphas every knob was scored at alone
     md = [
@@ -839,6 +851,8 @@ def main() -> None:
         action="store_true",
         help="score stage: start from the points saved by an earlier score run under --runs (re-analysis)",
     )
+    parser.add_argument("--split", choices=["heldout", "train"], default="heldout",
+                        help="knob stage: the questions to sweep on (train: against the held-out sweep, memorising)")
     parser.add_argument("--max-per-domain", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()

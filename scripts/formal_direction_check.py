@@ -56,31 +56,55 @@ def content(message) -> str:
     return message[-1]["content"] if isinstance(message, list) else message
 
 
-def instructed_answers(path: Path, pairs: list[dict], sweep_path: str) -> list[str]:
-    """SmolLM2's greedy answers under the formal instruction to the first swept prompts, decoded as the sweep
-    decodes (its max_new_tokens); read from `path` when it holds them, else generated and written there."""
-    sweep = json.loads(Path(sweep_path).read_text())
-    n, budget = len(sweep["answers"]["0.0"]), sweep["max_new_tokens"]
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored["n_prompts"] == n and stored["max_new_tokens"] == budget:
-            return stored["answers"]
-    import importlib.util
+def moves(after: list[str], before: list[str], measure) -> dict:
+    """Per prompt, `measure` of the answer after minus before: the fractions that rise (the wrong way: every measure
+    here is lower = more formal) or stay, and the mean change."""
+    moved = [measure(a) - measure(b) for a, b in zip(after, before, strict=True)]
+    return {
+        "wrong_way": sum(m > 0 for m in moved) / len(moved),
+        "unmoved": sum(m == 0 for m in moved) / len(moved),
+        "mean_change": statistics.mean(moved),
+    }
 
-    from peft_clm.tools.generation import generate_answers
-    from peft_clm.tools.loading import load_model
+
+def swept_prompts(sweep: dict, pairs: list[dict]) -> list[str]:
+    """The user prompts of the sweep's answers, in order: the first held-out pairs' prompts, checked against the
+    prompts the sweep recorded (when it did), so that no answer is compared with another prompt's answer."""
+    n = len(sweep["answers"]["0.0"])
+    if len(pairs) < n:
+        raise SystemExit(f"the sweep answered {n} prompts; --pairs has only {len(pairs)}.")
+    prompts = [content(p["prompt"]) for p in pairs[:n]]
+    recorded = [r["prompt"] for r in sweep.get("reliability", {}).get("per_prompt", [])]
+    if recorded and [content(r) for r in recorded] != prompts:
+        raise SystemExit("the sweep's prompts are not the first prompts of --pairs in order.")
+    return prompts
+
+
+def instructed_answers(path: Path, pairs: list[dict], sweep: dict) -> list[str]:
+    """SmolLM2's greedy answers under the formal instruction to the swept prompts, decoded as the sweep decodes (its
+    max_new_tokens); read from `path` when it holds them for the same prompts, instruction and budget, else
+    generated and written there (a file for other prompts is refused, never overwritten)."""
+    import importlib.util
 
     spec = importlib.util.spec_from_file_location("build", Path(__file__).parent / "build_preference_data.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    system = build.INSTRUCTIONS["formal"][0]
+    system, prompts, budget = build.INSTRUCTIONS["formal"][0], swept_prompts(sweep, pairs), sweep["max_new_tokens"]
+    key = {"instruction": system, "prompts": prompts, "max_new_tokens": budget}
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if {k: stored.get(k) for k in key} != key:
+            raise SystemExit(f"{path} holds answers for other prompts, instruction or budget; delete it to rebuild.")
+        return stored["answers"]
+    from peft_clm.tools.generation import generate_answers
+    from peft_clm.tools.loading import load_model
+
     model, tokenizer = load_model("smollm2")
-    prompts = [[{"role": "system", "content": system}, *p["prompt"]] for p in pairs[:n]]
-    answers = generate_answers(model, tokenizer, prompts, [None], budget, progress=False)[0]
+    messages = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
+    answers = generate_answers(model, tokenizer, messages, [None], budget, progress=False)[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"instruction": system, "n_prompts": n, "max_new_tokens": budget, "answers": answers},
-                              indent=1) + "\n")
+    tmp.write_text(json.dumps({**key, "answers": answers}, indent=1) + "\n")
     tmp.replace(path)
     return answers
 
@@ -94,7 +118,8 @@ def main() -> None:
     parser.add_argument("--instructed", default=None, help="JSON of the instructed answers (generated if missing)")
     args = parser.parse_args()
     pairs = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
-    instructed = instructed_answers(Path(args.instructed), pairs, args.sweeps[0]) if args.instructed else None
+    first = json.loads(Path(args.sweeps[0]).read_text())
+    instructed = instructed_answers(Path(args.instructed), pairs, first) if args.instructed else None
     result = {"pairs": args.pairs, "pair_agreement": {}, "sweeps": {}}
     for name, f in MEASURES.items():
         diffs = [f(content(p["chosen"])) - f(content(p["rejected"])) for p in pairs]
@@ -104,42 +129,21 @@ def main() -> None:
         }
     alphas = [float(a) for a in args.alphas.split(",")]
     for path in args.sweeps:
-        answers = json.loads(Path(path).read_text())["answers"]
-        at = {float(k): v for k, v in answers.items()}
+        sweep = json.loads(Path(path).read_text())
+        at = {float(k): v for k, v in sweep["answers"].items()}
         if 0.0 not in at or any(a not in at for a in alphas):
             raise SystemExit(f"{path}: answers at alphas {sorted(at)}; need 0 and {alphas}.")
-        per = {}
-        for name, f in MEASURES.items():
-            base = [f(t) for t in at[0.0]]
-            per[name] = {}
-            for a in alphas:
-                moved = [f(t) - b for t, b in zip(at[a], base)]
-                per[name][str(a)] = {
-                    "wrong_way": sum(m > 0 for m in moved) / len(moved),
-                    "unmoved": sum(m == 0 for m in moved) / len(moved),
-                    "mean_change": statistics.mean(moved),
-                }
+        per = {name: {str(a): moves(at[a], at[0.0], f) for a in alphas} for name, f in MEASURES.items()}
         # The knob's training target against the same base answers: the held-out pairs' chosen side is SmolLM2's
         # answer under the formal instruction that alpha 1 internalises (same prompts, in the sweep's order), so
         # its wrong-way fraction is what a knob that reproduced its data exactly would score at alpha 1.
-        chosen = [content(p["chosen"]) for p in pairs[: len(at[0.0])]]
-        per["instructed"] = {} if len(chosen) == len(at[0.0]) else None  # None: fewer pairs than swept prompts
-        for name, f in MEASURES.items() if per["instructed"] is not None else ():
-            moved = [f(t) - f(b) for t, b in zip(chosen, at[0.0])]
-            per["instructed"][name] = {
-                "wrong_way": sum(m > 0 for m in moved) / len(moved),
-                "unmoved": sum(m == 0 for m in moved) / len(moved),
-                "mean_change": statistics.mean(moved),
-            }
-        if instructed is not None and len(instructed) == len(at[0.0]):
-            per["instructed_greedy"] = {}
-            for name, f in MEASURES.items():
-                moved = [f(t) - f(b) for t, b in zip(instructed, at[0.0])]
-                per["instructed_greedy"][name] = {
-                    "wrong_way": sum(m > 0 for m in moved) / len(moved),
-                    "unmoved": sum(m == 0 for m in moved) / len(moved),
-                    "mean_change": statistics.mean(moved),
-                }
+        n = len(swept_prompts(sweep, pairs))
+        chosen = [content(p["chosen"]) for p in pairs[:n]]
+        per["instructed"] = {name: moves(chosen, at[0.0], f) for name, f in MEASURES.items()}
+        if instructed is not None:
+            if len(instructed) != n:
+                raise SystemExit(f"{path} answered {n} prompts, the instructed answers are for {len(instructed)}.")
+            per["instructed_greedy"] = {name: moves(instructed, at[0.0], f) for name, f in MEASURES.items()}
         result["sweeps"][path] = per
     print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
     for name, v in result["pair_agreement"].items():
@@ -157,9 +161,6 @@ def main() -> None:
             by = per["instructed_greedy"]
             cells = "  ".join(f"{n} {v['wrong_way']:.2f} ({v['unmoved']:.2f})" for n, v in by.items())
             print(f"  {path:48s} instruction decoded as the sweep: {cells}")
-        if per["instructed"] is None:
-            print(f"  {path:48s} (fewer pairs than swept prompts: not compared)")
-            continue
         cells = "  ".join(f"{name} {v['wrong_way']:.2f} ({v['unmoved']:.2f})" for name, v in per["instructed"].items())
         print(f"  {path:48s} {cells}")
     if args.out:

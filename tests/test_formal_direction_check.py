@@ -38,9 +38,9 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
     sweep.write_text(json.dumps({"answers": answers, "max_new_tokens": 8}))
     pairs = tmp_path / "pairs.jsonl"
     rows = [  # the chosen sides against the alpha-0 answers: aligned, wrong way, unmoved
-        {"chosen": "Precipitation accumulates considerably", "rejected": "Hey it's wet lol"},
-        {"chosen": "Hey the sky's cool!", "rejected": "Hey lol!!"},
-        {"chosen": "Water is wet", "rejected": "Water's wet lol"},
+        {"prompt": "q1", "chosen": "Precipitation accumulates considerably", "rejected": "Hey it's wet lol"},
+        {"prompt": "q2", "chosen": "Hey the sky's cool!", "rejected": "Hey lol!!"},
+        {"prompt": "q3", "chosen": "Water is wet", "rejected": "Water's wet lol"},
     ]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "check.json"
@@ -55,16 +55,29 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
     assert instructed["wrong_way"] == pytest.approx(1 / 3) and instructed["unmoved"] == pytest.approx(1 / 3)
     # the instruction decoded as the sweep decodes, read from its file (stored for these 3 prompts and budget)
     stored = tmp_path / "instructed.json"
-    stored.write_text(json.dumps({"n_prompts": 3, "max_new_tokens": 8, "answers": ["Yo it's cool!", "Sky", "Water"]}))
+    build = importlib.util.spec_from_file_location("build", ROOT / "scripts" / "build_preference_data.py")
+    builder = importlib.util.module_from_spec(build)
+    build.loader.exec_module(builder)
+    system = builder.INSTRUCTIONS["formal"][0]
+    prompts = ["q1", "q2", "q3"]
+    stored.write_text(json.dumps({"instruction": system, "prompts": prompts, "max_new_tokens": 8,
+                                  "answers": ["Yo it's cool!", "Sky", "Water"]}))
     argv = ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out), "--instructed", str(stored)]
     monkeypatch.setattr(sys, "argv", argv)
     check.main()
     greedy = json.loads(out.read_text())["sweeps"][str(sweep)]["instructed_greedy"]["casualness"]
     assert greedy["wrong_way"] == pytest.approx(1 / 3) and greedy["unmoved"] == pytest.approx(2 / 3)
     monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out)])
-    pairs.write_text(json.dumps(rows[0]) + "\n")  # fewer pairs than swept prompts: no comparison, no crash
-    check.main()
-    assert json.loads(out.read_text())["sweeps"][str(sweep)]["instructed"] is None
+    # answers stored for other prompts are refused, not silently reused or overwritten
+    stored.write_text(json.dumps({"instruction": system, "prompts": ["other", "q2", "q3"], "max_new_tokens": 8,
+                                  "answers": ["a", "b", "c"]}))
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="holds answers for other prompts"):
+        check.main()
+    monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1,2", "--out", str(out)])
+    pairs.write_text(json.dumps(rows[0]) + "\n")  # fewer pairs than swept prompts: one clear error
+    with pytest.raises(SystemExit, match="the sweep answered 3 prompts; --pairs has only 1"):
+        check.main()
     monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1.5"])
     with pytest.raises(SystemExit, match="need 0 and"):
         check.main()

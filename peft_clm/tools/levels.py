@@ -326,7 +326,7 @@ def dial_alphas(point: Mapping[str, float], knobs: Mapping[str, tuple[str, str]]
     out = {}
     for domain, (negative, positive) in knobs.items():
         a = float(point.get(domain, 0.0))
-        out[negative], out[positive] = max(-a, 0.0), max(a, 0.0)
+        out[negative], out[positive] = (-a if a < 0 else 0.0), (a if a > 0 else 0.0)  # max(-0.0, 0.0) is -0.0
     return out
 
 
