@@ -89,7 +89,7 @@ def cmd_pairs(args) -> None:
     for split in ("train", "heldout"):
         rows = read_jsonl(data / f"{split}.jsonl")
         for domain in REGULATED:
-            own = [r for r in rows if r["domain"] == domain]
+            own = own_rows(rows, domain)
             if args.design == "per-level":
                 others = [d for d in DOMAINS if d != domain]
                 anchors = [] if split == "heldout" else [r for d in others for r in own_rows(rows, d)[: args.anchors]]
