@@ -65,12 +65,12 @@ def own_rows(rows: list[dict], domain: str) -> list[dict]:
     return [r for r in rows if r["domain"] == domain]
 
 
-def write_pairs(out: Path, pairs: list[dict], what: str) -> None:
+def write_pairs(out: Path, pairs: list[dict], what: str, noun: str = "pairs") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     tmp.replace(out)
-    print(f"{out}: {len(pairs)} pairs ({what})")
+    print(f"{out}: {len(pairs)} {noun} ({what})")
 
 
 def cmd_pairs(args) -> None:
@@ -82,7 +82,9 @@ def cmd_pairs(args) -> None:
     both ends (`held_pairs(..., both_levels=True)`). `--design expert-avoid`: the first design, expert over avoid on
     the domain's questions only. `--design per-level`: two one-ended knobs per domain, `<domain>_avoid` and
     `<domain>_expert`, each its level over generic on the domain's questions and the other domains' generic answers
-    over both other levels, all at alpha +1 (the knob is trained only where it is used)."""
+    over both other levels, all at alpha +1 (the knob is trained only where it is used). With `--hold` the other
+    domains are not pairs but a `hold.jsonl` beside the pairs: the three answers of every other training question,
+    whose tokens the train stage holds at the base's distributions (`peft_clm.tools.hold`)."""
     from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, level_pair, ordinal_pairs, target_pairs
 
     data = Path(args.data)
@@ -94,13 +96,23 @@ def cmd_pairs(args) -> None:
                 others = [d for d in DOMAINS if d != domain]
                 anchors = [] if split == "heldout" else [r for d in others for r in own_rows(rows, d)[: args.anchors]]
                 held = [level_pair(r, "generic", lo) for r in anchors for lo in ("expert", "avoid")]
+                held = [] if args.hold else held
                 for level in ("avoid", "expert"):
+                    folder = data / args.pairs / f"{domain}_{level}"
                     write_pairs(
-                        data / args.pairs / f"{domain}_{level}" / f"{split}.jsonl",
+                        folder / f"{split}.jsonl",
                         [level_pair(r, level, "generic") for r in own] + held,
                         f"{len(own)} {level} over generic, {len(held)} generic over both levels on "
-                        f"{len(anchors)} other questions",
+                        f"{len(anchors) if held else 0} other questions",
                     )
+                    if args.hold and split == "train":  # every other training question, at all three levels
+                        write_pairs(
+                            folder / "hold.jsonl",
+                            [{"prompt": r["prompt"], "completion": r[lv]} for d in others for r in own_rows(rows, d)
+                             for lv in ("avoid", "generic", "expert")],
+                            f"the three answers of the other domains' {split} questions",
+                            noun="hold rows",
+                        )
                 continue
             if args.design == "expert-avoid":
                 write_pairs(
@@ -179,7 +191,8 @@ def cmd_train(args) -> None:
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     for name, path in jobs:
         out = Path(args.runs) / args.kind / name
-        print(f"training {adapter} on {path} -> {out}", flush=True)
+        hold = (path.parent / "hold.jsonl").exists()
+        print(f"training {adapter} on {path}{' with its hold' if hold else ''} -> {out}", flush=True)
         r = train(
             "smollm2",
             str(path),
@@ -193,6 +206,8 @@ def cmd_train(args) -> None:
             beta=args.beta,
             sft_weight=args.sft_weight,
             max_length=args.max_length,
+            hold=str(path.parent / "hold.jsonl") if hold else None,
+            hold_weight=args.hold_weight,
             seed=0,
             progress=False,
             overwrite=True,
@@ -215,6 +230,7 @@ def cmd_train(args) -> None:
             "interpolation": args.interpolation,
             "batch_size": args.batch_size,
             "max_length": args.max_length,
+            "hold_weight": args.hold_weight if hold else None,
         }
         write_json(log_path, log)
 
@@ -478,12 +494,17 @@ def cmd_knob(args) -> None:
     sweep = []
     for a, s in zip(alphas, scores):
         gaps = (s[own] - s[own][:, 1:2]).mean(0)  # avoid - generic, 0, expert - generic
+        by_domain = {}  # every domain's avoid - generic gap: what the knob pushes where it should not
+        for d in DOMAINS:
+            mine = torch.tensor([x == d for x in row_domains])
+            by_domain[d] = float((s[mine][:, 0] - s[mine][:, 1]).mean())
         sweep.append({"alpha": a, "levels": distribution(s, row_domains), "gap_avoid": float(gaps[0]),
-                      "gap_expert": float(gaps[2])})
+                      "gap_expert": float(gaps[2]), "gap_avoid_by_domain": by_domain})
         print(f"{a:+5.2f} | " + " | ".join(
             f"{d} " + "/".join(f"{sweep[-1]['levels'][d][lv]:.2f}" for lv in ("avoid", "generic", "expert"))
             for d in DOMAINS
-        ) + f" | gaps {gaps[0]:+.2f} / {gaps[2]:+.2f}", flush=True)
+        ) + f" | gaps {gaps[0]:+.2f} / {gaps[2]:+.2f} | avoid gaps " + " ".join(
+            f"{d[:3]} {g:+.2f}" for d, g in by_domain.items()), flush=True)
     suffix = "" if args.split == "heldout" else f"_{args.split}"
     write_json(Path(args.results) / f"knob_{domain}{suffix}.json",
                {"domain": domain, "interpolation": args.interpolation, "runs": args.runs, "split": args.split,
@@ -820,6 +841,10 @@ def main() -> None:
     )
     parser.add_argument("--pairs", default="pairs", help="the pairs' folder under --data (pairs and train stages)")
     parser.add_argument("--anchors", type=int, default=15, help="pairs stage: anchor questions per other domain")
+    parser.add_argument("--hold", action="store_true",
+                        help="pairs stage, per-level: hold the other domains by a KL term (hold.jsonl), not by pairs")
+    parser.add_argument("--hold-weight", type=float, default=1.0,
+                        help="train stage: weight of the KL term on a knob's hold.jsonl, where the pairs have one")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)

@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, resume=args.resume,
         progress=not args.quiet,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, hold=args.hold, hold_weight=args.hold_weight,
     )
     if result.is_main_process:  # one summary, not one per process
         print(result.summary())
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--beta", type=float, default=0.1)
     t.add_argument("--sft-weight", type=float, default=0.0, help="weight of the chosen answers' NLL added to DPO")
+    t.add_argument("--hold", help="dpo: JSONL of prompt/completion rows whose answer tokens the adapter must leave "
+                   "alone (a KL term towards the base on them)")
+    t.add_argument("--hold-weight", type=float, default=1.0, help="weight of the --hold KL term")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--max-length", type=int, default=256)

@@ -148,6 +148,7 @@ def check_hyperparameters(**values: float) -> None:
         "lr": (lambda v: v > 0, "a finite number > 0"),
         "beta": (lambda v: v > 0, "a finite number > 0"),
         "sft_weight": (lambda v: v >= 0, "a finite number >= 0"),
+        "hold_weight": (lambda v: v > 0, "a finite number > 0"),
         "epochs": (lambda v: v > 0, "a finite number > 0"),
         "batch_size": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
         "grad_accum": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
@@ -323,6 +324,8 @@ def train(
     logging_steps: int = 1,
     progress: bool = True,
     overwrite: bool = False,
+    hold: Optional[str] = None,
+    hold_weight: float = 1.0,
 ) -> TrainResult:
     """Train a CLM adapter on `data` (JSONL) and save it to `out`.
 
@@ -335,6 +338,9 @@ def train(
     zeroed projections alone give the smallest file). `sft_weight` adds the chosen answers' NLL to the DPO loss.
     DPO rows with an `alpha` field are scored with the policy at that alpha (`tools.alpha_pairs`: training both
     ends of one knob); rows without one at 1.
+    `hold` (DPO with a PEFT adapter) is a JSONL file of prompt/completion rows whose answer tokens the adapter must
+    leave alone: `hold_weight` times the KL from the base to the policy on them is added to the loss
+    (`tools.hold`; in logits mode it keeps a knob off other domains, so that several knobs add cleanly).
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
     On Linux the run resets the process's peak-RSS mark when training starts (to report `train_peak_rss_mb`), so
@@ -355,9 +361,12 @@ def train(
     from .loading import load_model, resolve_model_path
 
     check_hyperparameters(lr=lr, beta=beta, sft_weight=sft_weight, epochs=epochs, batch_size=batch_size,
-                          grad_accum=grad_accum, max_length=max_length, max_steps=max_steps)
+                          grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, hold_weight=hold_weight)
     if method not in ("dpo", "sft"):
         raise ValueError(f"method={method!r} is not one of 'dpo', 'sft'.")
+    if hold is not None and (method != "dpo" or adapter == "full" or separate_reference):
+        raise ValueError("a hold file keeps a PEFT adapter's DPO policy at its reference (the adapter off): it needs "
+                         "method 'dpo', adapter 'clm' or 'lora', and no separate reference.")
     if adapter not in ("clm", "lora", "full"):
         raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
     if rank is not None and adapter != "clm":
@@ -365,6 +374,7 @@ def train(
     ClmConfig(r=rank, lowrank_modules=lowrank_modules)  # checked before anything loads
     rows = read_jsonl(data, method)  # checked in full before anything loads
     per_pair_alpha = _per_pair_alpha(rows, adapter, interpolation)
+    hold_rows = read_jsonl(hold, "sft") if hold is not None else None
     state = _distributed_state()
 
     def prepare() -> tuple[bool, set]:
@@ -423,6 +433,12 @@ def train(
             ref_model = load_model(model, dtype=dtype)[0].eval() if separate_reference else None
             if per_pair_alpha:
                 from .alpha_pairs import AlphaPairDPOTrainer as DPOTrainer  # noqa: N814
+            extra = {}
+            if hold_rows is not None:
+                from .hold import hold_trainer
+
+                DPOTrainer = hold_trainer(DPOTrainer)  # noqa: N806
+                extra = {"hold_rows": hold_rows, "hold_weight": hold_weight, "hold_batch_size": batch_size}
             trainer = DPOTrainer(
                 model=base,
                 ref_model=ref_model,
@@ -430,6 +446,7 @@ def train(
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 peft_config=peft_config,
+                **extra,
             )
         else:
             from trl import SFTConfig, SFTTrainer
