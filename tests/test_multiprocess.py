@@ -59,6 +59,27 @@ def test_two_processes_give_the_one_process_adapter(inputs, tmp_path):
     assert result["max_loss_diff"] < 1e-5, result
 
 
+def test_two_processes_give_the_one_process_adapter_with_a_hold(inputs, tmp_path):
+    """With a hold (tools.hold) each process holds its slice of the global batch of hold rows and the KL is the mean
+    over all processes' tokens: the one-process adapter and loss curve again."""
+    model, data = inputs
+    hold = tmp_path / "hold.jsonl"
+    topics = zip(["bread", "train", "rain", "stone", "lamp", "road"], [1, 2, 1, 3, 1, 2])
+    rows = [{"prompt": f"what about the {t} ?", "completion": " ".join([f"perhaps the {t} is good ."] * k)}
+            for t, k in topics]
+    hold.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", model, "--data", data, "--hold", hold, "--hold-weight", 5.0, "--max-steps", 3, "--lr", 5e-3,
+              "--beta", 0.1, "--seed", 0, "--quiet"]
+    one = launch(1, [*common, "--batch-size", 4, "--out", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(2, [*common, "--batch-size", 2, "--out", tmp_path / "two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    result = check_multiprocess.compare(tmp_path / "one", tmp_path / "two")
+    # the held answers differ in length, so a mean per process would differ from the mean over all tokens
+    assert result["max_abs_diff"] < 1e-5 and result["max_loss_diff"] < 1e-5, result
+    assert len(result["loss_one_process"]) == 3
+
+
 def test_a_refused_run_stops_every_process_and_the_cpu_launcher_is_refused(inputs, tmp_path):
     model, data = inputs
     out = tmp_path / "taken"

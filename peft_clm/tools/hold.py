@@ -15,14 +15,16 @@ softmax ignores: at any alpha, and summed with other knobs, it leaves those toke
 Lifecycle of `HoldDPOTrainer`, a mixin put in front of TRL's `DPOTrainer` (or `AlphaPairDPOTrainer`) by
 `hold_trainer`:
 
-- construction: the hold rows (prompt/completion) are tokenised once, as `tools.preference` scores completions
-  (chat template, the answer's tokens and end-of-sequence), into right-padded batches of `hold_batch_size`;
+- construction: the hold rows (prompt/completion) are kept; each batch of `hold_batch_size` rows per process is
+  tokenised when drawn, as `tools.preference` scores completions (chat template, the answer's tokens and
+  end-of-sequence), right-padded;
 - every `compute_loss`: TRL's loss on the batch of pairs, plus `hold_weight` times the KL on the next hold batch
   (a seeded shuffle, reshuffled on each pass), the policy at the model's current alpha (1 while training; each
   pair's own alpha is not applied to hold rows) and the reference with the adapter disabled, without gradients;
   the KL is logged as `hold/kl` beside TRL's metrics;
-- the forward passes of the hold term go through the unwrapped model: under DDP the gradients of both terms reach
-  the parameters in the one backward and are reduced once.
+- under DDP each process holds its slice of a global batch of hold rows, and the KL is the mean over all
+  processes' tokens (as one process with the whole batch); its forward passes go through the unwrapped model, so
+  the gradients of both terms reach the parameters in the one backward and are reduced once.
 
 Example:
     ```py
@@ -68,21 +70,26 @@ def hold_rows_from(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def token_kl(model, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(p_base || p_model) of the next-token distribution before each target token (one value per token),
+    differentiable in the model's trained parameters; the base is the model with its adapter disabled. `target`
+    marks the tokens held (position t's distribution predicts token t + 1)."""
+    predicts = target[:, 1:]
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask).logits[:, :-1][predicts].float().log_softmax(-1)
+    policy = model(input_ids=ids, attention_mask=mask).logits[:, :-1][predicts].float().log_softmax(-1)
+    return (base.exp() * (base - policy)).sum(-1)
+
+
 def hold_kl(model, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the target tokens of KL(p_base || p_model) of the next-token distributions, differentiable in the
-    model's trained parameters; the base is the model with its adapter disabled. `target` marks the tokens held
-    (position t's distribution predicts token t + 1).
+    """`token_kl` averaged over the target tokens: the hold term of one batch.
 
     Example:
         ```py
         >>> kl = hold_kl(peft_model, ids, mask, target)   # 0 for a freshly initialised CLM layer
         ```
     """
-    predicts = target[:, 1:]
-    with torch.no_grad(), model.disable_adapter():
-        base = model(input_ids=ids, attention_mask=mask).logits[:, :-1][predicts].float().log_softmax(-1)
-    policy = model(input_ids=ids, attention_mask=mask).logits[:, :-1][predicts].float().log_softmax(-1)
-    return (base.exp() * (base - policy)).sum(-1).mean()
+    return token_kl(model, ids, mask, target).mean()
 
 
 class HoldDPOTrainer:
@@ -93,34 +100,52 @@ class HoldDPOTrainer:
     ):
         if not hold_rows:
             raise ValueError("hold_rows is empty; give prompt/completion rows whose tokens the knob must leave alone.")
+        if hold_batch_size < 1:
+            raise ValueError(f"hold_batch_size={hold_batch_size!r} must be an integer >= 1.")
         if not (hold_weight > 0 and hold_weight < float("inf")):
             raise ValueError(f"hold_weight={hold_weight!r} must be a finite number > 0.")
         super().__init__(*args, **kwargs)
         self.hold_rows = hold_rows_from(hold_rows)
         self.hold_weight = float(hold_weight)
         self.hold_batch_size = int(hold_batch_size)
+        step = self.hold_batch_size * self.accelerator.num_processes
+        if len(self.hold_rows) < step:
+            raise ValueError(
+                f"{len(self.hold_rows)} hold rows are fewer than one batch of them ({step}: "
+                "hold_batch_size times the processes); give more rows or a smaller batch."
+            )
         self._hold_batches = self._cycle()
 
     def _cycle(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # every process shuffles alike and takes its slice of each global batch: N processes hold the same rows as
+        # one process with an N times larger batch
         rng = random.Random(self.args.seed)
-        tokenizer = self.processing_class
+        size, rank = self.hold_batch_size, self.accelerator.process_index
+        step = size * self.accelerator.num_processes
         while True:
             rows = list(self.hold_rows)
             rng.shuffle(rows)
-            yield from _batches(
-                tokenizer,
-                [r["prompt"] for r in rows],
-                [r["completion"] for r in rows],
-                self.hold_batch_size,
-                self.args.max_length,
-                self.accelerator.device,
-            )
+            for start in range(0, len(rows) - step + 1, step):  # a last short batch is dropped, as a sampler would
+                mine = rows[start + rank * size : start + (rank + 1) * size]
+                yield next(
+                    _batches(
+                        self.processing_class,
+                        [r["prompt"] for r in mine],
+                        [r["completion"] for r in mine],
+                        size,
+                        self.args.max_length,
+                        self.accelerator.device,
+                    )
+                )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        kl = hold_kl(self.accelerator.unwrap_model(model), *next(self._hold_batches))
+        tokens = token_kl(self.accelerator.unwrap_model(model), *next(self._hold_batches))
+        # the mean over every process's tokens: DDP averages the processes' gradients, hence the factor
+        count = self.accelerator.reduce(torch.tensor(float(tokens.numel()), device=tokens.device), "sum")
+        kl = tokens.sum() * self.accelerator.num_processes / count
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["hold/kl"].append(self.accelerator.gather(kl.detach()).mean().item())
+        self._metrics[mode]["hold/kl"].append(self.accelerator.reduce(kl.detach(), "mean").item())
         if return_outputs:
             loss, outputs = out
             return loss + self.hold_weight * kl, outputs
