@@ -46,11 +46,15 @@ def run_training(processes: int, train_args: list[str], timeout: float) -> dict:
     return {"seconds": time.perf_counter() - start, "stdout": proc.stdout}
 
 
-def loss_curve(out: Path) -> list[float]:
-    """The logged loss of each step, from the last checkpoint's trainer state (written by the main process)."""
+def log_history(out: Path) -> list[dict]:
+    """The logged entries of a run, from the last checkpoint's trainer state (written by the main process)."""
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    return [h["loss"] for h in history if "loss" in h]
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+def loss_curve(out: Path) -> list[float]:
+    """The logged loss of each step."""
+    return [h["loss"] for h in log_history(out) if "loss" in h]
 
 
 def compare(one: Path, many: Path) -> dict:

@@ -88,6 +88,8 @@ def cmd_pairs(args) -> None:
     from peft_clm.tools.levels import anchor_pairs, end_pairs, held_pairs, level_pair, ordinal_pairs, target_pairs
 
     data = Path(args.data)
+    if args.hold and args.design != "per-level":
+        raise SystemExit(f"--hold holds the other domains of a per-level knob; --design {args.design} has no hold.")
     for split in ("train", "heldout"):
         rows = read_jsonl(data / f"{split}.jsonl")
         for domain in REGULATED:
@@ -105,7 +107,9 @@ def cmd_pairs(args) -> None:
                         f"{len(own)} {level} over generic, {len(held)} generic over both levels on "
                         f"{len(anchors) if held else 0} other questions",
                     )
-                    if args.hold and split == "train":  # every other training question, at all three levels
+                    if not args.hold:  # a hold left by an earlier --hold run would be trained with these pairs
+                        (folder / "hold.jsonl").unlink(missing_ok=True)
+                    elif split == "train":  # every other training question, at all three levels
                         write_pairs(
                             folder / "hold.jsonl",
                             [{"prompt": r["prompt"], "completion": r[lv]} for d in others for r in own_rows(rows, d)
@@ -187,6 +191,9 @@ def cmd_train(args) -> None:
         if args.pooled
         else [(d, data / d / "train.jsonl") for d in args.domains.split(",")]
     )
+    held = [p for _, p in jobs if (p.parent / "hold.jsonl").exists()]
+    if held and adapter != "clm":
+        raise SystemExit(f"{held[0].parent} holds a hold.jsonl, which trains CLM knobs only (--kind clm).")
     log_path = Path(args.results) / f"train_{args.kind}{'_pooled' if args.pooled else ''}.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     for name, path in jobs:
@@ -207,7 +214,7 @@ def cmd_train(args) -> None:
             sft_weight=args.sft_weight,
             max_length=args.max_length,
             hold=str(path.parent / "hold.jsonl") if hold else None,
-            hold_weight=args.hold_weight,
+            hold_weight=args.hold_weight if hold else None,
             seed=0,
             progress=False,
             overwrite=True,
@@ -473,7 +480,8 @@ def cmd_score(args) -> None:
 def cmd_knob(args) -> None:
     """One knob alone (the first of --domains, trained with `train --domains D`): its 1-D level sweep on every
     domain and its own domain's mean log-likelihood gaps, without the other knobs: for trying a design on one
-    domain before training all three. Writes knob_<domain>.json under --results."""
+    domain before training all three. Writes knob_<domain>.json under --results, with every domain's avoid - generic
+    gap at each alpha (`gap_avoid_by_domain`: what the knob pushes, its own domain included)."""
     import torch
     from peft import PeftModel
 
@@ -494,7 +502,7 @@ def cmd_knob(args) -> None:
     sweep = []
     for a, s in zip(alphas, scores):
         gaps = (s[own] - s[own][:, 1:2]).mean(0)  # avoid - generic, 0, expert - generic
-        by_domain = {}  # every domain's avoid - generic gap: what the knob pushes where it should not
+        by_domain = {}  # every domain's avoid - generic gap, its own included
         for d in DOMAINS:
             mine = torch.tensor([x == d for x in row_domains])
             by_domain[d] = float((s[mine][:, 0] - s[mine][:, 1]).mean())

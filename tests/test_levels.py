@@ -30,7 +30,7 @@ from peft_clm.tools.levels import (
     search_combinations,
     target_pairs,
 )
-from peft_clm.tools.preference import _batches, _completion_logprob
+from peft_clm.tools.preference import _completion_logprob, completion_batches
 
 
 ROWS = [
@@ -352,7 +352,7 @@ def _dpo_loss(model, tokenizer, pairs, beta=0.1):
 
     def logps(side, alpha):
         prompts, answers = [p["prompt"] for p in pairs], [p[side][0]["content"] for p in pairs]
-        (ids, mask, target), *_ = _batches(tokenizer, prompts, answers, len(pairs), 64, torch.device("cpu"))
+        (ids, mask, target), *_ = completion_batches(tokenizer, prompts, answers, len(pairs), 64, torch.device("cpu"))
         return _completion_logprob(model(input_ids=ids, attention_mask=mask, clm_alpha=alpha).logits, ids, target)
 
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_two_processes_give_the_one_process_adapter_with_a_hold(inputs, tmp_path
     over all processes' tokens: the one-process adapter and loss curve again."""
     model, data = inputs
     hold = tmp_path / "hold.jsonl"
-    topics = zip(["bread", "train", "rain", "stone", "lamp", "road"], [1, 2, 1, 3, 1, 2])
+    topics = zip(["answer", "question", "sentence", "reply", "friend", "word"], [1, 2, 1, 3, 1, 2])
     rows = [{"prompt": f"what about the {t} ?", "completion": " ".join([f"perhaps the {t} is good ."] * k)}
             for t, k in topics]
     hold.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -78,6 +78,11 @@ def test_two_processes_give_the_one_process_adapter_with_a_hold(inputs, tmp_path
     # the held answers differ in length, so a mean per process would differ from the mean over all tokens
     assert result["max_abs_diff"] < 1e-5 and result["max_loss_diff"] < 1e-5, result
     assert len(result["loss_one_process"]) == 3
+    # the hold term was there in both runs, and the same
+    kls = [[h["hold/kl"] for h in check_multiprocess.log_history(tmp_path / name) if "hold/kl" in h]
+           for name in ("one", "two")]
+    assert len(kls[0]) == len(kls[1]) == 3 and kls[0][0] == pytest.approx(0.0, abs=1e-7) and min(kls[0][1:]) > 1e-4
+    assert kls[0] == pytest.approx(kls[1], rel=1e-4, abs=1e-8)
 
 
 def test_a_refused_run_stops_every_process_and_the_cpu_launcher_is_refused(inputs, tmp_path):

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft_clm import ClmConfig
 from peft_clm.tools.cli import main
 from peft_clm.tools.data import DataError, read_jsonl
-from peft_clm.tools.hold import hold_kl, hold_rows_from
-from peft_clm.tools.preference import _batches, preference_metrics
+from peft_clm.tools.hold import hold_kl, hold_rows_from, token_kl
+from peft_clm.tools.preference import completion_batches, preference_metrics
 from peft_clm.tools.train import train
 
 
@@ -344,7 +344,8 @@ def test_pair_alphas_on_a_soft_capped_model_train_in_hidden_mode_only(tmp_path):
 
 # ---- the distillation hold (tools.hold): a KL term towards the base on rows the knob must leave alone
 def hold_rows(n=12):
-    topics = ["bread", "train", "rain", "stone", "lamp", "road"]
+    """Rows on six topics, each a word of the tiny tokenizer's vocabulary (other words are all one unknown token)."""
+    topics = ["answer", "question", "sentence", "reply", "friend", "word"]
     # answers in the style the pairs reject, on other topics: what DPO on the pairs would move without a hold
     return [
         {
@@ -360,7 +361,7 @@ def mean_hold_kl(model, tokenizer, rows):
     with torch.no_grad():
         return sum(
             hold_kl(model, *batch).item()
-            for batch in _batches(
+            for batch in completion_batches(
                 tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 64, 256, "cpu"
             )
         )
@@ -372,7 +373,7 @@ def test_hold_kl_is_zero_for_a_new_layer_and_is_the_kl_of_the_answer_tokens(tiny
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), ClmConfig()).eval()
     rows = hold_rows(6)
     ids, mask, target = next(
-        _batches(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 6, 256, "cpu")
+        completion_batches(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 6, 256, "cpu")
     )
     assert hold_kl(model, ids, mask, target).item() == pytest.approx(0.0, abs=1e-6)  # identity at initialisation
     with torch.no_grad():
@@ -393,6 +394,14 @@ def test_hold_kl_is_zero_for_a_new_layer_and_is_the_kl_of_the_answer_tokens(tiny
         reduction="batchmean",
     )
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    # written out for row 0 at explicit positions: the distributions at prompt_len - 1 .. len - 2 predict the answer
+    prompt_len = len(tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"])
+    length = int(mask[0].sum())
+    positions = list(range(prompt_len - 1, length - 1))
+    b, q = base[0, positions].log_softmax(-1), policy[0, positions].log_softmax(-1)
+    row0 = (b.exp() * (b - q)).sum(-1)
+    first = int(keep[0].sum())
+    assert torch.allclose(token_kl(model, ids, mask, target)[:first], row0, rtol=1e-4, atol=1e-7)
     # the prompt's own tokens are not held: changing them changes nothing but the context
     assert keep.sum() == sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
 
@@ -413,7 +422,7 @@ def test_training_with_a_hold_keeps_the_held_rows_at_the_base_and_still_learns_t
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / name).eval()
 
     kl_free, kl_held = mean_hold_kl(load("free"), tokenizer, held), mean_hold_kl(load("held"), tokenizer, held)
-    # 0.0116 and 0.0004 when written; the tiny model's KLs are small, hence the large weight
+    # 0.0115 and 0.0006 when written; the tiny model's KLs are small, hence the large weight
     assert kl_free > 0.005 and kl_held < 0.1 * kl_free  # the held rows stay where the base puts them
     metrics = preference_metrics(load("held"), tokenizer, preference_rows(16), beta=0.5)
     assert metrics["dpo_loss"] < 0.6931 - 0.05 and metrics["reward_accuracy"] > 0.5  # the pairs are still learnt
@@ -443,7 +452,7 @@ def test_bad_holds_are_refused_before_anything_is_written(tiny_dir, tmp_path):
     hold = write_jsonl(tmp_path / "hold.jsonl", hold_rows(6))
     out = tmp_path / "out"
     for kwargs, match in (
-        ({"method": "sft"}, "needs method 'dpo'"),
+        ({"method": "sft"}, "needs method 'dpo'.*got method='sft'"),
         ({"adapter": "full"}, "adapter 'clm' or 'lora'"),
         ({"hold_weight": 0.0}, "hold_weight=0.0 .*finite number > 0"),
         ({"hold_weight": float("nan")}, "hold_weight=nan"),
@@ -453,9 +462,32 @@ def test_bad_holds_are_refused_before_anything_is_written(tiny_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q"}])
     with pytest.raises(ValueError, match="line 1: missing field"):
         train(str(tiny_dir), str(pairs), str(out), hold=str(bad), max_steps=1, progress=False)
+    few = write_jsonl(tmp_path / "few.jsonl", hold_rows(6)[:3])
+    with pytest.raises(ValueError, match=r"--hold .*few.jsonl: 3 hold rows are fewer than one batch of them \(4 per"):
+        train(str(tiny_dir), str(pairs), str(out), hold=str(few), batch_size=4, max_steps=1, progress=False)
+    turned = [{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}] * 4
+    with pytest.raises(ValueError, match="--hold .*: hold row 1: a 'messages' row must end with the assistant"):
+        train(str(tiny_dir), str(pairs), str(out), hold=str(write_jsonl(tmp_path / "turned.jsonl", turned)),
+              max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="hold_weight=5.0 weighs a hold file, and none was given"):
+        train(str(tiny_dir), str(pairs), str(out), hold_weight=5.0, max_steps=1, progress=False)
     assert not out.exists()
     with pytest.raises(ValueError, match="must end with the assistant's answer"):
         hold_rows_from([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}])
     assert hold_rows_from(
         [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     ) == [{"prompt": [{"role": "user", "content": "q"}], "completion": "a"}]
+
+
+
+def test_resume_with_a_hold_holds_the_batches_of_the_uninterrupted_run(tiny_dir, tmp_path):
+    """The hold batch of each step follows from the step, so stopping after 2 steps and resuming to 4 (across a pass
+    over the 12 hold rows, 3 batches a pass) gives the straight run's adapter, exactly."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(16))
+    hold = write_jsonl(tmp_path / "hold.jsonl", hold_rows(12))
+    common = {"batch_size": 4, "lr": 5e-3, "seed": 3, "progress": False, "hold": str(hold), "hold_weight": 5.0}
+    train(str(tiny_dir), str(data), str(tmp_path / "a"), max_steps=4, **common)
+    train(str(tiny_dir), str(data), str(tmp_path / "r"), max_steps=2, **common)
+    train(str(tiny_dir), str(data), str(tmp_path / "r"), max_steps=4, resume="last", **common)
+    a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "r" / "adapter_model.safetensors").read_bytes() == a

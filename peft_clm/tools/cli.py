@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sft-weight", type=float, default=0.0, help="weight of the chosen answers' NLL added to DPO")
     t.add_argument("--hold", help="dpo: JSONL of prompt/completion rows whose answer tokens the adapter must leave "
                    "alone (a KL term towards the base on them)")
-    t.add_argument("--hold-weight", type=float, default=1.0, help="weight of the --hold KL term")
+    t.add_argument("--hold-weight", type=float, help="weight of the --hold KL term (default 1)")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--max-length", type=int, default=256)

@@ -21,17 +21,20 @@ def _as_text(tokenizer, prompt, completion) -> tuple[str, str]:
     return prompt, completion
 
 
-def _pair_ids(tokenizer, prompt, completion, max_length: int, eos: bool = True) -> tuple[list[int], int]:
+def _pair_ids(tokenizer, prompt, completion, max_length: Optional[int], eos: bool = True) -> tuple[list[int], int]:
     p, c = _as_text(tokenizer, prompt, completion)
     p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] if c else []
     if eos and tokenizer.eos_token_id is not None:
         c_ids = c_ids + [tokenizer.eos_token_id]
-    ids = (p_ids + c_ids)[-max_length:]
+    ids = (p_ids + c_ids)[-max_length:] if max_length else p_ids + c_ids  # keep the answer's end
     return ids, min(len(c_ids), len(ids))
 
 
-def _batches(tokenizer, prompts, completions, batch_size, max_length, device, eos: bool = True):
+def completion_batches(tokenizer, prompts, completions, batch_size, max_length, device, eos: bool = True):
+    """Right-padded batches (ids, attention mask, target) of prompt + completion sequences; `target` marks the
+    completion's tokens (and the end-of-sequence token with `eos`). A sequence longer than `max_length` (None: no
+    limit) loses its first tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(prompts), batch_size):
         items = [_pair_ids(tokenizer, p, c, max_length, eos) for p, c in
@@ -74,7 +77,7 @@ def sequence_logprobs_at(model, tokenizer, prompts: Sequence, completions: Seque
         and len(alphas) > 2
     )
     out = [[] for _ in alphas]
-    for ids, mask, target in _batches(tokenizer, prompts, completions, batch_size, max_length, device):
+    for ids, mask, target in completion_batches(tokenizer, prompts, completions, batch_size, max_length, device):
         if lerp:
             z0 = model(input_ids=ids, attention_mask=mask, clm_alpha=0.0).logits.float()
             z1 = model(input_ids=ids, attention_mask=mask, clm_alpha=1.0).logits.float()
@@ -117,7 +120,8 @@ def answer_nll(model, tokenizer, prompts: Sequence, answers: Sequence[str], batc
     texts = [chat_text(tokenizer, p) for p in prompts]
     out: list[float] = []
     with context:
-        for ids, mask, target in _batches(tokenizer, texts, list(answers), batch_size, max_length, device, eos=False):
+        batches = completion_batches(tokenizer, texts, list(answers), batch_size, max_length, device, eos=False)
+        for ids, mask, target in batches:
             logp = _completion_logprob(model(input_ids=ids, attention_mask=mask, **kwargs).logits, ids, target)
             counts = target[:, 1:].sum(-1).cpu()
             out += [float(-lp / n) if n else float("nan") for lp, n in zip(logp, counts)]

@@ -325,7 +325,7 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     hold: Optional[str] = None,
-    hold_weight: float = 1.0,
+    hold_weight: Optional[float] = None,
 ) -> TrainResult:
     """Train a CLM adapter on `data` (JSONL) and save it to `out`.
 
@@ -338,9 +338,10 @@ def train(
     zeroed projections alone give the smallest file). `sft_weight` adds the chosen answers' NLL to the DPO loss.
     DPO rows with an `alpha` field are scored with the policy at that alpha (`tools.alpha_pairs`: training both
     ends of one knob); rows without one at 1.
-    `hold` (DPO with a PEFT adapter) is a JSONL file of prompt/completion rows whose answer tokens the adapter must
-    leave alone: `hold_weight` times the KL from the base to the policy on them is added to the loss
-    (`tools.hold`; in logits mode it keeps a knob off other domains, so that several knobs add cleanly).
+    `hold` (DPO with a PEFT adapter) is a JSONL file of prompt/completion (or messages) rows whose answer tokens the
+    adapter should leave alone: `hold_weight` (default 1) times the KL from the base to the policy on a batch of them
+    (`batch_size` rows a process) is added to each micro-batch's loss (`tools.hold`; where the KL is 0, logits-mode
+    knobs leave those tokens where the base puts them at any alpha and when added).
     `separate_reference=True` gives DPO a second, frozen copy of the base model as the reference instead of
     switching the adapter off (what a plain DPO set-up without adapter tricks costs; for benchmarks).
     On Linux the run resets the process's peak-RSS mark when training starts (to report `train_peak_rss_mb`), so
@@ -361,21 +362,34 @@ def train(
     from .loading import load_model, resolve_model_path
 
     check_hyperparameters(lr=lr, beta=beta, sft_weight=sft_weight, epochs=epochs, batch_size=batch_size,
-                          grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, hold_weight=hold_weight)
+                          grad_accum=grad_accum, max_length=max_length, max_steps=max_steps)
     if method not in ("dpo", "sft"):
         raise ValueError(f"method={method!r} is not one of 'dpo', 'sft'.")
-    if hold is not None and (method != "dpo" or adapter == "full" or separate_reference):
-        raise ValueError("a hold file keeps a PEFT adapter's DPO policy at its reference (the adapter off): it needs "
-                         "method 'dpo', adapter 'clm' or 'lora', and no separate reference.")
     if adapter not in ("clm", "lora", "full"):
         raise ValueError(f"adapter={adapter!r} is not one of 'clm', 'lora', 'full'.")
+    if hold is None and hold_weight is not None:
+        raise ValueError(f"hold_weight={hold_weight!r} weighs a hold file, and none was given (--hold FILE).")
+    if hold is not None and (method != "dpo" or adapter == "full" or separate_reference):
+        raise ValueError(
+            "a hold file keeps a PEFT adapter's DPO policy at the model with the adapter off: it needs method 'dpo', "
+            f"adapter 'clm' or 'lora' and no separate reference (got method={method!r}, adapter={adapter!r}, "
+            f"separate_reference={separate_reference})."
+        )
     if rank is not None and adapter != "clm":
         raise ValueError("--rank makes a low-rank CLM layer; it does not apply to --adapter-type lora or full.")
     ClmConfig(r=rank, lowrank_modules=lowrank_modules)  # checked before anything loads
     rows = read_jsonl(data, method)  # checked in full before anything loads
     per_pair_alpha = _per_pair_alpha(rows, adapter, interpolation)
-    hold_rows = read_jsonl(hold, "sft") if hold is not None else None
     state = _distributed_state()
+    hold_rows = None
+    if hold is not None:  # checked in full before anything loads
+        from .hold import check_hold
+
+        hold_weight = 1.0 if hold_weight is None else hold_weight
+        try:
+            hold_rows = check_hold(read_jsonl(hold, "sft"), hold_weight, batch_size, state.num_processes)
+        except ValueError as e:
+            raise ValueError(f"--hold {hold}: {e}") from e
 
     def prepare() -> tuple[bool, set]:
         new = prepare_output_dir(out, resolve_model_path(model), resume, overwrite)
