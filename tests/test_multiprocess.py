@@ -82,7 +82,9 @@ def test_two_processes_give_the_one_process_adapter_with_a_hold(inputs, tmp_path
     kls = [[h["hold/kl"] for h in check_multiprocess.log_history(tmp_path / name) if "hold/kl" in h]
            for name in ("one", "two")]
     assert len(kls[0]) == len(kls[1]) == 3 and kls[0][0] == pytest.approx(0.0, abs=1e-7) and min(kls[0][1:]) > 1e-4
-    assert kls[0] == pytest.approx(kls[1], rel=1e-4, abs=1e-8)
+    # KLs of ~2e-4 are differences of nearly equal log-probabilities, computed on differently padded batches: float32
+    # rounding reaches ~1e-4 of them (2e-8 measured), a hold term dropped or halved would be off by 50-100%
+    assert kls[0] == pytest.approx(kls[1], rel=1e-3, abs=1e-7)
 
 
 def test_a_refused_run_stops_every_process_and_the_cpu_launcher_is_refused(inputs, tmp_path):
