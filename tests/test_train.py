@@ -462,6 +462,8 @@ def test_bad_holds_are_refused_before_anything_is_written(tiny_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q"}])
     with pytest.raises(ValueError, match="line 1: missing field"):
         train(str(tiny_dir), str(pairs), str(out), hold=str(bad), max_steps=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="--hold .*missing.jsonl: no such file"):
+        train(str(tiny_dir), str(pairs), str(out), hold=str(tmp_path / "missing.jsonl"), max_steps=1, progress=False)
     few = write_jsonl(tmp_path / "few.jsonl", hold_rows(6)[:3])
     with pytest.raises(ValueError, match=r"--hold .*few.jsonl: 3 hold rows are fewer than one batch of them \(4 per"):
         train(str(tiny_dir), str(pairs), str(out), hold=str(few), batch_size=4, max_steps=1, progress=False)

@@ -148,7 +148,6 @@ def check_hyperparameters(**values: float) -> None:
         "lr": (lambda v: v > 0, "a finite number > 0"),
         "beta": (lambda v: v > 0, "a finite number > 0"),
         "sft_weight": (lambda v: v >= 0, "a finite number >= 0"),
-        "hold_weight": (lambda v: v > 0, "a finite number > 0"),
         "epochs": (lambda v: v > 0, "a finite number > 0"),
         "batch_size": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
         "grad_accum": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
@@ -388,6 +387,8 @@ def train(
         hold_weight = 1.0 if hold_weight is None else hold_weight
         try:
             hold_rows = check_hold(read_jsonl(hold, "sft"), hold_weight, batch_size, state.num_processes)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--hold {hold}: no such file (a JSONL of prompt/completion rows).") from None
         except ValueError as e:
             raise ValueError(f"--hold {hold}: {e}") from e
 
