@@ -44,4 +44,11 @@ if __name__ != "kernels" or not _hand_over_to_pypi_kernels():
     from .hidden_mix import hidden_mix, hidden_mix_reference
     from .weight_mix import weight_mix, weight_mix_reference
 
-    __all__ = ["MAX_TERMS", "hidden_mix", "hidden_mix_reference", "kernel_backend", "weight_mix", "weight_mix_reference"]
+    __all__ = [
+        "MAX_TERMS",
+        "hidden_mix",
+        "hidden_mix_reference",
+        "kernel_backend",
+        "weight_mix",
+        "weight_mix_reference",
+    ]
