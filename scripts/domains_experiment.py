@@ -9,6 +9,8 @@ Stages (each writes JSON under --results, default results/domains; `report` join
     python scripts/domains_experiment.py score --kind clm      # 1-D sweeps, leakage, 3-knob grid, 27 combinations
     python scripts/domains_experiment.py score --kind vectors  # the same with full-checkpoint vectors
     python scripts/domains_experiment.py markers               # generated answers: markers vs likelihood level
+    python scripts/domains_experiment.py decompose             # references' likelihood: opening vs continuation
+    python scripts/domains_experiment.py knob-search           # per-level: 27 combinations over six signed knobs
     python scripts/domains_experiment.py report                # tables, CSV, plots
 
 The level of the model on a held-out question is the reference answer (avoid / generic / expert, stored in
@@ -585,6 +587,204 @@ def cmd_markers(args) -> None:
     write_json(Path(args.results) / "markers_clm.json", out)
 
 
+# -------------------------------------------------------------------------------------------------- decompose
+def opening_tokens(tokenizer, answer: str, openings: list[str]) -> int:
+    """How many of the answer's tokens (as the reference batches tokenise it) belong to its prefilled opening."""
+    for opening in sorted(openings, key=len, reverse=True):
+        if answer.startswith(opening):
+            spans = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            return sum(start < len(opening) for start, _ in spans)
+    return 0
+
+
+def cmd_decompose(args) -> None:
+    """Where each reference's mean log-likelihood comes from: its prefilled opening (the words the data builder
+    put first) and the model's own continuation, per regulated domain and level (--split questions). Read under
+    the base model with no instruction (what the level score uses), under the base with the level's own system
+    instruction (what the data builder added), and with a knob (`--knob-level expert`: each domain's
+    `<domain>_expert` under --runs) at each of --alphas. Writes decompose.json under --results."""
+    import torch
+    from build_domain_data import AVOID_OPENINGS, AVOID_SYSTEM, EXPERT_OPENINGS, EXPERT_ROLES, EXPERT_SYSTEM
+    from peft import PeftModel
+
+    from peft_clm.tools.levels import LEVELS
+    from peft_clm.tools.loading import load_model
+    from peft_clm.tools.preference import completion_batches
+
+    model, tokenizer = load_model("smollm2")
+    rows = read_jsonl(Path(args.data) / f"{args.split}.jsonl")
+    alphas = [float(a) for a in args.alphas.split(",")] if args.knob_level else []
+    out = {"split": args.split, "knob_level": args.knob_level, "runs": args.runs, "domains": {}}
+
+    def logprobs(net, prompts, answers, points):
+        """Per answer and point, the log-probabilities of its tokens (end-of-sequence included), float32."""
+        got = [[] for _ in points]
+        for ids, mask, target in completion_batches(tokenizer, prompts, answers, 8, None, "cpu"):
+            with torch.no_grad():
+                if points == [None]:
+                    stack = [net(input_ids=ids, attention_mask=mask).logits.float()]
+                else:  # logits mode: every alpha from the base and the aligned pass
+                    base = net(input_ids=ids, attention_mask=mask, clm_alpha=0.0).logits.float()
+                    aligned = net(input_ids=ids, attention_mask=mask, clm_alpha=1.0).logits.float()
+                    stack = [base + a * (aligned - base) for a in points]
+            for j, logits in enumerate(stack):
+                lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                got[j] += [lp[i][target[i, 1:]] for i in range(ids.shape[0])]
+        return got
+
+    for d in (x for x in args.domains.split(",") if x in REGULATED):
+        part = [r for r in rows if r["domain"] == d]
+        systems = {
+            "avoid": [{"role": "system", "content": AVOID_SYSTEM}],
+            "expert": [{"role": "system", "content": EXPERT_SYSTEM.format(role=EXPERT_ROLES[d])}],
+        }
+        openings = {"avoid": AVOID_OPENINGS[d], "generic": [], "expert": EXPERT_OPENINGS[d]}
+        split_at = {lv: [opening_tokens(tokenizer, r[lv], openings[lv]) for r in part] for lv in LEVELS}
+        conditions = {"base": None, **{f"base + {lv} instruction": lv for lv in systems}}
+        res = {}
+        for name, system in conditions.items():
+            prompts = [(systems[system] if system else []) + r["prompt"] for r in part]
+            per_level = {lv: logprobs(model, prompts, [r[lv] for r in part], [None])[0] for lv in LEVELS}
+            res[name] = decomposition(per_level, split_at)
+        if args.knob_level:
+            base, _ = load_model("smollm2")  # a fresh copy: each domain's knob goes on a plain model
+            knob = PeftModel.from_pretrained(base, str(Path(args.runs) / "clm" / f"{d}_{args.knob_level}")).eval()
+            knob.set_interpolation("logits")
+            prompts = [r["prompt"] for r in part]
+            per_level = {lv: logprobs(knob, prompts, [r[lv] for r in part], alphas) for lv in LEVELS}
+            for j, a in enumerate(alphas):
+                res[f"{d}_{args.knob_level} at {a:g}"] = decomposition(
+                    {lv: per_level[lv][j] for lv in LEVELS}, split_at
+                )
+        out["domains"][d] = res
+        for name, r in res.items():
+            print(f"{d:9s} {name:28s} | " + " | ".join(
+                f"{lv} opening {r[lv]['opening']:+.2f} rest {r[lv]['continuation']:+.2f} mean {r[lv]['mean']:+.2f}"
+                for lv in LEVELS) + " | level shares " + "/".join(f"{r['level_share'][lv]:.2f}" for lv in LEVELS)
+                + " | own opening free " + "/".join(f"{r['share_opening_free'][lv]:.2f}" for lv in LEVELS),
+                flush=True)
+    write_json(Path(args.results) / f"decompose{'' if args.split == 'heldout' else '_' + args.split}.json", out)
+
+
+def decomposition(per_level: dict, split_at: dict) -> dict:
+    """Mean log-probability per token of each level's openings and continuations (pooled over answers), the mean
+    of the per-answer means (what the level score compares), the share of answers each level wins, and the share
+    it would win with its own opening tokens at probability 1."""
+    import torch
+
+    from peft_clm.tools.levels import LEVELS
+
+    res = {}
+    for lv, answers in per_level.items():
+        opening = torch.cat([lp[:k] for lp, k in zip(answers, split_at[lv])])
+        rest = torch.cat([lp[k:] for lp, k in zip(answers, split_at[lv])])
+        res[lv] = {
+            "opening": float(opening.mean()) if opening.numel() else 0.0,
+            "opening_tokens": int(opening.numel()),
+            "continuation": float(rest.mean()),
+            "continuation_tokens": int(rest.numel()),
+            "mean": float(torch.stack([lp.mean() for lp in answers]).mean()),
+        }
+    means = torch.stack([torch.stack([lp.mean() for lp in per_level[lv]]) for lv in LEVELS], -1)
+    wins = means.argmax(-1)
+    res["level_share"] = {lv: float((wins == k).float().mean()) for k, lv in enumerate(LEVELS)}
+    # The ceiling of a knob that learns only its level's openings: that level's opening tokens at probability 1,
+    # everything else as it is. A level whose continuations stay below generic is out of its reach.
+    res["share_opening_free"] = {}
+    for k, lv in enumerate(LEVELS):
+        free = means.clone()
+        free[:, k] = torch.stack([torch.cat([torch.zeros(n), lp[n:]]).mean() for lp, n in
+                                  zip(per_level[lv], split_at[lv])])
+        res["share_opening_free"][lv] = float((free.argmax(-1) == k).float().mean())
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- knob-search
+def cmd_knob_search(args) -> None:
+    """The per-level design's 27 combinations searched over every knob's own signed alpha (six knobs, not three
+    dials), so that a knob used against its level (the medical avoid knob at -0.5) can cancel another knob's leak.
+
+    Each knob's 1-D sweep over --alphas is scored; the full grid of those alphas (len(alphas) ** 6 points) is
+    predicted additively from the sweeps (`peft_clm.tools.levels.additive_scores`, a guide, never a score); each
+    combination's predicted best point, chosen on all questions and on each fold's half, is then scored exactly,
+    beside every point the `score` stage scored under --runs (its dials read as adapter alphas), and the search runs
+    on the exactly scored points only. Logits mode: every point of a batch comes from the 7 passes of the base and
+    the six knobs. Writes knob_search.json under --results."""
+    import torch
+
+    from peft_clm.tools.levels import additive_scores, dial_alphas, grid_points, level_scores, search_combinations
+
+    args.design = "per-level"
+    knobs = dials(args)
+    names = [k for pair in knobs.values() for k in pair]
+    alphas = [float(a) for a in args.alphas.split(",")]
+    if 0.0 not in alphas:
+        raise SystemExit("--alphas must include 0")
+    earlier = Path(args.runs) / "grid_scores_clm.json"
+    if not earlier.exists():
+        raise SystemExit(f"no {earlier}: run the score stage with --design per-level on these knobs first")
+    model, tokenizer, _ = load("clm", args)
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    row_domains = [r["domain"] for r in rows]
+    zero = {k: 0.0 for k in names}
+
+    def key(point: dict) -> str:
+        return json.dumps({k: float(point.get(k, 0.0)) for k in names})
+
+    t0 = time.perf_counter()
+    points_1d = [zero] + [{**zero, k: a} for k in names for a in alphas if a != 0.0]
+    sweep_scores = level_scores(model, tokenizer, rows, points_1d, batch_size=8)
+    exact = dict(zip(map(key, points_1d), sweep_scores))
+    one_knob = {k: {a: exact[key({**zero, k: a})] for a in alphas} for k in names}
+    full = grid_points({k: alphas for k in names})
+    predicted = additive_scores(exact[key(zero)], one_knob, full)
+    selects = []  # two folds: choose on half of each domain's questions, report on the other half
+    for fold in (0, 1):
+        seen: dict = {}
+        selects.append([])
+        for d in row_domains:
+            seen[d] = seen.get(d, -1) + 1
+            selects[-1].append(seen[d] % 2 == fold)
+    controls = {"general": "generic"}
+    dial_points = [dial_alphas(p, knobs) for p in json.loads(earlier.read_text())["points"]]
+    pools = {}
+    for name, select in (("all", None), (0, selects[0]), (1, selects[1])):
+        chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls)
+        if name == "all":
+            predicted_reached = sum(c["reached"] for c in chosen)
+        pools[name] = list({key(p): p for p in points_1d + dial_points + [c["point"] for c in chosen]}.values())
+    del predicted
+    todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
+    print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring {len(todo)} points "
+          f"exactly", flush=True)
+    exact.update(zip(map(key, todo), level_scores(model, tokenizer, rows, todo, batch_size=8)))
+    seconds = time.perf_counter() - t0
+
+    def search(pool, select=None):
+        scores = torch.stack([exact[key(p)] for p in pool])
+        return search_combinations(scores, row_domains, pool, REGULATED, select=select, controls=controls)
+
+    combos = search(pools["all"])
+    halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
+    for c, h0, h1 in zip(combos, *halves):
+        c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
+        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
+    result = {
+        "alphas": alphas, "knobs": names, "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
+        "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
+        "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
+        "dial_points_included": len(dial_points),
+    }
+    write_json(Path(args.results) / "knob_search.json", result)
+    for c in combos:
+        print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
+              + " ".join(f"{k}={a:g}" for k, a in c["point"].items() if a != 0.0) + " | "
+              + " ".join(f"{d[:3]} {a:.2f}" for d, a in c["accuracy"].items())
+              + (" | reached" if c["reached"] else "") + (" (two-fold)" if c["twofold_reached"] else ""), flush=True)
+    print(f"signed knobs: {result['reached']}/27 reached, {result['twofold_reached']}/27 two-fold; "
+          f"{len(exact)} points scored exactly in {seconds:.0f} s")
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
     """Along each knob alone (the scored points with the other knobs at 0), the mean over its own domain's held-out
@@ -826,7 +1026,10 @@ def cmd_report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["pairs", "handcheck", "train", "score", "knob", "markers", "report"])
+    parser.add_argument(
+        "stage",
+        choices=["pairs", "handcheck", "train", "score", "knob-search", "knob", "markers", "decompose", "report"],
+    )
     parser.add_argument("--data", default=str(ROOT / "data" / "domains"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "domains"))
     parser.add_argument("--results", default=str(ROOT / "results" / "domains"))
@@ -886,6 +1089,8 @@ def main() -> None:
     )
     parser.add_argument("--split", choices=["heldout", "train"], default="heldout",
                         help="knob stage: the questions to sweep on (train: against the held-out sweep, memorising)")
+    parser.add_argument("--knob-level", choices=["avoid", "expert"], default=None,
+                        help="decompose stage: also read each domain's <domain>_<level> knob under --runs at --alphas")
     parser.add_argument("--max-per-domain", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
@@ -897,6 +1102,8 @@ def main() -> None:
         "score": cmd_score,
         "knob": cmd_knob,
         "markers": cmd_markers,
+        "decompose": cmd_decompose,
+        "knob-search": cmd_knob_search,
         "report": cmd_report,
     }[args.stage](args)
 
