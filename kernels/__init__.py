@@ -17,24 +17,39 @@ import os
 import sys
 
 
+_MARKER = "weight_mix_triton.py"  # a file only this package has: how a copy of it is told from PyPI's
+
+
 def _hand_over_to_pypi_kernels() -> bool:
-    """Replace this module in `sys.modules` by PyPI's `kernels`, found on `sys.path` without the checkout's root.
+    """Replace this module in `sys.modules` by PyPI's `kernels`: the first `kernels` on `sys.path` that is not a
+    copy of this directory (this checkout under any spelling, a symlink, another checkout or worktree).
 
     Python's import returns whatever `sys.modules["kernels"]` holds once this module has run, so `import
     kernels` and `from kernels import ...` get PyPI's package. Returns False when there is none to hand over to.
     """
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != checkout]
-    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
-    if spec is None or spec.loader is None:
-        return False
+    path = list(sys.path)
+    while True:
+        spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+        if spec is None or spec.loader is None or spec.origin is None:
+            return False
+        found = os.path.dirname(spec.origin)
+        if not os.path.exists(os.path.join(found, _MARKER)):
+            break  # not one of ours: PyPI's
+        copy_root = os.path.realpath(os.path.dirname(found))  # skip every entry that leads to that copy
+        rest = [entry for entry in path if os.path.realpath(entry or os.curdir) != copy_root]
+        if len(rest) == len(path):  # found through no plain entry (a custom finder): nothing more to skip
+            return False
+        path = rest
     module = importlib.util.module_from_spec(spec)
-    this = sys.modules["kernels"]
+    this = sys.modules.get("kernels")
     sys.modules["kernels"] = module
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        sys.modules["kernels"] = this
+        if this is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = this
         raise
     return True
 
