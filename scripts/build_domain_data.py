@@ -547,6 +547,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.15,
+                        help="of greedy decoding, every level alike (1.0: the model's own most likely continuations)")
     parser.add_argument(
         "--avoid-max-new-tokens", type=int, default=None, help="budget of avoid answers (kept to one sentence)"
     )
@@ -584,7 +586,9 @@ def main() -> None:
     avoid_budget = args.avoid_max_new_tokens or args.max_new_tokens
     for wanted, budget in ((True, avoid_budget), (False, args.max_new_tokens)):  # avoid answers keep one sentence
         group = [i for i, req in enumerate(requests) if (req[1] == "avoid") == wanted]
-        outs = generate(model, tokenizer, [requests[i][2:] for i in group], budget, args.batch_size)
+        outs = generate(
+            model, tokenizer, [requests[i][2:] for i in group], budget, args.batch_size, args.repetition_penalty
+        )
         for i, o in zip(group, outs):
             outputs[i] = o
     for (row, level, _, prefill), (continuation, ended) in zip(requests, outputs):
@@ -602,7 +606,7 @@ def main() -> None:
             system, prefill = lever(row["domain"], "expert", row["_index"] + attempt)
             row["_opening"]["expert"] = prefill
             again.append((system + row["prompt"], prefill))
-        outputs = generate(model, tokenizer, again, args.max_new_tokens, args.batch_size)
+        outputs = generate(model, tokenizer, again, args.max_new_tokens, args.batch_size, args.repetition_penalty)
         for row, (_, prefill), (continuation, ended) in zip(redo, again, outputs):
             row["expert"] = answer_text("expert", prefill, continuation, ended)
     stats = level_stats(rows)
@@ -624,7 +628,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "avoid_max_new_tokens": args.avoid_max_new_tokens or args.max_new_tokens,
             "lean": args.lean,
-            "repetition_penalty": 1.15,
+            "repetition_penalty": args.repetition_penalty,
         },
         "expert_answers_retried": retried,
         "still_degenerate": sum(degenerate(r["expert"]) for r in rows),

@@ -259,8 +259,22 @@ def distribution(scores, row_domains) -> dict:
     return out
 
 
-def key_of(point: dict) -> str:
-    return json.dumps({d: float(point.get(d, 0.0)) for d in REGULATED})
+def key_of(point: dict, names=REGULATED) -> str:
+    """A point's identity as text: every name's alpha, 0 when the point leaves it out."""
+    return json.dumps({d: float(point.get(d, 0.0)) for d in names})
+
+
+def fold_selects(row_domains: list[str]) -> list[list[bool]]:
+    """The two-fold check's halves: fold k chooses on every other question of each domain (starting at k) and
+    reports on the rest."""
+    selects = []
+    for fold in (0, 1):
+        seen: dict = {}
+        selects.append([])
+        for d in row_domains:
+            seen[d] = seen.get(d, -1) + 1
+            selects[-1].append(seen[d] % 2 == fold)
+    return selects
 
 
 def dials(args) -> dict | None:
@@ -402,13 +416,7 @@ def cmd_score(args) -> None:
         grid_alphas = {d: sorted({knobs[d]["avoid"]["alpha"], 0.0, knobs[d]["expert"]["alpha"]}) for d in REGULATED}
     points = grid_points(grid_alphas)
     # Two-fold check: choose the point on half the questions of each domain, report on the other half.
-    selects = []
-    for fold in (0, 1):
-        seen: dict = {}
-        selects.append([])
-        for d in row_domains:
-            seen[d] = seen.get(d, -1) + 1
-            selects[-1].append(seen[d] % 2 == fold)
+    selects = fold_selects(row_domains)
     controls = {"general": "generic"}
     # --grid-predicted: predict the full grid of the sweeps' alphas from the 1-D sweeps (additive_scores) and add
     # each combination's predicted best point to the grid, chosen on all questions for the main search and on each
@@ -590,11 +598,13 @@ def cmd_markers(args) -> None:
 # -------------------------------------------------------------------------------------------------- decompose
 def opening_tokens(tokenizer, answer: str, openings: list[str]) -> int:
     """How many of the answer's tokens (as the reference batches tokenise it) belong to its prefilled opening."""
-    for opening in sorted(openings, key=len, reverse=True):
+    if not openings:
+        return 0
+    for opening in sorted(openings, key=len, reverse=True):  # "In numbers:" is a prefix of another opening
         if answer.startswith(opening):
             spans = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             return sum(start < len(opening) for start, _ in spans)
-    return 0
+    raise ValueError(f"the answer {answer[:60]!r} starts with none of the openings {openings}")
 
 
 def cmd_decompose(args) -> None:
@@ -622,12 +632,12 @@ def cmd_decompose(args) -> None:
         for ids, mask, target in completion_batches(tokenizer, prompts, answers, 8, None, "cpu"):
             with torch.no_grad():
                 if points == [None]:
-                    stack = [net(input_ids=ids, attention_mask=mask).logits.float()]
+                    mixed_logits = [net(input_ids=ids, attention_mask=mask).logits.float()]
                 else:  # logits mode: every alpha from the base and the aligned pass
-                    base = net(input_ids=ids, attention_mask=mask, clm_alpha=0.0).logits.float()
+                    base_logits = net(input_ids=ids, attention_mask=mask, clm_alpha=0.0).logits.float()
                     aligned = net(input_ids=ids, attention_mask=mask, clm_alpha=1.0).logits.float()
-                    stack = [base + a * (aligned - base) for a in points]
-            for j, logits in enumerate(stack):
+                    mixed_logits = [base_logits + a * (aligned - base_logits) for a in points]
+            for j, logits in enumerate(mixed_logits):
                 lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
                 got[j] += [lp[i][target[i, 1:]] for i in range(ids.shape[0])]
         return got
@@ -659,17 +669,21 @@ def cmd_decompose(args) -> None:
         out["domains"][d] = res
         for name, r in res.items():
             print(f"{d:9s} {name:28s} | " + " | ".join(
-                f"{lv} opening {r[lv]['opening']:+.2f} rest {r[lv]['continuation']:+.2f} mean {r[lv]['mean']:+.2f}"
+                f"{lv} opening " + ("-" if r[lv]["opening"] is None else f"{r[lv]['opening']:+.2f}")
+                + f" rest {r[lv]['continuation']:+.2f} end {r[lv]['end_of_sequence']:+.2f} mean {r[lv]['mean']:+.2f}"
                 for lv in LEVELS) + " | level shares " + "/".join(f"{r['level_share'][lv]:.2f}" for lv in LEVELS)
-                + " | own opening free " + "/".join(f"{r['share_opening_free'][lv]:.2f}" for lv in LEVELS),
+                + " | own opening free " + "/".join(f"{r['share_opening_free'][lv]:.2f}" for lv in LEVELS)
+                + " (without the end token " + "/".join(f"{r['share_opening_free_without_end'][lv]:.2f}"
+                                                       for lv in LEVELS) + ")",
                 flush=True)
     write_json(Path(args.results) / f"decompose{'' if args.split == 'heldout' else '_' + args.split}.json", out)
 
 
 def decomposition(per_level: dict, split_at: dict) -> dict:
-    """Mean log-probability per token of each level's openings and continuations (pooled over answers), the mean
+    """Mean log-probability per token of each level's openings and continuations (pooled over answers; the
+    end-of-sequence token apart, as its own mean: an answer the builder cut mid-sentence ends unlikely), the mean
     of the per-answer means (what the level score compares), the share of answers each level wins, and the share
-    it would win with its own opening tokens at probability 1."""
+    it would win with its own opening tokens at probability 1 (counting the end-of-sequence tokens, and not)."""
     import torch
 
     from peft_clm.tools.levels import LEVELS
@@ -677,25 +691,29 @@ def decomposition(per_level: dict, split_at: dict) -> dict:
     res = {}
     for lv, answers in per_level.items():
         opening = torch.cat([lp[:k] for lp, k in zip(answers, split_at[lv])])
-        rest = torch.cat([lp[k:] for lp, k in zip(answers, split_at[lv])])
+        rest = torch.cat([lp[k:-1] for lp, k in zip(answers, split_at[lv])])  # the words the model went on with
+        end = torch.stack([lp[-1] for lp in answers])  # the end-of-sequence token every reference ends with
         res[lv] = {
-            "opening": float(opening.mean()) if opening.numel() else 0.0,
+            "opening": float(opening.mean()) if opening.numel() else None,  # generic answers have none
             "opening_tokens": int(opening.numel()),
             "continuation": float(rest.mean()),
             "continuation_tokens": int(rest.numel()),
+            "end_of_sequence": float(end.mean()),
             "mean": float(torch.stack([lp.mean() for lp in answers]).mean()),
         }
     means = torch.stack([torch.stack([lp.mean() for lp in per_level[lv]]) for lv in LEVELS], -1)
     wins = means.argmax(-1)
     res["level_share"] = {lv: float((wins == k).float().mean()) for k, lv in enumerate(LEVELS)}
     # The ceiling of a knob that learns only its level's openings: that level's opening tokens at probability 1,
-    # everything else as it is. A level whose continuations stay below generic is out of its reach.
-    res["share_opening_free"] = {}
-    for k, lv in enumerate(LEVELS):
-        free = means.clone()
-        free[:, k] = torch.stack([torch.cat([torch.zeros(n), lp[n:]]).mean() for lp, n in
-                                  zip(per_level[lv], split_at[lv])])
-        res["share_opening_free"][lv] = float((free.argmax(-1) == k).float().mean())
+    # everything else as it is; and the same without any answer's end-of-sequence token.
+    for name, cut in (("share_opening_free", None), ("share_opening_free_without_end", -1)):
+        means_cut = torch.stack([torch.stack([lp[:cut].mean() for lp in per_level[lv]]) for lv in LEVELS], -1)
+        res[name] = {}
+        for k, lv in enumerate(LEVELS):
+            free = means_cut.clone()
+            free[:, k] = torch.stack([torch.cat([torch.zeros(n), lp[n:cut]]).mean() for lp, n in
+                                      zip(per_level[lv], split_at[lv])])
+            res[name][lv] = float((free.argmax(-1) == k).float().mean())
     return res
 
 
@@ -709,17 +727,23 @@ def cmd_knob_search(args) -> None:
     combination's predicted best point, chosen on all questions and on each fold's half, is then scored exactly,
     beside every point the `score` stage scored under --runs (its dials read as adapter alphas), and the search runs
     on the exactly scored points only. Logits mode: every point of a batch comes from the 7 passes of the base and
-    the six knobs. Writes knob_search.json under --results."""
+    the six knobs (so the stage asks for `--design per-level`, logits mode). Writes knob_search.json under
+    --results."""
     import torch
 
     from peft_clm.tools.levels import additive_scores, dial_alphas, grid_points, level_scores, search_combinations
 
-    args.design = "per-level"
+    if args.design != "per-level" or args.interpolation != "logits":
+        raise SystemExit("knob-search searches the per-level design's six knobs in logits mode: give --design "
+                         f"per-level (got {args.design}) and --interpolation logits (got {args.interpolation})")
     knobs = dials(args)
     names = [k for pair in knobs.values() for k in pair]
     alphas = [float(a) for a in args.alphas.split(",")]
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
+    if len(alphas) ** len(names) > 300_000:  # the prediction holds [points, questions, 3] floats in memory
+        raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
+                         f"six knobs; give at most 8 (262,144 points)")
     earlier = Path(args.runs) / "grid_scores_clm.json"
     if not earlier.exists():
         raise SystemExit(f"no {earlier}: run the score stage with --design per-level on these knobs first")
@@ -729,7 +753,7 @@ def cmd_knob_search(args) -> None:
     zero = {k: 0.0 for k in names}
 
     def key(point: dict) -> str:
-        return json.dumps({k: float(point.get(k, 0.0)) for k in names})
+        return key_of(point, names)
 
     t0 = time.perf_counter()
     points_1d = [zero] + [{**zero, k: a} for k in names for a in alphas if a != 0.0]
@@ -738,13 +762,7 @@ def cmd_knob_search(args) -> None:
     one_knob = {k: {a: exact[key({**zero, k: a})] for a in alphas} for k in names}
     full = grid_points({k: alphas for k in names})
     predicted = additive_scores(exact[key(zero)], one_knob, full)
-    selects = []  # two folds: choose on half of each domain's questions, report on the other half
-    for fold in (0, 1):
-        seen: dict = {}
-        selects.append([])
-        for d in row_domains:
-            seen[d] = seen.get(d, -1) + 1
-            selects[-1].append(seen[d] % 2 == fold)
+    selects = fold_selects(row_domains)
     controls = {"general": "generic"}
     dial_points = [dial_alphas(p, knobs) for p in json.loads(earlier.read_text())["points"]]
     pools = {}
@@ -773,7 +791,7 @@ def cmd_knob_search(args) -> None:
         "alphas": alphas, "knobs": names, "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
-        "dial_points_included": len(dial_points),
+        "dial_points_included": len(dial_points), "runs": args.runs, "interpolation": args.interpolation,
     }
     write_json(Path(args.results) / "knob_search.json", result)
     for c in combos:
@@ -1088,7 +1106,7 @@ def main() -> None:
         help="score stage: start from the points saved by an earlier score run under --runs (re-analysis)",
     )
     parser.add_argument("--split", choices=["heldout", "train"], default="heldout",
-                        help="knob stage: the questions to sweep on (train: against the held-out sweep, memorising)")
+                        help="knob and decompose stages: the questions to read (train: against held-out, memorising)")
     parser.add_argument("--knob-level", choices=["avoid", "expert"], default=None,
                         help="decompose stage: also read each domain's <domain>_<level> knob under --runs at --alphas")
     parser.add_argument("--max-per-domain", type=int, default=None)
