@@ -656,9 +656,12 @@ def cmd_decompose(args) -> None:
             prompts = [(systems[system] if system else []) + r["prompt"] for r in part]
             per_level = {lv: logprobs(model, prompts, [r[lv] for r in part], [None])[0] for lv in LEVELS}
             res[name] = decomposition(per_level, split_at)
-        if args.knob_level:
+        knob_dir = Path(args.runs) / "clm" / f"{d}_{args.knob_level}"
+        if args.knob_level and not knob_dir.exists():
+            print(f"{d}: no knob at {knob_dir}; the base model only", flush=True)
+        elif args.knob_level:
             base, _ = load_model("smollm2")  # a fresh copy: each domain's knob goes on a plain model
-            knob = PeftModel.from_pretrained(base, str(Path(args.runs) / "clm" / f"{d}_{args.knob_level}")).eval()
+            knob = PeftModel.from_pretrained(base, str(knob_dir)).eval()
             knob.set_interpolation("logits")
             prompts = [r["prompt"] for r in part]
             per_level = {lv: logprobs(knob, prompts, [r[lv] for r in part], alphas) for lv in LEVELS}
