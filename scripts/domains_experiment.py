@@ -264,6 +264,14 @@ def key_of(point: dict, names=REGULATED) -> str:
     return json.dumps({d: float(point.get(d, 0.0)) for d in names})
 
 
+def add_twofold(combos: list[dict], halves: list[list[dict]]) -> None:
+    """Each combination's two-fold accuracy (the mean of the two folds' reported halves) and whether it is reached
+    (at least 0.8 on every regulated domain, as `search_combinations` counts a combination reached)."""
+    for c, h0, h1 in zip(combos, *halves):
+        c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
+        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
+
+
 def fold_selects(row_domains: list[str]) -> list[list[bool]]:
     """The two-fold check's halves: fold k chooses on every other question of each domain (starting at k) and
     reports on the rest."""
@@ -461,9 +469,7 @@ def cmd_score(args) -> None:
                 controls=controls,
             )
         )
-    for c, h0, h1 in zip(combos, *halves):
-        c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
-        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
+    add_twofold(combos, halves)
     result["grid_alphas"] = grid_alphas if args.grid_picks else grid_alphas[REGULATED[0]]
     result["n_points"] = len(points)
     result["combinations"] = combos
@@ -787,9 +793,7 @@ def cmd_knob_search(args) -> None:
 
     combos = search(pools["all"])
     halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
-    for c, h0, h1 in zip(combos, *halves):
-        c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
-        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
+    add_twofold(combos, halves)
     result = {
         "alphas": alphas, "knobs": names, "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
