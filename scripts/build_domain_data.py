@@ -49,6 +49,7 @@ import torch
 
 from peft_clm.tools.domains import refusal_score, specificity_score, word_count
 from peft_clm.tools.loading import load_model
+from peft_clm.tools.text_metrics import is_degenerate
 
 
 # Natural user questions, written by hand; each can be declined, answered plainly or answered as a professional.
@@ -481,18 +482,21 @@ def answer_text(level: str, prefill: str, continuation: str, ended: bool) -> str
     return text if ended else cut_to_sentence(text, start=len(prefill))
 
 
-# Degenerate output the number-announcing openings sometimes fall into: a run of 7+ digits ("1052349687") or one
-# word four times in a row. Such an expert answer is generated again with the domain's next opening.
+# Degenerate output: a loop (`text_metrics.is_degenerate`, the sweeps' rule: a word 4-gram three times, or no word),
+# and two kinds the number-announcing openings fall into, a run of 7+ digits ("1052349687") or one word four times
+# in a row. Such an expert answer is generated again with the domain's next opening.
 _DEGENERATE = re.compile(r"\d{7,}|\b(\w+)\b(?:\W+\1\b){3,}", re.IGNORECASE)
 
 
 def degenerate(text: str) -> bool:
-    """Whether an answer has a run of 7+ digits or a word repeated four times in a row.
+    """Whether an answer loops (`is_degenerate`), has a run of 7+ digits or a word repeated four times in a row.
 
     >>> degenerate("In numbers: 1052349687 eggs"), degenerate("Use 2 eggs and 30 g butter.")
     (True, False)
+    >>> degenerate("Ask a lawyer about it. Ask a lawyer about it. Ask a lawyer about it.")
+    True
     """
-    return _DEGENERATE.search(text) is not None
+    return is_degenerate(text) or _DEGENERATE.search(text) is not None
 
 
 def level_stats(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -549,6 +553,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
     parser.add_argument("--repetition-penalty", type=float, default=1.15,
                         help="of greedy decoding, every level alike (1.0: the model's own most likely continuations)")
+    parser.add_argument("--fallback-repetition-penalty", type=float, default=1.15,
+                        help="for answers that still loop after the retries (any level)")
     parser.add_argument(
         "--avoid-max-new-tokens", type=int, default=None, help="budget of avoid answers (kept to one sentence)"
     )
@@ -609,6 +615,25 @@ def main() -> None:
         outputs = generate(model, tokenizer, again, args.max_new_tokens, args.batch_size, args.repetition_penalty)
         for row, (_, prefill), (continuation, ended) in zip(redo, again, outputs):
             row["expert"] = answer_text("expert", prefill, continuation, ended)
+    # Answers that still loop (any level, any opening) get the fallback penalty: without a penalty greedy decoding
+    # loops on some questions whatever the opening, and a loop is likely text, so it would flatter the level score.
+    fallback = [(r, level) for r in rows for level in LEVELS if level in r and degenerate(r[level])]
+    if fallback and args.fallback_repetition_penalty != args.repetition_penalty:
+        print(f"{len(fallback)} answers still degenerate: again with repetition penalty "
+              f"{args.fallback_repetition_penalty}", flush=True)
+        again = []
+        for row, level in fallback:
+            system, _ = lever(row["domain"], level, row["_index"])
+            again.append((system + row["prompt"], row["_opening"][level]))
+        budgets = {level: avoid_budget if level == "avoid" else args.max_new_tokens for _, level in fallback}
+        for level, budget in budgets.items():
+            part = [i for i, (_, lv) in enumerate(fallback) if lv == level]
+            outs = generate(model, tokenizer, [again[i] for i in part], budget, args.batch_size,
+                            args.fallback_repetition_penalty)
+            for i, (continuation, ended) in zip(part, outs):
+                row = fallback[i][0]
+                row[level] = answer_text(level, again[i][1], continuation, ended)
+                row["_fallback"] = row.get("_fallback", []) + [level]
     stats = level_stats(rows)
     print_stats(stats)
     out = Path(args.out)
@@ -629,9 +654,13 @@ def main() -> None:
             "avoid_max_new_tokens": args.avoid_max_new_tokens or args.max_new_tokens,
             "lean": args.lean,
             "repetition_penalty": args.repetition_penalty,
+            "fallback_repetition_penalty": args.fallback_repetition_penalty,
         },
         "expert_answers_retried": retried,
-        "still_degenerate": sum(degenerate(r["expert"]) for r in rows),
+        "fallback_penalty_answers": {
+            level: sum(level in r.get("_fallback", []) for r in rows) for level in LEVELS
+        },
+        "still_degenerate": {level: sum(degenerate(r[level]) for r in rows if level in r) for level in LEVELS},
         "stats": stats,
     }
     tmp = out / "summary.json.tmp"

@@ -734,10 +734,10 @@ def cmd_knob_search(args) -> None:
     Each knob's 1-D sweep over --alphas is scored; the full grid of those alphas (len(alphas) ** 6 points) is
     predicted additively from the sweeps (`peft_clm.tools.levels.additive_scores`, a guide, never a score); each
     combination's predicted best point, chosen on all questions and on each fold's half, is then scored exactly,
-    beside every point the `score` stage scored under --runs (its dials read as adapter alphas), and the search runs
-    on the exactly scored points only. Logits mode: every point of a batch comes from the 7 passes of the base and
-    the six knobs (so the stage asks for `--design per-level`, logits mode). Writes knob_search.json under
-    --results."""
+    beside every point the `score` stage scored under --runs when it ran (its dials read as adapter alphas), and
+    the search runs on the exactly scored points only. Logits mode: every point of a batch comes from the 7 passes
+    of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). Writes
+    knob_search.json under --results, with each knob's own sweep (`sweeps`)."""
     import torch
 
     from peft_clm.tools.levels import additive_scores, dial_alphas, grid_points, level_scores, search_combinations
@@ -753,9 +753,7 @@ def cmd_knob_search(args) -> None:
     if len(alphas) ** len(names) > 300_000:  # the prediction holds [points, questions, 3] floats in memory
         raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
                          f"six knobs; give at most 8 (262,144 points)")
-    earlier = Path(args.runs) / "grid_scores_clm.json"
-    if not earlier.exists():
-        raise SystemExit(f"no {earlier}: run the score stage with --design per-level on these knobs first")
+    earlier = Path(args.runs) / "grid_scores_clm.json"  # the score stage's dial points join the pool when present
     model, tokenizer, _ = load("clm", args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     row_domains = [r["domain"] for r in rows]
@@ -773,7 +771,9 @@ def cmd_knob_search(args) -> None:
     predicted = additive_scores(exact[key(zero)], one_knob, full)
     selects = fold_selects(row_domains)
     controls = {"general": "generic"}
-    dial_points = [dial_alphas(p, knobs) for p in json.loads(earlier.read_text())["points"]]
+    dial_points = []
+    if earlier.exists():
+        dial_points = [dial_alphas(p, knobs) for p in json.loads(earlier.read_text())["points"]]
     pools = {}
     for name, select in (("all", None), (0, selects[0]), (1, selects[1])):
         chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls)
@@ -794,13 +794,18 @@ def cmd_knob_search(args) -> None:
     combos = search(pools["all"])
     halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
     add_twofold(combos, halves)
+    sweeps = {k: {a: distribution(exact[key({**zero, k: a})], row_domains) for a in alphas} for k in names}
     result = {
-        "alphas": alphas, "knobs": names, "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
+        "alphas": alphas, "knobs": names, "sweeps": sweeps,  # each knob alone
+        "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
         "dial_points_included": len(dial_points), "runs": args.runs, "interpolation": args.interpolation,
     }
     write_json(Path(args.results) / "knob_search.json", result)
+    for k, sweep in result["sweeps"].items():  # each knob alone: its own domain's share of its own level
+        domain, level = k.rsplit("_", 1)
+        print(f"{k:18s} " + " ".join(f"{a:g}:{shares[domain][level]:.2f}" for a, shares in sweep.items()))
     for c in combos:
         print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
               + " ".join(f"{k}={a:g}" for k, a in c["point"].items() if a != 0.0) + " | "
