@@ -27,8 +27,11 @@ string marks a level.
   professional register, not correct; no answer in this data set is advice.
 
 Answers get at most 64 new tokens after the opening (repetition_penalty 1.15, as scripts/build_preference_data.py)
-and are cut after their last complete sentence when the budget, not the model, ended them. The split is by
-question, 45 train / 15 held-out per domain (seeded shuffle). The script prints, per domain and level, the means
+and are cut after their last complete sentence when the budget, not the model, ended them. An expert answer that
+loops or runs into digits (`degenerate`) is generated again with the domain's next opening, at most twice; an answer
+of any level that still does is generated once more at --fallback-repetition-penalty (1.15) when the main penalty is
+another (`--repetition-penalty 1.0`: the model's own most likely continuations, which loop more often). The split is
+by question, 45 train / 15 held-out per domain (seeded shuffle). The script prints, per domain and level, the means
 of the transparent markers of `peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them
 with the levers to `summary.json`.
 
@@ -43,6 +46,7 @@ import random
 import re
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -482,21 +486,41 @@ def answer_text(level: str, prefill: str, continuation: str, ended: bool) -> str
     return text if ended else cut_to_sentence(text, start=len(prefill))
 
 
-# Degenerate output: a loop (`text_metrics.is_degenerate`, the sweeps' rule: a word 4-gram three times, or no word),
-# and two kinds the number-announcing openings fall into, a run of 7+ digits ("1052349687") or one word four times
-# in a row. Such an expert answer is generated again with the domain's next opening.
+# Degenerate output: a loop by the sweeps' rule (`text_metrics.is_degenerate`: a word 4-gram three times, or no
+# word); the same rule over words and numbers, every number one symbol, since the number-announcing openings loop
+# in numbers ("1.1, 1.2, 1.3, ...", "2017 Federal Law: 2017-2018 Federal Law: ...") and `is_degenerate` counts
+# letter words only; and a run of 7+ digits ("1052349687") or one word four times in a row.
 _DEGENERATE = re.compile(r"\d{7,}|\b(\w+)\b(?:\W+\1\b){3,}", re.IGNORECASE)
+_WORD_OR_NUMBER = re.compile(r"[A-Za-z']+|\d+(?:[.,]\d+)*")
+
+
+def number_loop(text: str, n: int = 4, repeats: int = 3) -> bool:
+    """Whether an n-gram of words and numbers, each number read as "#", occurs `repeats` or more times.
+
+    Six numbers in a row loop by this rule; so does a list that repeats one template line three times ("Day 1:
+    Rome, Italy Day 2: Rome, Italy ..."), and so, rarely, does fluent text that does ("10 days for a typical
+    cold, 2 days for a viral cold, and 3 days for a ..."): such an answer is only generated again.
+
+    >>> number_loop("In numbers: 1.1, 1.2, 1.3, 1.4, 1.5, 1.6")
+    True
+    >>> number_loop("Take 200 mg every 6 hours, at most 1,200 mg a day.")
+    False
+    """
+    tokens = ["#" if t[0].isdigit() else t.lower() for t in _WORD_OR_NUMBER.findall(text)]
+    counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return max(counts.values(), default=0) >= repeats
 
 
 def degenerate(text: str) -> bool:
-    """Whether an answer loops (`is_degenerate`), has a run of 7+ digits or a word repeated four times in a row.
+    """Whether an answer loops (`is_degenerate`, `number_loop`), has a run of 7+ digits or a word repeated four
+    times in a row.
 
     >>> degenerate("In numbers: 1052349687 eggs"), degenerate("Use 2 eggs and 30 g butter.")
     (True, False)
     >>> degenerate("Ask a lawyer about it. Ask a lawyer about it. Ask a lawyer about it.")
     True
     """
-    return is_degenerate(text) or _DEGENERATE.search(text) is not None
+    return is_degenerate(text) or number_loop(text) or _DEGENERATE.search(text) is not None
 
 
 def level_stats(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -552,7 +576,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
     parser.add_argument("--repetition-penalty", type=float, default=1.15,
-                        help="of greedy decoding, every level alike (1.0: the model's own most likely continuations)")
+                        help="of greedy decoding, every level alike (1.0: the model's own most likely "
+                             "continuations), but answers that still loop after the retries (next option)")
     parser.add_argument("--fallback-repetition-penalty", type=float, default=1.15,
                         help="for answers that still loop after the retries (any level)")
     parser.add_argument(

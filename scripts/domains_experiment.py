@@ -794,7 +794,8 @@ def cmd_knob_search(args) -> None:
     combos = search(pools["all"])
     halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
     add_twofold(combos, halves)
-    sweeps = {k: {a: distribution(exact[key({**zero, k: a})], row_domains) for a in alphas} for k in names}
+    sweeps = {k: [{"alpha": a, "levels": distribution(exact[key({**zero, k: a})], row_domains)} for a in alphas]
+              for k in names}  # as the score stage's levels_clm.json sweeps: [{alpha, levels}]
     result = {
         "alphas": alphas, "knobs": names, "sweeps": sweeps,  # each knob alone
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
@@ -805,7 +806,7 @@ def cmd_knob_search(args) -> None:
     write_json(Path(args.results) / "knob_search.json", result)
     for k, sweep in result["sweeps"].items():  # each knob alone: its own domain's share of its own level
         domain, level = k.rsplit("_", 1)
-        print(f"{k:18s} " + " ".join(f"{a:g}:{shares[domain][level]:.2f}" for a, shares in sweep.items()))
+        print(f"{k:18s} " + " ".join(f"{p['alpha']:g}:{p['levels'][domain][level]:.2f}" for p in sweep))
     for c in combos:
         print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
               + " ".join(f"{k}={a:g}" for k, a in c["point"].items() if a != 0.0) + " | "
