@@ -46,7 +46,6 @@ import random
 import re
 import statistics
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -487,40 +486,24 @@ def answer_text(level: str, prefill: str, continuation: str, ended: bool) -> str
 
 
 # Degenerate output: a loop by the sweeps' rule (`text_metrics.is_degenerate`: a word 4-gram three times, or no
-# word); the same rule over words and numbers, every number one symbol, since the number-announcing openings loop
-# in numbers ("1.1, 1.2, 1.3, ...", "2017 Federal Law: 2017-2018 Federal Law: ...") and `is_degenerate` counts
-# letter words only; and a run of 7+ digits ("1052349687") or one word four times in a row.
+# word), the same rule with numbers as words (the number-announcing openings loop in numbers: "1.1, 1.2, 1.3, ...",
+# "2017 Federal Law: 2017-2018 Federal Law: ..."), a run of 7+ digits ("1052349687") or one word four times in a row.
 _DEGENERATE = re.compile(r"\d{7,}|\b(\w+)\b(?:\W+\1\b){3,}", re.IGNORECASE)
-_WORD_OR_NUMBER = re.compile(r"[A-Za-z']+|\d+(?:[.,]\d+)*")
-
-
-def number_loop(text: str, n: int = 4, repeats: int = 3) -> bool:
-    """Whether an n-gram of words and numbers, each number read as "#", occurs `repeats` or more times.
-
-    Six numbers in a row loop by this rule; so does a list that repeats one template line three times ("Day 1:
-    Rome, Italy Day 2: Rome, Italy ..."), and so, rarely, does fluent text that does ("10 days for a typical
-    cold, 2 days for a viral cold, and 3 days for a ..."): such an answer is only generated again.
-
-    >>> number_loop("In numbers: 1.1, 1.2, 1.3, 1.4, 1.5, 1.6")
-    True
-    >>> number_loop("Take 200 mg every 6 hours, at most 1,200 mg a day.")
-    False
-    """
-    tokens = ["#" if t[0].isdigit() else t.lower() for t in _WORD_OR_NUMBER.findall(text)]
-    counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-    return max(counts.values(), default=0) >= repeats
 
 
 def degenerate(text: str) -> bool:
-    """Whether an answer loops (`is_degenerate`, `number_loop`), has a run of 7+ digits or a word repeated four
-    times in a row.
+    """Whether an answer loops in words or numbers (`is_degenerate`), has a run of 7+ digits or a word repeated
+    four times in a row. Now and then fluent text that repeats a template three times fires ("10 days for a typical
+    cold, 2 days for a viral cold, and 3 days for a ..."): such an answer is only generated again.
 
     >>> degenerate("In numbers: 1052349687 eggs"), degenerate("Use 2 eggs and 30 g butter.")
     (True, False)
     >>> degenerate("Ask a lawyer about it. Ask a lawyer about it. Ask a lawyer about it.")
     True
+    >>> degenerate("In numbers: 1.1, 1.2, 1.3, 1.4, 1.5, 1.6"), degenerate("Take 200 mg every 6 h, at most 1,200 mg.")
+    (True, False)
     """
-    return is_degenerate(text) or number_loop(text) or _DEGENERATE.search(text) is not None
+    return is_degenerate(text) or is_degenerate(text, numbers=True) or _DEGENERATE.search(text) is not None
 
 
 def level_stats(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:

@@ -49,6 +49,30 @@ def test_degeneration_threshold_is_three_occurrences_of_a_4gram():
     assert is_degenerate("a b c d a b c d a b c d", n=4, repeats=3) and not is_degenerate("a b c d a b c d", repeats=3)
 
 
+NUMBER_LOOPS = [
+    "In numbers: 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2,",
+    "In numbers: 2022-01-22 2022-01-23 2022-01-24 2022-01-25 202",
+    "1. 2017 Federal Law: 2017-2018 Federal Law: 2017-2018 Federal Law: 2017-2018 Federal",
+]
+
+
+@pytest.mark.parametrize("text", NUMBER_LOOPS)
+def test_loops_in_numbers_fire_only_when_numbers_count(text):
+    assert is_degenerate(text, numbers=True)
+    assert not is_degenerate(text)  # the sweeps' rule, letter words only: the figures it measured stay put
+
+
+@pytest.mark.parametrize("text", FLUENT + ["Take 200 mg every 6 hours, at most 1,200 mg a day, for 3 days."])
+def test_numbers_as_words_leave_fluent_answers_alone(text):
+    assert not is_degenerate(text, numbers=True)
+
+
+def test_numbers_are_one_symbol():
+    assert max_ngram_repeats("1 2 3 4 5 6", 4, numbers=True) == 3 and max_ngram_repeats("1 2 3 4 5 6", 4) == 0
+    assert max_ngram_repeats("Day 1: Rome. Day 2: Rome. Day 3: Rome.", 3, numbers=True) == 3
+    assert is_degenerate("1 2 3", numbers=True)  # no word at all, as without numbers
+
+
 def test_distinct_2_and_fluency_summary():
     assert distinct_n("the cat sat on the mat", 2) == 1.0
     assert distinct_n("go go go go", 2) == pytest.approx(1 / 3)

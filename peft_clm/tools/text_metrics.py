@@ -62,21 +62,29 @@ DEGENERATE_NGRAM = 4
 DEGENERATE_REPEATS = 3
 
 
-def _lower_words(text: str) -> list[str]:
+_WORD_OR_NUMBER = re.compile(r"[A-Za-z']+|\d+(?:[.,]\d+)*")
+
+
+def _lower_words(text: str, numbers: bool = False) -> list[str]:
+    if numbers:  # every number one symbol: "1.1, 1.2, 1.3" is a loop of "#"
+        return ["#" if t[0].isdigit() else t.lower() for t in _WORD_OR_NUMBER.findall(text)]
     return [w.lower() for w in words(text)]
 
 
-def max_ngram_repeats(text: str, n: int = DEGENERATE_NGRAM) -> int:
+def max_ngram_repeats(text: str, n: int = DEGENERATE_NGRAM, numbers: bool = False) -> int:
     """How often the most frequent word n-gram of `text` occurs (overlapping occurrences count; case and
-    punctuation ignored); 0 when the text has fewer than n words.
+    punctuation ignored); 0 when the text has fewer than n words. With `numbers`, numbers count as words too, each
+    read as the same symbol "#".
 
     Example:
         ```py
         >>> max_ngram_repeats("ensure the windowsill ensure the windowsill ensure the windowsill", 3)
         3
+        >>> max_ngram_repeats("2017 Federal Law: 2017-2018 Federal Law: 2017-2018 Federal Law", 4, numbers=True)
+        2
         ```
     """
-    ws = _lower_words(text)
+    ws = _lower_words(text, numbers)
     counts: dict[tuple, int] = {}
     for i in range(len(ws) - n + 1):
         key = tuple(ws[i : i + n])
@@ -84,9 +92,13 @@ def max_ngram_repeats(text: str, n: int = DEGENERATE_NGRAM) -> int:
     return max(counts.values(), default=0)
 
 
-def is_degenerate(text: str, n: int = DEGENERATE_NGRAM, repeats: int = DEGENERATE_REPEATS) -> bool:
+def is_degenerate(
+    text: str, n: int = DEGENERATE_NGRAM, repeats: int = DEGENERATE_REPEATS, numbers: bool = False
+) -> bool:
     """True for an answer that has stopped being language: a word n-gram (default 4) occurring `repeats` (default
-    3) or more times, or no word at all.
+    3) or more times, or no word at all. With `numbers`, numbers are words too, each the same symbol, so that a
+    loop in numbers fires ("1.1, 1.2, 1.3, 1.4, 1.5, 1.6", "Law: 2017-2018 Law: 2017-2018 ..."); the sweeps count
+    letter words only (their figures were measured so), the domain data's builder both ways.
 
     Why 4-grams occurring 3+ times: a loop of period p words ("windowsill windowsill ...", "a b a b ...", a
     repeated sentence) repeats every 4-gram inside it, so it fires once the loop has run 4 + 2p words (6 for a
@@ -109,7 +121,7 @@ def is_degenerate(text: str, n: int = DEGENERATE_NGRAM, repeats: int = DEGENERAT
     """
     if not words(text):
         return True
-    return max_ngram_repeats(text, n) >= repeats
+    return max_ngram_repeats(text, n, numbers) >= repeats
 
 
 def distinct_n(text: str, n: int = 2) -> float:
