@@ -740,7 +740,14 @@ def cmd_knob_search(args) -> None:
     knob_search.json under --results, with each knob's own sweep (`sweeps`)."""
     import torch
 
-    from peft_clm.tools.levels import additive_scores, dial_alphas, grid_points, level_scores, search_combinations
+    from peft_clm.tools.levels import (
+        additive_scores,
+        dial_alphas,
+        grid_points,
+        knob_leakage,
+        level_scores,
+        search_combinations,
+    )
 
     if args.design != "per-level" or args.interpolation != "logits":
         raise SystemExit("knob-search searches the per-level design's six knobs in logits mode: give --design "
@@ -796,17 +803,22 @@ def cmd_knob_search(args) -> None:
     add_twofold(combos, halves)
     sweeps = {k: [{"alpha": a, "levels": distribution(exact[key({**zero, k: a})], row_domains)} for a in alphas]
               for k in names}  # as the score stage's levels_clm.json sweeps: [{alpha, levels}]
+    leakage = {k: {a: knob_leakage(sweeps[k], k.rsplit("_", 1)[0], a)["max"] for a in alphas if a != 0.0}
+               for k in names}  # each knob alone: the largest move of another domain's mean level, over its own
     result = {
-        "alphas": alphas, "knobs": names, "sweeps": sweeps,  # each knob alone
+        "alphas": alphas, "knobs": names, "sweeps": sweeps, "leakage": leakage,  # each knob alone
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
         "dial_points_included": len(dial_points), "runs": args.runs, "interpolation": args.interpolation,
     }
     write_json(Path(args.results) / "knob_search.json", result)
-    for k, sweep in result["sweeps"].items():  # each knob alone: its own domain's share of its own level
+    print("each knob alone, alpha: its own domain's share of its level / leakage (None: own domain unmoved)")
+    for k, sweep in sweeps.items():
         domain, level = k.rsplit("_", 1)
-        print(f"{k:18s} " + " ".join(f"{p['alpha']:g}:{p['levels'][domain][level]:.2f}" for p in sweep))
+        leaks = {**{a: "/-" if x is None else f"/{x:.2f}" for a, x in leakage[k].items()}, 0.0: ""}
+        print(f"{k:18s} " + " ".join(f"{p['alpha']:g}:{p['levels'][domain][level]:.2f}{leaks[p['alpha']]}"
+                                     for p in sweep))
     for c in combos:
         print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
               + " ".join(f"{k}={a:g}" for k, a in c["point"].items() if a != 0.0) + " | "
