@@ -813,7 +813,7 @@ def cmd_knob_search(args) -> None:
         "dial_points_included": len(dial_points), "runs": args.runs, "interpolation": args.interpolation,
     }
     write_json(Path(args.results) / "knob_search.json", result)
-    print("each knob alone, alpha: its own domain's share of its level / leakage (None: own domain unmoved)")
+    print("each knob alone, alpha: its own domain's share of its level / leakage (-: own domain unmoved)")
     for k, sweep in sweeps.items():
         domain, level = k.rsplit("_", 1)
         leaks = {**{a: "/-" if x is None else f"/{x:.2f}" for a, x in leakage[k].items()}, 0.0: ""}
