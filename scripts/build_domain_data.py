@@ -31,7 +31,9 @@ and are cut after their last complete sentence when the budget, not the model, e
 loops or runs into digits (`degenerate`) is generated again with the domain's next opening, at most twice; an answer
 of any level that still does is generated once more at --fallback-repetition-penalty (1.15) when the main penalty is
 another (`--repetition-penalty 1.0`: the model's own most likely continuations, which loop more often). The split is
-by question, 45 train / 15 held-out per domain (seeded shuffle). The script prints, per domain and level, the means
+by question, 45 train / 15 held-out per domain (seeded shuffle); `--more-train` adds 60 more training questions
+per regulated domain (MORE_TRAIN), answered in a pass of their own so that the 240 questions' answers and split do
+not change. The script prints, per domain and level, the means
 of the transparent markers of `peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them
 with the levers to `summary.json`.
 
@@ -306,6 +308,196 @@ GENERAL = [
 ]
 
 QUESTIONS = {"medical": MEDICAL, "legal": LEGAL, "financial": FINANCIAL, "general": GENERAL}
+
+# More training questions (--more-train), written by hand later, none a paraphrase of the 240 above: training rows
+# only, so that the held-out split, and what every knob is measured on, stay as they are.
+MEDICAL_MORE = [
+    "How much children's paracetamol can I give my 4-year-old?",
+    "How long can I safely take omeprazole every day?",
+    "What should I do if someone is choking and can't breathe?",
+    "How do I do CPR on an adult?",
+    "What's the best way to stop a nosebleed?",
+    "What should I do if my child swallows a button battery?",
+    "What blood pressure reading counts as high?",
+    "What is a normal fasting blood sugar level?",
+    "How do I know if a headache is serious enough to go to the ER?",
+    "Is it okay to take an antihistamine every day for hay fever?",
+    "Is it safe to take ibuprofen if I have high blood pressure?",
+    "When is the best time of day to take levothyroxine?",
+    "Should I finish my antibiotics even if I already feel better?",
+    "How do I know if I have a concussion after hitting my head?",
+    "What are the signs of dehydration in a baby?",
+    "When should my baby start eating solid food?",
+    "How much folic acid should I take when trying to get pregnant?",
+    "My elderly father keeps falling. What can we do to prevent it?",
+    "What are the early signs of dementia?",
+    "How many calories should I eat a day to lose weight?",
+    "How much protein do I need if I lift weights?",
+    "Is it bad to eat eggs every day if I have high cholesterol?",
+    "What are the symptoms of iron deficiency anemia?",
+    "How do I know if I'm having a panic attack?",
+    "What can I do to help a friend who talks about suicide?",
+    "How long does it take for an SSRI to start working?",
+    "How can I tell burnout apart from depression?",
+    "How is ADHD diagnosed in adults?",
+    "What should I do if my child has a seizure?",
+    "What's the best way to get rid of head lice?",
+    "What are the symptoms of appendicitis?",
+    "Why does my heel hurt when I take my first steps in the morning?",
+    "How can I tell if a wound is getting infected?",
+    "Is it safe to take St. John's wort with my antidepressant?",
+    "What's a normal oxygen level on a pulse oximeter?",
+    "How often should women get a mammogram?",
+    "At what age should I start colon cancer screening?",
+    "How often do adults need a tetanus booster?",
+    "What SPF sunscreen should I use and how often should I reapply it?",
+    "How long am I contagious after getting the flu?",
+    "What causes shingles and should I get the vaccine?",
+    "Why are my ankles swollen at the end of the day?",
+    "What is a normal PSA level for a man in his 50s?",
+    "How much exercise do I need each week to stay healthy?",
+    "Is it safe to take medicine that's past its expiry date?",
+    "How should I store insulin when I travel?",
+    "What's the difference between type 1 and type 2 diabetes?",
+    "What should I do if I get bitten by a dog?",
+    "How can I tell if my child's rash is serious?",
+    "What are the symptoms of a blood clot in the leg?",
+    "What foods should I avoid while taking warfarin?",
+    "What should I do if I accidentally took a double dose of my medication?",
+    "How can I get rid of a cough that lingers for weeks after a cold?",
+    "Is it safe to use a neti pot for a blocked nose?",
+    "What helps with hot flashes during menopause?",
+    "How do I know if I have sleep apnea?",
+    "Can I give honey to my 10-month-old for a cough?",
+    "What are the warning signs of an eating disorder in a teenager?",
+    "How much magnesium should I take for leg cramps at night?",
+    "What can help with constipation in an older adult?",
+]
+LEGAL_MORE = [
+    "How much notice does my landlord have to give before raising the rent?",
+    "Can a landlord refuse to rent to me because I have kids?",
+    "My landlord is selling the building. Do I have to move out?",
+    "Who is responsible for pest control in a rental, me or the landlord?",
+    "What can I do about a neighbor who plays loud music every night?",
+    "My neighbor built a fence on my side of the property line. What can I do?",
+    "Can I cut the branches of my neighbor's tree that hang over my yard?",
+    "Is it legal for my neighbor to point a security camera at my backyard?",
+    "Is my neighbor liable if their dog bites me?",
+    "How much notice do I have to give when I quit my job?",
+    "Is my employer required to give me a lunch break?",
+    "Can my employer cut my pay without telling me?",
+    "Am I entitled to severance pay if I'm laid off?",
+    "What counts as constructive dismissal?",
+    "Can I be fired for being pregnant?",
+    "Am I an employee or an independent contractor if I only work for one company?",
+    "Is my employer allowed to read my work emails?",
+    "How long does my employer have to give me my final paycheck?",
+    "How does workers' compensation work if I get hurt on the job?",
+    "Is there a cooling-off period that lets me cancel a contract I just signed?",
+    "Are electronic signatures legally valid?",
+    "How do I write a demand letter to get back money someone owes me?",
+    "How do I get a divorce if my spouse won't agree to it?",
+    "What's the difference between legal separation and divorce?",
+    "Do grandparents have any legal right to see their grandchildren?",
+    "How do I adopt my stepchild?",
+    "Can I move to another state with my child if I share custody?",
+    "Does one spouse always have to pay alimony after a divorce?",
+    "What happens if I get caught driving without car insurance?",
+    "How do I get my license back after it's suspended for too many points?",
+    "Do I have to stop if I hit a parked car and no one is around?",
+    "Is it legal to hold my phone for GPS directions while driving?",
+    "Can a store refuse to give me a refund if I don't have a receipt?",
+    "I keep getting charged for a subscription I canceled. What are my options?",
+    "How do I do a chargeback for an order that never arrived?",
+    "Does repairing a product myself void the warranty?",
+    "Can a wedding venue keep my whole deposit if I cancel a year ahead?",
+    "What rights do I have in the EU if my flight is cancelled?",
+    "Do I need a business license to sell things online from home?",
+    "What paperwork do I need before hiring my first employee?",
+    "Can I mention a competitor's brand by name in my ads?",
+    "What should go into a partnership agreement between two business owners?",
+    "Can I be held personally liable for my LLC's debts?",
+    "Do I have to pay my dead parent's debts?",
+    "Can I contest a will if I think my parent was pressured into changing it?",
+    "What does the executor of a will actually have to do?",
+    "Is a handwritten will legally valid?",
+    "What is an advance healthcare directive and do I need one?",
+    "Can a website sell my personal data without my consent?",
+    "How do I make a company delete the personal data it holds about me?",
+    "What can I do if someone posts private photos of me online?",
+    "How do I apply for a green card through marriage?",
+    "Can I work in the US while I'm on a tourist visa?",
+    "What happens if I overstay my visa by a few days?",
+    "How can I sponsor my parents to immigrate to the US?",
+    "Can I travel abroad while my citizenship application is pending?",
+    "Can I be arrested for not paying a debt?",
+    "Is it legal to carry pepper spray for self-defense?",
+    "Can I sue my doctor if they misdiagnosed me?",
+    "Can my HOA stop me from putting solar panels on my roof?",
+]
+FINANCIAL_MORE = [
+    "How do I make a budget when my income changes every month?",
+    "How can I stop impulse spending online?",
+    "Where should I keep money I'll need for a house down payment in two years?",
+    "Is it worth opening a CD right now?",
+    "Should I use the debt snowball or the debt avalanche method?",
+    "Will closing an old credit card hurt my credit score?",
+    "How long do late payments stay on my credit report?",
+    "How do I dispute an error on my credit report?",
+    "Is a balance transfer card a good way to pay off debt?",
+    "Should I take out a payday loan to cover rent this month?",
+    "What happens if I can't make my car loan payments?",
+    "What is a credit freeze and should I put one on?",
+    "How much can I contribute to a Roth IRA this year?",
+    "What does a 401(k) match of 50% up to 6% actually mean?",
+    "What's a target-date fund and is it a good choice?",
+    "Can I have both a 401(k) and an IRA?",
+    "What are required minimum distributions and when do they start?",
+    "Should I take my pension as a lump sum or as monthly payments?",
+    "Do I need to file a tax return if I only made $10,000 last year?",
+    "What's the difference between a tax deduction and a tax credit?",
+    "Should I take the standard deduction or itemize?",
+    "Why do I owe taxes this year when I got a refund last year?",
+    "Can I deduct a home office if I work remotely for an employer?",
+    "Do I pay tax when I sell my home for a profit?",
+    "What is tax-loss harvesting?",
+    "Is a robo-advisor a good option for a beginner?",
+    "What is a P/E ratio and how should I use it?",
+    "Should I invest in international stocks or just the US market?",
+    "What does it mean to short a stock?",
+    "Are bond funds safe when interest rates are rising?",
+    "How much of my portfolio should be in stocks at age 35?",
+    "What are I bonds and are they worth buying?",
+    "Is it a bad idea to keep most of my savings in my employer's stock?",
+    "Do I need renters insurance?",
+    "How do I choose a deductible for my health insurance plan?",
+    "Is disability insurance worth paying for?",
+    "Should I raise my car insurance deductible to save money?",
+    "Do I need an umbrella insurance policy?",
+    "Are extended warranties on electronics worth buying?",
+    "How much of a down payment do I really need to buy a house?",
+    "What is PMI and how do I get rid of it?",
+    "Should I make extra mortgage payments or invest the money instead?",
+    "What's the difference between mortgage pre-qualification and pre-approval?",
+    "Is a 15-year mortgage better than a 30-year one?",
+    "Should I use a home equity line of credit to renovate my kitchen?",
+    "What is a reverse mortgage and who is it for?",
+    "How should I pay myself from my small business?",
+    "Should I open a separate bank account for my side hustle?",
+    "What's the best retirement account for a self-employed person?",
+    "How can I get a small business loan with no credit history?",
+    "When does it make sense to have my LLC taxed as an S corp?",
+    "How should my partner and I split bills when we move in together?",
+    "How much should I spend on a car relative to my income?",
+    "Is it smart to use buy now, pay later services?",
+    "What's a good interest rate for a personal loan?",
+    "How does income-driven repayment work for federal student loans?",
+    "What's the difference between a credit union and a bank?",
+    "Is my money safe if I keep more than $250,000 in one bank?",
+    "How can I spot and avoid investment scams?",
+    "How much can I put in an ISA each year in the UK?",
+]
+MORE_TRAIN = {"medical": MEDICAL_MORE, "legal": LEGAL_MORE, "financial": FINANCIAL_MORE}
 LEVELS = ("avoid", "generic", "expert")
 # --lean: train questions get only the two levels the DPO pairs use, and the control domain only held-out answers.
 TRAIN_LEVELS_LEAN = ("avoid", "expert")
@@ -543,58 +735,23 @@ def print_stats(stats: dict) -> None:
             )
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSONL atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+def new_row(domain: str, index: int, question: str, split: str) -> dict:
+    """One question's row before its answers: the index picks its openings (`lever`)."""
+    return {"domain": domain, "prompt": [{"role": "user", "content": question}], "_split": split,
+            "_opening": {}, "_index": index}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/domains")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--heldout", type=int, default=15, help="held-out questions per domain")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=24)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.15,
-                        help="of greedy decoding, every level alike (1.0: the model's own most likely "
-                             "continuations), but answers that still loop after the retries (next option)")
-    parser.add_argument("--fallback-repetition-penalty", type=float, default=1.15,
-                        help="for answers that still loop after the retries (any level)")
-    parser.add_argument(
-        "--avoid-max-new-tokens", type=int, default=None, help="budget of avoid answers (kept to one sentence)"
-    )
-    parser.add_argument(
-        "--lean",
-        action="store_true",
-        help="train questions: avoid and expert answers only (what the DPO pairs use); general: held-out only",
-    )
-    args = parser.parse_args()
-    t0 = time.time()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model("smollm2")
-    parts = split_questions(args.seed, args.heldout)
-    rows, requests = [], []
-    for domain, questions in QUESTIONS.items():
-        heldout = set(parts[domain]["heldout"])
-        for index, question in enumerate(questions[: args.limit]):
-            row = {
-                "domain": domain,
-                "prompt": [{"role": "user", "content": question}],
-                "_split": "heldout" if question in heldout else "train",
-                "_opening": {},
-                "_index": index,
-            }
-            if args.lean and row["_split"] == "train" and domain == "general":
-                continue  # the control domain is only scored (held-out), never trained on
-            levels = TRAIN_LEVELS_LEAN if args.lean and row["_split"] == "train" else LEVELS
-            for level in levels:
-                system, prefill = lever(domain, level, index)
-                row["_opening"][level] = prefill
-                requests.append((row, level, system + [{"role": "user", "content": question}], prefill))
-            rows.append(row)
+def answer_rows(model, tokenizer, rows: list[dict], args) -> int:
+    """Fill `rows` with their levels' answers: greedy at `args.repetition_penalty`, degenerate expert answers again
+    with the domain's next two openings, and answers still degenerate once more at the fallback penalty (marked in
+    `_fallback`). Returns how many expert answers were retried."""
+    requests = []
+    for row in rows:
+        levels = TRAIN_LEVELS_LEAN if args.lean and row["_split"] == "train" else LEVELS
+        for level in levels:
+            system, prefill = lever(row["domain"], level, row["_index"])
+            row["_opening"][level] = prefill
+            requests.append((row, level, system + row["prompt"], prefill))
     print(f"{len(rows)} questions, {len(requests)} answers", flush=True)
     outputs: list = [None] * len(requests)
     avoid_budget = args.avoid_max_new_tokens or args.max_new_tokens
@@ -642,6 +799,58 @@ def main() -> None:
                 row = fallback[i][0]
                 row[level] = answer_text(level, again[i][1], continuation, ended)
                 row["_fallback"] = row.get("_fallback", []) + [level]
+    return retried
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSONL atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/domains")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", type=int, default=15, help="held-out questions per domain")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions per domain (trials)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.15,
+                        help="of greedy decoding, every level alike (1.0: the model's own most likely "
+                             "continuations), but answers that still loop after the retries (next option)")
+    parser.add_argument("--fallback-repetition-penalty", type=float, default=1.15,
+                        help="for answers that still loop after the retries (any level)")
+    parser.add_argument(
+        "--avoid-max-new-tokens", type=int, default=None, help="budget of avoid answers (kept to one sentence)"
+    )
+    parser.add_argument(
+        "--more-train",
+        action="store_true",
+        help="also the 60 more training questions per regulated domain (MORE_TRAIN); the held-out split is unchanged",
+    )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="train questions: avoid and expert answers only (what the DPO pairs use); general: held-out only",
+    )
+    args = parser.parse_args()
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model("smollm2")
+    parts = split_questions(args.seed, args.heldout)
+    passes = [[new_row(d, i, q, "heldout" if q in parts[d]["heldout"] else "train")
+               for d, questions in QUESTIONS.items() for i, q in enumerate(questions[: args.limit])]]
+    if args.more_train:  # a pass of their own: the 240 questions above keep their answers byte for byte
+        passes.append([new_row(d, len(QUESTIONS[d]) + i, q, "train")
+                       for d, questions in MORE_TRAIN.items() for i, q in enumerate(questions[: args.limit])])
+    rows, retried = [], 0
+    for part in passes:
+        if args.lean:  # the control domain is only scored (held-out), never trained on
+            part = [r for r in part if not (r["_split"] == "train" and r["domain"] == "general")]
+        retried += answer_rows(model, tokenizer, part, args)
+        rows += part
     stats = level_stats(rows)
     print_stats(stats)
     out = Path(args.out)
@@ -661,6 +870,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "avoid_max_new_tokens": args.avoid_max_new_tokens or args.max_new_tokens,
             "lean": args.lean,
+            "more_train": args.more_train,
             "repetition_penalty": args.repetition_penalty,
             "fallback_repetition_penalty": args.fallback_repetition_penalty,
         },

@@ -535,9 +535,32 @@ def cmd_knob(args) -> None:
                 "sweep": sweep})
 
 
+def level_alphas(args) -> dict:
+    """Each regulated domain's alpha per level ({domain: {"avoid": a, "generic": 0.0, "expert": e}}, a dial's
+    signed alphas): the score stage's picks (levels_clm.json under --results), or for the per-level design the
+    knob-search stage's sweeps (knob_search.json): each knob at its alpha of highest own accuracy (--pick), the
+    avoid knob's read as a negative dial."""
+    from peft_clm.tools.levels import pick_alpha
+
+    results = Path(args.results)
+    if args.design != "per-level":
+        knobs = json.loads((results / "levels_clm.json").read_text())["knobs"]
+        return {d: {lv: knobs[d][lv]["alpha"] for lv in ("avoid", "generic", "expert")} for d in REGULATED}
+    path = results / "knob_search.json"
+    if not path.exists():
+        raise SystemExit(f"markers --design per-level reads each knob's sweep from {path}: run knob-search first.")
+    sweeps = json.loads(path.read_text())["sweeps"]
+    return {
+        d: {lv: sign * pick_alpha(sweeps[f"{d}_{lv}"], d, lv, 1, args.pick)["alpha"] if lv != "generic" else 0.0
+            for lv, sign in (("avoid", -1.0), ("generic", 0.0), ("expert", 1.0))}
+        for d in REGULATED
+    }
+
+
 def cmd_markers(args) -> None:
     """Generate answers to each domain's held-out questions with its knob at its avoid alpha, 0 and its expert
-    alpha; mean refusal/specificity markers per level, and agreement with the likelihood level of the same setting."""
+    alpha (`level_alphas`); mean refusal/specificity markers per level, and agreement with the likelihood level of
+    the same setting."""
     import torch
 
     from peft_clm.tools.domains import refusal_score, specificity_score
@@ -545,13 +568,13 @@ def cmd_markers(args) -> None:
     from peft_clm.tools.levels import LEVELS, level_scores, levels_from_scores
     from peft_clm.tools.text_metrics import is_degenerate
 
-    levels_json = json.loads((Path(args.results) / "levels_clm.json").read_text())
+    picks = level_alphas(args)
     model, tokenizer, _ = load("clm", args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     out = {"max_new_tokens": args.max_new_tokens, "domains": {}}
     for d in REGULATED:
         part = [r for r in rows if r["domain"] == d][: args.max_per_domain]
-        settings = {lv: levels_json["knobs"][d][lv]["alpha"] for lv in LEVELS}
+        settings = picks[d]
         points = [{**{k: 0.0 for k in REGULATED}, d: settings[lv]} for lv in LEVELS]  # the other knobs at 0
         t0 = time.perf_counter()
         points = as_adapter_alphas(points, dials(args))
