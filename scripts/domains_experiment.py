@@ -535,26 +535,37 @@ def cmd_knob(args) -> None:
                 "sweep": sweep})
 
 
-def level_alphas(args) -> dict:
+def level_alphas(args) -> tuple[dict, str]:
     """Each regulated domain's alpha per level ({domain: {"avoid": a, "generic": 0.0, "expert": e}}, a dial's
-    signed alphas): the score stage's picks (levels_clm.json under --results), or for the per-level design the
-    knob-search stage's sweeps (knob_search.json): each knob at its alpha of highest own accuracy (--pick), the
-    avoid knob's read as a negative dial."""
+    signed alphas) and where they came from. For the per-level design with a knob-search run of the same --runs
+    and --interpolation under --results (knob_search.json with its sweeps): each knob at its alpha of highest own
+    accuracy by --pick (`pick_alpha`), the avoid knob's read as a negative dial. Otherwise the score stage's picks
+    (levels_clm.json under --results), as the markers of every earlier design were made."""
     from peft_clm.tools.levels import pick_alpha
 
     results = Path(args.results)
-    if args.design != "per-level":
-        knobs = json.loads((results / "levels_clm.json").read_text())["knobs"]
-        return {d: {lv: knobs[d][lv]["alpha"] for lv in ("avoid", "generic", "expert")} for d in REGULATED}
-    path = results / "knob_search.json"
+    search = json.loads((results / "knob_search.json").read_text()) if (results / "knob_search.json").exists() else {}
+    if args.design == "per-level" and "sweeps" in search:
+        ran = (Path(search["runs"]).resolve(), search["interpolation"])
+        if ran != (Path(args.runs).resolve(), args.interpolation):
+            raise SystemExit(f"{results / 'knob_search.json'} swept the knobs of {search['runs']} in "
+                             f"{search['interpolation']} mode; markers was given {args.runs} in {args.interpolation}.")
+        picks = {}
+        for d in REGULATED:
+            picks[d] = {"generic": 0.0}
+            for level, sign in (("avoid", -1.0), ("expert", 1.0)):
+                try:
+                    pick = pick_alpha(search["sweeps"][f"{d}_{level}"], d, level, 1, args.pick)
+                    picks[d][level] = sign * pick["alpha"]
+                except ValueError as error:  # a sweep without positive alphas
+                    raise SystemExit(f"knob {d}_{level} in {results / 'knob_search.json'}: {error}") from None
+        return picks, f"knob_search.json sweeps, --pick {args.pick}"
+    path = results / "levels_clm.json"
     if not path.exists():
-        raise SystemExit(f"markers --design per-level reads each knob's sweep from {path}: run knob-search first.")
-    sweeps = json.loads(path.read_text())["sweeps"]
-    return {
-        d: {lv: sign * pick_alpha(sweeps[f"{d}_{lv}"], d, lv, 1, args.pick)["alpha"] if lv != "generic" else 0.0
-            for lv, sign in (("avoid", -1.0), ("generic", 0.0), ("expert", 1.0))}
-        for d in REGULATED
-    }
+        raise SystemExit(f"markers reads the alphas from {path} (score stage) or, for --design per-level, from "
+                         f"{results / 'knob_search.json'} (knob-search stage): neither is there.")
+    knobs = json.loads(path.read_text())["knobs"]
+    return {d: {lv: knobs[d][lv]["alpha"] for lv in ("avoid", "generic", "expert")} for d in REGULATED}, path.name
 
 
 def cmd_markers(args) -> None:
@@ -568,10 +579,10 @@ def cmd_markers(args) -> None:
     from peft_clm.tools.levels import LEVELS, level_scores, levels_from_scores
     from peft_clm.tools.text_metrics import is_degenerate
 
-    picks = level_alphas(args)
+    picks, source = level_alphas(args)
     model, tokenizer, _ = load("clm", args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
-    out = {"max_new_tokens": args.max_new_tokens, "domains": {}}
+    out = {"max_new_tokens": args.max_new_tokens, "alphas_from": source, "domains": {}}
     for d in REGULATED:
         part = [r for r in rows if r["domain"] == d][: args.max_per_domain]
         settings = picks[d]
@@ -1145,8 +1156,8 @@ def main() -> None:
         "--pick",
         choices=["accuracy", "specific"],
         default="accuracy",
-        help="score stage: a knob's avoid/expert alpha is the one of highest own accuracy, or (specific) of the "
-        "alphas reaching 0.8, the one of lowest leakage (peft_clm.tools.levels.pick_alpha)",
+        help="score and markers stages: a knob's avoid/expert alpha is the one of highest own accuracy, or "
+        "(specific) of the alphas reaching 0.8, the one of lowest leakage (peft_clm.tools.levels.pick_alpha)",
     )
     parser.add_argument(
         "--reuse-scores",
