@@ -299,19 +299,22 @@ def as_adapter_alphas(points: list[dict], knobs: dict | None) -> list[dict]:
 
 
 def score_points(kind, model, tokenizer, rows, points, vectors=None, batch_size=8, knobs=None):
-    """Level scores at each point: CLM points are {domain: alpha} (read through `as_adapter_alphas`); vector points
-    are {domain: scale} applied in place."""
+    """Level scores at each point, {domain: alpha} read through `as_adapter_alphas` as {knob: alpha}: CLM points
+    from one batched logits-mode pass per batch; vector points each from a pass of its own, with the knobs'
+    vectors ({knob: path}) applied in place at their scales and undone after."""
     from peft_clm.tools.levels import level_scores
 
+    points = as_adapter_alphas(points, knobs)
     if kind == "clm":
-        return level_scores(model, tokenizer, rows, as_adapter_alphas(points, knobs), batch_size=batch_size)
+        return level_scores(model, tokenizer, rows, points, batch_size=batch_size)
     import torch
+    from tqdm.auto import tqdm
 
     from peft_clm.tools.vectors import applied
 
     out = []
-    for p in points:
-        with applied(model, [(vectors[d], s) for d, s in p.items() if s != 0.0]):
+    for p in tqdm(points, desc="vector points", disable=len(points) < 2):
+        with applied(model, [(vectors[k], s) for k, s in p.items() if s != 0.0]):
             out.append(level_scores(model, tokenizer, rows, [None], batch_size=batch_size)[0])
     return torch.stack(out)
 
@@ -338,8 +341,7 @@ def load(kind, args):
 
         model, tokenizer = load_model("smollm2")
         runs = Path(args.runs) / "clm"
-        knobs = dials(args)
-        names = list(REGULATED) if knobs is None else [k for pair in knobs.values() for k in pair]
+        names = knob_names(args)
         peft_model = PeftModel.from_pretrained(model, str(runs / names[0]), adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(str(runs / name), adapter_name=name)
@@ -347,8 +349,32 @@ def load(kind, args):
         peft_model.set_interpolation(args.interpolation)
         return peft_model.eval(), tokenizer, None
     model, tokenizer = load_model("smollm2")
-    vectors = {d: str(Path(args.runs) / "vectors" / f"{d}.safetensors") for d in REGULATED}
-    return model, tokenizer, vectors
+    return model, tokenizer, knob_vectors(args)
+
+
+def knob_names(args) -> list[str]:
+    """The knobs under --runs: one per regulated domain, or the per-level design's six."""
+    knobs = dials(args)
+    return list(REGULATED) if knobs is None else [k for pair in knobs.values() for k in pair]
+
+
+def knob_vectors(args) -> dict[str, str]:
+    """{knob: path} of each knob's alignment vector (aligned - base), extracted from --runs/full/<knob> on first use
+    (`peft_clm.tools.vectors.extract` writes through a temporary file: never a half-written vector)."""
+    from peft_clm.tools.loading import resolve_model_path
+    from peft_clm.tools.vectors import extract
+
+    vectors = {}
+    for name in knob_names(args):
+        out = Path(args.runs) / "vectors" / f"{name}.safetensors"
+        if not out.exists():
+            aligned = Path(args.runs) / "full" / name
+            if not aligned.exists():
+                raise SystemExit(f"no full-DPO checkpoint for knob {name} at {aligned} (train --kind full first)")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            extract(resolve_model_path("smollm2"), aligned, out)
+        vectors[name] = str(out)
+    return vectors
 
 
 def cmd_score(args) -> None:
@@ -357,15 +383,6 @@ def cmd_score(args) -> None:
     from peft_clm.tools.levels import additive_scores, grid_points, knob_leakage, pick_alpha, search_combinations
 
     kind = args.kind
-    if kind == "vectors":
-        from peft_clm.tools.loading import resolve_model_path
-        from peft_clm.tools.vectors import extract
-
-        for d in REGULATED:
-            out = Path(args.runs) / "vectors" / f"{d}.safetensors"
-            if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                extract(resolve_model_path("smollm2"), Path(args.runs) / "full" / d, out)
     model, tokenizer, vectors = load(kind, args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     if args.max_per_domain:
@@ -770,8 +787,10 @@ def cmd_knob_search(args) -> None:
     combination's predicted best point, chosen on all questions and on each fold's half, is then scored exactly,
     beside every point the `score` stage scored under --runs when it ran (its dials read as adapter alphas), and
     the search runs on the exactly scored points only. Logits mode: every point of a batch comes from the 7 passes
-    of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). Writes
-    knob_search.json under --results, with each knob's own sweep (`sweeps`)."""
+    of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors`
+    the six knobs are full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the
+    vectors applied at their scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
+    knob's own sweep (`sweeps`)."""
     import torch
 
     from peft_clm.tools.levels import (
@@ -779,23 +798,25 @@ def cmd_knob_search(args) -> None:
         dial_alphas,
         grid_points,
         knob_leakage,
-        level_scores,
         search_combinations,
     )
 
-    if args.design != "per-level" or args.interpolation != "logits":
-        raise SystemExit("knob-search searches the per-level design's six knobs in logits mode: give --design "
-                         f"per-level (got {args.design}) and --interpolation logits (got {args.interpolation})")
+    kind = args.kind
+    clm_not_logits = kind == "clm" and args.interpolation != "logits"
+    if kind not in ("clm", "vectors") or args.design != "per-level" or clm_not_logits:
+        raise SystemExit("knob-search searches the per-level design's six knobs, CLM knobs in logits mode or "
+                         f"alignment vectors: give --design per-level (got {args.design}), --kind clm or vectors "
+                         f"(got {kind}) and, for clm, --interpolation logits (got {args.interpolation})")
     knobs = dials(args)
-    names = [k for pair in knobs.values() for k in pair]
+    names = knob_names(args)
     alphas = [float(a) for a in args.alphas.split(",")]
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
     if len(alphas) ** len(names) > 300_000:  # the prediction holds [points, questions, 3] floats in memory
         raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
                          f"six knobs; give at most 8 (262,144 points)")
-    earlier = Path(args.runs) / "grid_scores_clm.json"  # the score stage's dial points join the pool when present
-    model, tokenizer, _ = load("clm", args)
+    earlier = Path(args.runs) / f"grid_scores_{kind}.json"  # the score stage's dial points join the pool when present
+    model, tokenizer, vectors = load(kind, args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     row_domains = [r["domain"] for r in rows]
     zero = {k: 0.0 for k in names}
@@ -803,9 +824,12 @@ def cmd_knob_search(args) -> None:
     def key(point: dict) -> str:
         return key_of(point, names)
 
+    def exact_scores(points):  # points of adapter (vector) alphas: {knob: alpha}
+        return score_points(kind, model, tokenizer, rows, points, vectors)
+
     t0 = time.perf_counter()
     points_1d = [zero] + [{**zero, k: a} for k in names for a in alphas if a != 0.0]
-    sweep_scores = level_scores(model, tokenizer, rows, points_1d, batch_size=8)
+    sweep_scores = exact_scores(points_1d)
     exact = dict(zip(map(key, points_1d), sweep_scores))
     one_knob = {k: {a: exact[key({**zero, k: a})] for a in alphas} for k in names}
     full = grid_points({k: alphas for k in names})
@@ -825,7 +849,7 @@ def cmd_knob_search(args) -> None:
     todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
     print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring {len(todo)} points "
           f"exactly", flush=True)
-    exact.update(zip(map(key, todo), level_scores(model, tokenizer, rows, todo, batch_size=8)))
+    exact.update(zip(map(key, todo), exact_scores(todo)))
     seconds = time.perf_counter() - t0
 
     def search(pool, select=None):
@@ -844,9 +868,10 @@ def cmd_knob_search(args) -> None:
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
-        "dial_points_included": len(dial_points), "runs": args.runs, "interpolation": args.interpolation,
+        "dial_points_included": len(dial_points), "runs": args.runs, "kind": kind,
+        "interpolation": args.interpolation if kind == "clm" else None,
     }
-    write_json(Path(args.results) / "knob_search.json", result)
+    write_json(Path(args.results) / ("knob_search.json" if kind == "clm" else f"knob_search_{kind}.json"), result)
     print("each knob alone, alpha: its own domain's share of its level / leakage (-: own domain unmoved)")
     for k, sweep in sweeps.items():
         domain, level = k.rsplit("_", 1)
@@ -858,7 +883,7 @@ def cmd_knob_search(args) -> None:
               + " ".join(f"{k}={a:g}" for k, a in c["point"].items() if a != 0.0) + " | "
               + " ".join(f"{d[:3]} {a:.2f}" for d, a in c["accuracy"].items())
               + (" | reached" if c["reached"] else "") + (" (two-fold)" if c["twofold_reached"] else ""), flush=True)
-    print(f"signed knobs: {result['reached']}/27 reached, {result['twofold_reached']}/27 two-fold; "
+    print(f"signed knobs ({kind}): {result['reached']}/27 reached, {result['twofold_reached']}/27 two-fold; "
           f"{len(exact)} points scored exactly in {seconds:.0f} s")
 
 

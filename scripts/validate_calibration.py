@@ -7,7 +7,8 @@ is scored from the sweep's recorded answers instead of generated again (decoding
 Three targets per dimension are spread over what the knob reaches in its usable range on half A (20%, 50% and 80%
 of the way from the lowest to the highest mean); each is calibrated on A (`peft_clm.tools.calibrate.calibrate`),
 then the metric is measured on B at the alpha found, and called within tolerance when
-|B - target| <= 10% of |target|.
+|B - target| <= 10% of |target|. A knob whose usable reach lies within 10% of its middle value is reported as
+`"testable": false`: its targets lie closer together than the tolerance, so the check barely tests anything.
 
     python scripts/validate_calibration.py --adapter runs/concise --dimension concise --max-new-tokens 64 \\
         --sweep results/concise/sweep.json --out results/calibration/concise.json
@@ -75,6 +76,9 @@ def main() -> None:
     lo, hi = usable["range"]
     reach = sorted(coarse[a]["value"] for a in alphas if lo <= a <= hi)
     targets = [round(reach[0] + float(f) * (reach[-1] - reach[0]), 2) for f in args.fractions.split(",")]
+    # A knob whose whole usable reach lies within 10% of its middle: targets closer together than the tolerance.
+    middle = (reach[0] + reach[-1]) / 2
+    testable = not all(abs(v - middle) <= 0.10 * abs(middle) for v in (reach[0], reach[-1]))
     found = [calibrate(model, tokenizer, half_a, metric, t, alphas=alphas, max_steps=args.max_steps, cache=cache_a,
                        **kw) for t in targets]
     on_b = measure(model, tokenizer, half_b, [c.alpha for c in found], metric, **kw)
@@ -89,7 +93,7 @@ def main() -> None:
         "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
         "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),
         "coarse_alphas": alphas, "usable_range": [lo, hi], "reachable_a": [reach[0], reach[-1]],
-        "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
+        "testable": testable, "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -101,6 +105,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['target']:.2f} | {r['alpha']:.3g} | {r['value_a']:.2f} | {r['value_b']:.2f} "
               f"| {r['relative_error_b']:.1%} | {'yes' if r['within_10pct'] else 'no'} |")
+    if not testable:
+        print(f"not a test: the usable reach [{reach[0]:.2f}, {reach[-1]:.2f}] lies within 10% of its middle "
+              f"({middle:.2f}): the targets lie closer together than the tolerance")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
 
 

@@ -3,6 +3,7 @@ one-sequence-at-a-time loop at every grid point, the argmax and accuracies, the 
 the level pairs (ordinal, target, anchor) and the anchors' zero-then-restoring DPO gradient."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,6 +275,50 @@ def test_a_signed_dial_drives_one_of_two_one_ended_knobs():
     )
     torch.testing.assert_close(dialled, direct)
     assert not torch.allclose(dialled[0], dialled[1]) and not torch.allclose(dialled[0], dialled[2])
+
+
+def _domains_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "domains_experiment.py"
+    spec = importlib.util.spec_from_file_location("domains_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vector_knobs_read_as_dials_score_as_the_weights_they_stand_for(tmp_path):
+    """The knob-search stage with --kind vectors: a signed dial over two full-checkpoint vectors scores as the base
+    plus that vector at that scale, built by hand; the model is back to its base weights afterwards."""
+    from peft_clm.tools.vectors import extract
+
+    script = _domains_script()
+    tokenizer = tiny_tokenizer()
+    base = _plain_model(tokenizer, seed=3)
+    base.save_pretrained(tmp_path / "base")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    vectors = {}
+    for seed, knob in enumerate(("m_avoid", "m_expert")):
+        aligned = _plain_model(tokenizer, seed=3)
+        torch.manual_seed(10 + seed)
+        with torch.no_grad():
+            for w in aligned.parameters():
+                w.add_(0.2 * torch.randn_like(w))
+        aligned.save_pretrained(tmp_path / knob)
+        vectors[knob] = str(tmp_path / f"{knob}.safetensors")
+        extract(tmp_path / "base", tmp_path / knob, vectors[knob])
+    knobs = {"m": ("m_avoid", "m_expert")}
+    got = script.score_points("vectors", base, tokenizer, ROWS, [{"m": -1.5}, {"m": 0.0}, {"m": 0.5}],
+                              vectors, knobs=knobs)
+    for i, (knob, scale) in enumerate((("m_avoid", 1.5), (None, 0.0), ("m_expert", 0.5))):
+        by_hand = _plain_model(tokenizer, seed=3)
+        if knob is not None:
+            aligned = AutoModelForCausalLM.from_pretrained(tmp_path / knob).state_dict()
+            by_hand.load_state_dict({k: v + scale * (aligned[k] - v) for k, v in base_state.items()})
+        torch.testing.assert_close(got[i], naive_scores(by_hand, tokenizer, ROWS, None), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1]) and not torch.allclose(got[2], got[1])
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, base_state[k]), k
 
 
 def test_bad_input_is_one_clear_error(setup):
