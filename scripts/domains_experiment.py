@@ -11,6 +11,7 @@ Stages (each writes JSON under --results, default results/domains; `report` join
     python scripts/domains_experiment.py markers               # generated answers: markers vs likelihood level
     python scripts/domains_experiment.py decompose             # references' likelihood: opening vs continuation
     python scripts/domains_experiment.py knob-search           # per-level: 27 combinations over six signed knobs
+    python scripts/domains_experiment.py knob-search --kind vectors   # the same over six full-DPO vectors
     python scripts/domains_experiment.py report                # tables, CSV, plots
 
 The level of the model on a held-out question is the reference answer (avoid / generic / expert, stored in
