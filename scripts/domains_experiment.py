@@ -359,21 +359,26 @@ def knob_names(args) -> list[str]:
     return list(REGULATED) if knobs is None else [k for pair in knobs.values() for k in pair]
 
 
-def knob_vectors(args) -> dict[str, str]:
-    """{knob: path} of each knob's alignment vector (aligned - base), extracted from --runs/full/<knob> on first use
-    (`peft_clm.tools.vectors.extract` writes through a temporary file: never a half-written vector)."""
+def knob_vectors(args, base: str | None = None) -> dict[str, str]:
+    """{knob: path} of each knob's alignment vector (aligned - base model, default SmolLM2), extracted from
+    --runs/full/<knob> on first use and again when that checkpoint was written after its vector (a retrained knob
+    never reads a stale vector). `peft_clm.tools.vectors.extract` writes through a temporary file: never a
+    half-written vector."""
     from peft_clm.tools.loading import resolve_model_path
     from peft_clm.tools.vectors import extract
 
     vectors = {}
     for name in knob_names(args):
         out = Path(args.runs) / "vectors" / f"{name}.safetensors"
+        aligned = Path(args.runs) / "full" / name
+        written = [f.stat().st_mtime for f in aligned.glob("*.safetensors")]
+        if out.exists() and written and max(written) > out.stat().st_mtime:
+            out.unlink()
         if not out.exists():
-            aligned = Path(args.runs) / "full" / name
-            if not aligned.exists():
+            if not written:
                 raise SystemExit(f"no full-DPO checkpoint for knob {name} at {aligned} (train --kind full first)")
             out.parent.mkdir(parents=True, exist_ok=True)
-            extract(resolve_model_path("smollm2"), aligned, out)
+            extract(base or resolve_model_path("smollm2"), aligned, out)
         vectors[name] = str(out)
     return vectors
 
@@ -791,7 +796,7 @@ def cmd_knob_search(args) -> None:
     of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors`
     the six knobs are full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the
     vectors applied at their scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
-    knob's own sweep (`sweeps`)."""
+    knob's own sweep (`sweeps`); `--sweeps-only` stops after those sweeps (knob_search[_vectors]_sweeps.json)."""
     import torch
 
     from peft_clm.tools.levels import (
@@ -832,6 +837,29 @@ def cmd_knob_search(args) -> None:
     points_1d = [zero] + [{**zero, k: a} for k in names for a in alphas if a != 0.0]
     sweep_scores = exact_scores(points_1d)
     exact = dict(zip(map(key, points_1d), sweep_scores))
+    sweeps = {k: [{"alpha": a, "levels": distribution(exact[key({**zero, k: a})], row_domains)} for a in alphas]
+              for k in names}  # as the score stage's levels_clm.json sweeps: [{alpha, levels}]
+    leakage = {k: {a: knob_leakage(sweeps[k], k.rsplit("_", 1)[0], a)["max"] for a in alphas if a != 0.0}
+               for k in names}  # each knob alone: the largest move of another domain's mean level, over its own
+    result = {"alphas": alphas, "knobs": names, "sweeps": sweeps, "leakage": leakage,  # each knob alone
+              "runs": args.runs, "kind": kind, "interpolation": args.interpolation if kind == "clm" else None}
+    out = Path(args.results) / ("knob_search" + ("" if kind == "clm" else f"_{kind}")
+                                + ("_sweeps" if args.sweeps_only else "") + ".json")
+
+    def print_sweeps():
+        print("each knob alone, alpha: its own domain's share of its level / leakage (-: own domain unmoved)")
+        for k, sweep in sweeps.items():
+            domain, level = k.rsplit("_", 1)
+            leaks = {**{a: "/-" if x is None else f"/{x:.2f}" for a, x in leakage[k].items()}, 0.0: ""}
+            print(f"{k:18s} " + " ".join(f"{p['alpha']:g}:{p['levels'][domain][level]:.2f}{leaks[p['alpha']]}"
+                                         for p in sweep))
+
+    if args.sweeps_only:
+        result.update(n_points_scored=len(exact), seconds=time.perf_counter() - t0)
+        write_json(out, result)
+        print_sweeps()
+        print(f"{len(exact)} points scored in {result['seconds']:.0f} s; wrote {out}")
+        return
     one_knob = {k: {a: exact[key({**zero, k: a})] for a in alphas} for k in names}
     full = grid_points({k: alphas for k in names})
     predicted = additive_scores(exact[key(zero)], one_knob, full)
@@ -860,25 +888,14 @@ def cmd_knob_search(args) -> None:
     combos = search(pools["all"])
     halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
     add_twofold(combos, halves)
-    sweeps = {k: [{"alpha": a, "levels": distribution(exact[key({**zero, k: a})], row_domains)} for a in alphas]
-              for k in names}  # as the score stage's levels_clm.json sweeps: [{alpha, levels}]
-    leakage = {k: {a: knob_leakage(sweeps[k], k.rsplit("_", 1)[0], a)["max"] for a in alphas if a != 0.0}
-               for k in names}  # each knob alone: the largest move of another domain's mean level, over its own
-    result = {
-        "alphas": alphas, "knobs": names, "sweeps": sweeps, "leakage": leakage,  # each knob alone
+    result.update({
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
-        "dial_points_included": len(dial_points), "runs": args.runs, "kind": kind,
-        "interpolation": args.interpolation if kind == "clm" else None,
-    }
-    write_json(Path(args.results) / ("knob_search.json" if kind == "clm" else f"knob_search_{kind}.json"), result)
-    print("each knob alone, alpha: its own domain's share of its level / leakage (-: own domain unmoved)")
-    for k, sweep in sweeps.items():
-        domain, level = k.rsplit("_", 1)
-        leaks = {**{a: "/-" if x is None else f"/{x:.2f}" for a, x in leakage[k].items()}, 0.0: ""}
-        print(f"{k:18s} " + " ".join(f"{p['alpha']:g}:{p['levels'][domain][level]:.2f}{leaks[p['alpha']]}"
-                                     for p in sweep))
+        "dial_points_included": len(dial_points),
+    })
+    write_json(out, result)
+    print_sweeps()
     for c in combos:
         print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
               + " ".join(f"{k}={a:g}" for k, a in c["point"].items() if a != 0.0) + " | "
@@ -1194,6 +1211,8 @@ def main() -> None:
                         help="knob and decompose stages: the questions to read (train: against held-out, memorising)")
     parser.add_argument("--knob-level", choices=["avoid", "expert"], default=None,
                         help="decompose stage: also read each domain's <domain>_<level> knob under --runs at --alphas")
+    parser.add_argument("--sweeps-only", action="store_true",
+                        help="knob-search stage: each knob's 1-D sweep and leakage only, no combination search")
     parser.add_argument("--max-per-domain", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()

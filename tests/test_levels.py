@@ -321,6 +321,38 @@ def test_vector_knobs_read_as_dials_score_as_the_weights_they_stand_for(tmp_path
         assert torch.equal(v, base_state[k]), k
 
 
+def test_knob_vectors_are_extracted_once_and_again_after_a_retrain(tmp_path):
+    """The vectors stage's files: a missing checkpoint is one clear error; each vector is extracted on first use,
+    reused while its checkpoint is older, and extracted again when the knob was retrained after it."""
+    import os
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    script = _domains_script()
+    tokenizer = tiny_tokenizer()
+    _plain_model(tokenizer, seed=3).save_pretrained(tmp_path / "base")
+    args = SimpleNamespace(design="per-level", runs=str(tmp_path / "runs"))
+    with pytest.raises(SystemExit, match="no full-DPO checkpoint for knob medical_avoid at .*full/medical_avoid"):
+        script.knob_vectors(args, base=tmp_path / "base")
+    names = script.knob_names(args)
+    for i, name in enumerate(names):
+        _plain_model(tokenizer, seed=20 + i).save_pretrained(tmp_path / "runs" / "full" / name)
+    paths = script.knob_vectors(args, base=tmp_path / "base")
+    assert sorted(paths) == sorted(names) and all(Path(v).exists() for v in paths.values())
+    first = load_file(paths["legal_expert"])
+    stamp = os.stat(paths["legal_expert"]).st_mtime
+    assert script.knob_vectors(args, base=tmp_path / "base") == paths  # reused: no checkpoint is newer
+    assert os.stat(paths["legal_expert"]).st_mtime == stamp
+    retrained = tmp_path / "runs" / "full" / "legal_expert"
+    _plain_model(tokenizer, seed=99).save_pretrained(retrained)
+    for f in retrained.glob("*.safetensors"):
+        os.utime(f, (stamp + 10, stamp + 10))
+    script.knob_vectors(args, base=tmp_path / "base")
+    again = load_file(paths["legal_expert"])
+    assert any(not torch.equal(first[k], again[k]) for k in first)
+
+
 def test_bad_input_is_one_clear_error(setup):
     model, tokenizer = setup
     with pytest.raises(ValueError, match="lacks \\['expert'\\]"):
