@@ -67,20 +67,24 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
         if k == 1:
             case["lerp"] = lambda x=x, y=ys[0]: torch.lerp(x, y, 0.5)
         out.append(case)
-    # logits mode: one alpha per sequence (rows 0..B-1 of the batch), as a server mixing requests does
-    rows, hidden = hidden_shapes[-1]
-    batch = 8 if not quick else 4
-    x, y = rand(batch, rows // batch, hidden), rand(batch, rows // batch, hidden)
-    per_seq = torch.linspace(-0.5, 1.5, batch, device=device)
-    out.append({
-        "kernel": "hidden_mix fwd per-seq",
-        "shape": f"{rows}x{hidden}",
-        "bytes": 3 * x.numel() * es,
-        "torch": lambda: hidden_mix_reference(x, [y], [per_seq]),
-        "triton": lambda: hidden_mix_triton(x, [y], [per_seq]),
-        "lerp": lambda: torch.lerp(x, y, per_seq.view(-1, 1, 1).to(dtype)),
-    })
-    # backward (hidden mode in training): read the gradient, write dx and dy
+    # one alpha per sequence, as a server mixing requests does: a float32 CPU tensor, as `peft_clm.alpha` passes it
+    # (the lerp baseline gets its weights on the device already)
+    for rows, hidden in ((8, 2048), hidden_shapes[-1]):
+        batch = min(rows, 8 if not quick else 4)
+        x, y = rand(batch, rows // batch, hidden), rand(batch, rows // batch, hidden)
+        per_seq = torch.linspace(-0.5, 1.5, batch)
+        weight = per_seq.view(-1, 1, 1).to(device, dtype)
+        out.append({
+            "kernel": "hidden_mix fwd per-seq",
+            "shape": f"{rows}x{hidden}",
+            "bytes": 3 * x.numel() * es,
+            "torch": lambda x=x, y=y, a=per_seq: hidden_mix_reference(x, [y], [a]),
+            "triton": lambda x=x, y=y, a=per_seq: hidden_mix_triton(x, [y], [a]),
+            "lerp": lambda x=x, y=y, w=weight: torch.lerp(x, y, w),
+        })
+    # backward (hidden mode in training): read the gradient, write dx and dy; 4x the rows, so that the GPU's time,
+    # not autograd's per-call overhead, is what is timed
+    rows, hidden = 4 * rows, hidden
     xg, yg = rand(rows, 1, hidden).requires_grad_(), rand(rows, 1, hidden).requires_grad_()
     grad = rand(rows, 1, hidden)
     fwd_ref = hidden_mix_reference(xg, [yg], [0.5])

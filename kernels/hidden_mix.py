@@ -18,11 +18,22 @@ from .dispatch import MAX_TERMS, kernel_backend
 Alpha = Union[float, torch.Tensor]
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without a host sync: per-sequence alphas arrive as CPU tensors (`peft_clm.alpha`), and a plain
+    `.to("cuda")` of a CPU tensor waits for every kernel queued before it, once per mix, on every decode step.
+    A pinned copy is sent asynchronously (torch's pinned allocator keeps it alive until the copy has run)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _row_factor(a: Alpha, x: torch.Tensor) -> Union[float, torch.Tensor]:
     if isinstance(a, torch.Tensor):
         if a.dim() != 1 or a.shape[0] != x.shape[0]:
             raise ValueError(f"a per-row alpha needs shape ({x.shape[0]},), got {tuple(a.shape)}.")
-        return a.to(device=x.device, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
+        return to_device_async(a.to(torch.float32), x.device).view(-1, *([1] * (x.dim() - 1)))
     return float(a)
 
 

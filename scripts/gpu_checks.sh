@@ -5,6 +5,7 @@
 # leaves the others' results.
 #
 #   OUT=gpu_out bash scripts/gpu_checks.sh
+#   STEPS=test_kernels,generate_b1 GEN_METHODS=base,clm_logits bash scripts/gpu_checks.sh   # a part of it
 #
 # Where peft-clm is not installed (a bare GPU machine with torch, Triton and pytest, no registry): wheels of the
 # pinned transformers/peft and their missing needs in .whl/ are installed into /tmp/site, and the package is laid
@@ -15,6 +16,8 @@ OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
+STEPS=${STEPS:-kernels_bf16,test_kernels,generate_b1,generate_b8,kernels_fp32}
+GEN_METHODS=${GEN_METHODS:-base,clm_weights,clm_hidden,clm_logits,clm_logits_a0,sequential_paths,two_model_mix,lora_scale}
 if ! $PY -c "import peft_clm" 2>/dev/null; then
     if [ -d "$ROOT/.whl" ]; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -33,6 +36,7 @@ triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__ver
 step() {  # step NAME SECONDS command...: run with a limit, append to $OUT/log.txt, report the exit status
     local name=$1 limit=$2
     shift 2
+    [[ ",$STEPS," == *",$name,"* ]] || return 0
     local t0=$SECONDS
     echo "## $name" | tee -a "$OUT/log.txt"
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
@@ -41,9 +45,8 @@ step() {  # step NAME SECONDS command...: run with a limit, append to $OUT/log.t
 
 step kernels_bf16 90 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype bfloat16 --json "$OUT/kernels_bf16.json"
 step test_kernels 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/tests/test_kernels.py"
-GEN=(--device cuda --model llama-1b --rounds 1 --repeats 2
-     --methods base,clm_weights,clm_hidden,clm_logits,clm_logits_a0,sequential_paths,two_model_mix,lora_scale)
-step generate_b1 140 $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches 1 --json "$OUT/generate_b1.json"
-step generate_b8 140 $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches 8 --json "$OUT/generate_b8.json"
+GEN=(--device cuda --model llama-1b --rounds 1 --repeats 2 --methods "$GEN_METHODS")
+step generate_b1 ${GEN_LIMIT:-140} $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches 1 --json "$OUT/generate_b1.json"
+step generate_b8 ${GEN_LIMIT:-140} $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches 8 --json "$OUT/generate_b8.json"
 step kernels_fp32 50 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype float32 --json "$OUT/kernels_fp32.json"
 cat "$OUT/steps.txt"

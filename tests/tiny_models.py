@@ -58,7 +58,7 @@ def perturb(peft_model, seed: int = 0, scale: float = 0.05, adapter: str = "defa
     layer = peft_model.base_model.clm_layer().clm_layers[adapter]
     with torch.no_grad():
         for p in layer.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * scale)  # same draw on any device
 
 
 def logits(model, ids, mask, **kw) -> torch.Tensor:
