@@ -70,8 +70,13 @@ def _load(name: str, device: str, dtype):
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0)
     torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: no 5 GB detour through host memory
-        return LlamaForCausalLM(config).to(dtype).eval(), None
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: a float32 build first would set the peak memory (5.7 GB)
+    try:
+        with torch.device(device):  # initialised where it runs: no detour through host memory
+            return LlamaForCausalLM(config).eval(), None
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _build(method: str, model_name: str, device: str, dtype):

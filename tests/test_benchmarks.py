@@ -1,4 +1,4 @@
-"""The generate benchmark's quick mode runs and writes rows of the documented schema (no timing is asserted)."""
+"""The benchmarks' quick modes run and write rows of the documented schema (no timing is asserted)."""
 
 import json
 import os
@@ -98,3 +98,19 @@ def test_bench_serve_quick_schema(tmp_path):
         assert r["max_batch_rows"] <= (1 if r["load"] == "mixed_unbatched" else 8)
     assert next(r for r in rows if r["load"] == "alpha0" and r["clients"] == 8)["vs_alpha0"] == 1.0
     assert "targets at 8 clients" in proc.stdout and "gen tok/s" in proc.stdout
+
+
+def test_bench_kernels_quick_schema(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--quick", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    kernels = {r["kernel"] for r in rows}
+    assert {"hidden_mix fwd k=1", "hidden_mix fwd k=2", "hidden_mix fwd per-seq", "hidden_mix bwd k=1",
+            "weight_mix k=1", "weight_mix k=2"} <= kernels
+    for r in rows:
+        assert r["bytes"] > 0 and r["torch_ms"] > 0 and r["dtype"] == "bfloat16"
+        assert (r["lerp_ms"] is not None) == (r["kernel"].endswith("k=1") and "bwd" not in r["kernel"]
+                                              or "per-seq" in r["kernel"])
+    assert "torch ms" in proc.stdout

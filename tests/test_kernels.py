@@ -114,3 +114,18 @@ def test_dispatch(monkeypatch):
         kernel_backend(x)
     monkeypatch.delenv("PEFT_CLM_KERNELS")
     assert kernel_backend(x) == ("triton" if x.is_cuda else "torch")
+
+
+def test_numbers_go_to_the_kernel_as_arguments_and_only_per_sequence_alphas_make_a_table():
+    """A number never builds a device tensor (on a GPU that copy synchronised with every kernel queued before it);
+    one alpha per sequence makes one [k, batch] float32 table, numbers repeated in their rows."""
+    from peft_clm.kernels.hidden_mix_triton import alpha_args
+
+    table, scalars, rows_per_seq = alpha_args([0.5, -1.25], batch=2, rows=6, device=torch.device(DEVICE))
+    assert table is None and scalars == (0.5, -1.25, 0.0, 0.0) and rows_per_seq == 6
+    table, scalars, rows_per_seq = alpha_args([torch.tensor([0.5, 2.0]), 1.5], batch=2, rows=6,
+                                              device=torch.device(DEVICE))
+    assert rows_per_seq == 3 and table.dtype == torch.float32 and table.device.type == DEVICE
+    torch.testing.assert_close(table.cpu(), torch.tensor([[0.5, 2.0], [1.5, 1.5]]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        alpha_args([torch.tensor([0.5, 2.0, 1.0])], batch=2, rows=6, device=torch.device(DEVICE))
