@@ -235,8 +235,9 @@ def main() -> None:
                 if out.returncode != 0:
                     raise SystemExit(f"{method} (batch {batch}) failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"# {method} batch {batch}: {row['decode_tok_s']:.2f} decode tok/s ({time.perf_counter() - started:.0f} s "
-                      "with its process's start)", file=sys.stderr, flush=True)
+                took = time.perf_counter() - started
+                print(f"# {method} batch {batch}: {row['decode_tok_s']:.2f} decode tok/s ({took:.0f} s with its "
+                      "process's start)", file=sys.stderr, flush=True)
                 if method not in best or row["decode_tok_s"] > best[method]["decode_tok_s"]:
                     best[method] = row
         rows += [best[m] for m in methods]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one run: the kernel tests on CUDA tensors (CI runs them only in Triton's
-# interpreter), the kernel benchmark (bf16 and fp32) and the generation benchmark on a 1B-class Llama shape.
-# Writes one log and the JSON of each benchmark under $OUT (default gpu_out/). Each step has its own time limit, so one that hangs
-# leaves the others' results.
+# The checks that need a GPU, in one run: the kernel tests on CUDA tensors (CI runs them only in
+# Triton's interpreter), the kernel benchmark (bf16 and fp32) and the generation benchmark on a
+# 1B-class Llama shape. Writes one log and the JSON of each benchmark under $OUT (default gpu_out/).
+# Each step has its own time limit, so one that hangs leaves the others' results.
 #
 #   OUT=gpu_out bash scripts/gpu_checks.sh
 #   STEPS=test_kernels,generate_b1 GEN_METHODS=base,clm_logits bash scripts/gpu_checks.sh   # a part of it
@@ -17,13 +17,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-kernels_bf16,test_kernels,generate_b1,generate_b8,kernels_fp32}
-GEN_METHODS=${GEN_METHODS:-base,clm_weights,clm_hidden,clm_logits,clm_logits_a0,sequential_paths,two_model_mix,lora_scale}
+GEN_METHODS=${GEN_METHODS:-base,clm_weights,clm_hidden,clm_logits,clm_logits_a0,sequential_paths,two_model_mix,\
+lora_scale}
 if ! $PY -c "import peft_clm" 2>/dev/null; then
     if [ -d "$ROOT/.whl" ]; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             "$ROOT"/.whl/*.whl || exit 1
     fi
-    rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r "$ROOT/peft_clm" /tmp/pkg/ && cp -r "$ROOT/kernels" /tmp/pkg/peft_clm/kernels
+    rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r "$ROOT/peft_clm" /tmp/pkg/ &&
+        cp -r "$ROOT/kernels" /tmp/pkg/peft_clm/kernels
     export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 cd /tmp  # not the checkout: its top-level peft_clm/ has no kernels/ until installed
@@ -46,7 +48,9 @@ step() {  # step NAME SECONDS command...: run with a limit, append to $OUT/log.t
 step kernels_bf16 90 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype bfloat16 --json "$OUT/kernels_bf16.json"
 step test_kernels 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/tests/test_kernels.py"
 GEN=(--device cuda --model llama-1b --rounds 1 --repeats 2 --methods "$GEN_METHODS")
-step generate_b1 ${GEN_LIMIT:-140} $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches 1 --json "$OUT/generate_b1.json"
-step generate_b8 ${GEN_LIMIT:-140} $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches 8 --json "$OUT/generate_b8.json"
+for b in 1 8; do
+    step generate_b$b "${GEN_LIMIT:-140}" $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches $b \
+        --json "$OUT/generate_b$b.json"
+done
 step kernels_fp32 50 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype float32 --json "$OUT/kernels_fp32.json"
 cat "$OUT/steps.txt"
