@@ -4,7 +4,7 @@
 # 1B-class Llama shape. Writes one log and the JSON of each benchmark under $OUT (default gpu_out/).
 # Each step has its own time limit, so one that hangs leaves the others' results.
 #
-#   OUT=gpu_out bash scripts/gpu_checks.sh
+#   OUT=gpu_out bash scripts/gpu_checks.sh   # about 10 minutes; the generation steps write their JSON as they go
 #   STEPS=test_kernels,generate_b1 GEN_METHODS=base,clm_logits bash scripts/gpu_checks.sh   # a part of it
 #
 # Where peft-clm is not installed (a bare GPU machine with torch, Triton and pytest, no registry): wheels of the
@@ -14,6 +14,8 @@ set -o pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the steps run from /tmp
+: > "$OUT/steps.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-kernels_bf16,test_kernels,generate_b1,generate_b8,kernels_fp32}
@@ -49,7 +51,7 @@ step kernels_bf16 90 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype bfloat16 --
 step test_kernels 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/tests/test_kernels.py"
 GEN=(--device cuda --model llama-1b --rounds 1 --repeats 2 --methods "$GEN_METHODS")
 for b in 1 8; do
-    step generate_b$b "${GEN_LIMIT:-140}" $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches $b \
+    step generate_b$b "${GEN_LIMIT:-200}" $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches $b \
         --json "$OUT/generate_b$b.json"
 done
 step kernels_fp32 50 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype float32 --json "$OUT/kernels_fp32.json"
