@@ -195,6 +195,24 @@ def _measure(method: str, model_name: str, device: str, batch: int, context: int
     }
 
 
+def _with_ratios(rows: list) -> list:
+    """Add each row's decode speed and peak memory as ratios to the base method's at the same batch (None without)."""
+    for batch in {r["batch"] for r in rows}:
+        base = next((r for r in rows if r["method"] == "base" and r["batch"] == batch), None)
+        for r in rows:
+            if r["batch"] == batch:
+                r["ratio_vs_base"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+                r["mem_ratio_vs_base"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
+    return rows
+
+
+def _write(path: str, rows: list) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_with_ratios([dict(r) for r in rows]), f, indent=1)
+    os.replace(tmp, path)  # never a half-written file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model, a few tokens (schema check)")
@@ -222,6 +240,13 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    threads = os.environ.get("BENCH_THREADS", os.cpu_count())
+    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={threads}"
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine += f", {torch.cuda.get_device_name()}"
+    date = time.strftime("%Y-%m-%d")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         best = {}
@@ -239,23 +264,11 @@ def main() -> None:
                 print(f"# {method} batch {batch}: {row['decode_tok_s']:.2f} decode tok/s ({took:.0f} s with its "
                       "process's start)", file=sys.stderr, flush=True)
                 if method not in best or row["decode_tok_s"] > best[method]["decode_tok_s"]:
-                    best[method] = row
+                    best[method] = {**row, "machine": machine, "date": date}
+                if args.json:  # as each method finishes, so a run stopped early keeps what it measured
+                    _write(args.json, rows + list(best.values()))
         rows += [best[m] for m in methods]
-    for batch in {r["batch"] for r in rows}:
-        base = next((r for r in rows if r["method"] == "base" and r["batch"] == batch), None)
-        for r in rows:
-            if r["batch"] == batch:
-                r["ratio_vs_base"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
-                r["mem_ratio_vs_base"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base else None
-    threads = os.environ.get("BENCH_THREADS", os.cpu_count())
-    machine = f"{platform.machine()} {os.cpu_count()} CPU threads, torch threads={threads}"
-    if args.device.startswith("cuda"):
-        import torch
-
-        machine += f", {torch.cuda.get_device_name()}"
-    date = time.strftime("%Y-%m-%d")
-    for r in rows:
-        r.update(machine=machine, date=date)
+    _with_ratios(rows)
     print(
         f"# bench_generate — {MODELS[args.model]} on {args.device} ({rows[0]['dtype']}), context "
         f"{args.context}, {args.new_tokens} new tokens, best of {args.repeats} x {args.rounds} rounds; "
@@ -272,8 +285,7 @@ def main() -> None:
             f"{(r['mem_ratio_vs_base'] or 0):>10.3f}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        _write(args.json, rows)
 
 
 if __name__ == "__main__":

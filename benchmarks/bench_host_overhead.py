@@ -86,7 +86,8 @@ def main() -> None:
     print(f"# bench_host_overhead — 16-layer Llama of width 64, batch 1, one token a step; {machine}; {date}")
     print(f"{'mode':<10}{'ms/step':>10}{'ATen ops/step':>15}  sync ops/step")
     for r in rows:
-        print(f"{r['mode']:<10}{r['step_ms_median']:>10.2f}{r['aten_ops_per_step']:>15.0f}  {r['sync_ops_per_step'] or '-'}")
+        syncs = r["sync_ops_per_step"] or "-"
+        print(f"{r['mode']:<10}{r['step_ms_median']:>10.2f}{r['aten_ops_per_step']:>15.0f}  {syncs}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**r, "machine": machine, "date": date} for r in rows], f, indent=1)

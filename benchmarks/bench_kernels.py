@@ -84,7 +84,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
         })
     # backward (hidden mode in training): read the gradient, write dx and dy; 4x the rows, so that the GPU's time,
     # not autograd's per-call overhead, is what is timed
-    rows, hidden = 4 * rows, hidden
+    rows, hidden = 4 * hidden_shapes[-1][0], hidden_shapes[-1][1]
     xg, yg = rand(rows, 1, hidden).requires_grad_(), rand(rows, 1, hidden).requires_grad_()
     grad = rand(rows, 1, hidden)
     fwd_ref = hidden_mix_reference(xg, [yg], [0.5])

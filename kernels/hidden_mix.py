@@ -25,7 +25,8 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        # an already pinned tensor would be sent as it is, and the caller could change it before the copy has run
+        return (t.clone() if t.is_pinned() else t).pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 

@@ -87,6 +87,8 @@ def alpha_args(
 ) -> tuple[Optional[torch.Tensor], tuple[float, ...], int]:
     """(table, scalars, rows_per_seq): numbers go to the kernel as `MAX_K` float arguments and no table (None);
     any per-sequence alpha makes a [k, batch] float32 table on `device` (one row per term, numbers repeated)."""
+    if len(alphas) > MAX_K:
+        raise ValueError(f"the Triton hidden mix takes at most {MAX_K} terms, got {len(alphas)}; use hidden_mix().")
     if any(isinstance(a, torch.Tensor) for a in alphas):
         # built where the alphas are (CPU, as `peft_clm.alpha` makes them), then one copy without a host sync
         where = next((a.device for a in alphas if isinstance(a, torch.Tensor) and a.device.type != "cpu"), None)

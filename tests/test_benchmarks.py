@@ -114,3 +114,16 @@ def test_bench_kernels_quick_schema(tmp_path):
         assert (r["lerp_ms"] is not None) == (r["kernel"].endswith("k=1") and "bwd" not in r["kernel"]
                                               or "per-seq" in r["kernel"])
     assert "torch ms" in proc.stdout
+
+
+def test_bench_host_overhead_schema(tmp_path):
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_host_overhead.py"), "--steps", "3",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["base", "hidden", "logits", "weights"]
+    for r in rows:
+        assert r["step_ms_median"] > 0 and r["aten_ops_per_step"] > 0 and isinstance(r["sync_ops_per_step"], dict)
+    # the CLM layer adds ops to the base model's step in every mode at alpha 0.5
+    assert all(r["aten_ops_per_step"] > rows[0]["aten_ops_per_step"] for r in rows[1:])
