@@ -9,12 +9,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
+def run_bench(script: str, out, *args: str, timeout: int = 600):
+    """Run `benchmarks/<script>` with `args` and `--json out`; return its process and the rows it wrote."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 def test_bench_generate_quick_schema(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_generate.py"), "--quick", "--json",
-                           str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    proc, rows = run_bench("bench_generate.py", out, "--quick")
     assert isinstance(rows, list)
     assert {r["method"] for r in rows} >= {
         "base",
@@ -37,14 +42,8 @@ def test_bench_generate_quick_schema(tmp_path):
 
 def test_bench_train_quick_schema(tmp_path):
     out = tmp_path / "train.json"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=1800,  # seven fresh processes; a shared 2-core machine took over 600 s
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    # seven fresh processes; a shared 2-core machine took over 600 s
+    proc, rows = run_bench("bench_train.py", out, "--quick", timeout=1800)
     assert [r["method"] for r in rows] == ["clm", "clm_r4", "clm_r16", "clm_r64", "lora", "lora_separate_ref", "full"]
     for r in rows:
         assert r["step_s"] > 0 and r["peak_mem_mb"] > 0 and r["steps"] == 3 and r["saved_bytes"] > 0
@@ -64,14 +63,7 @@ def test_bench_train_quick_schema(tmp_path):
 
 def test_bench_modes_inprocess_quick(tmp_path):
     out = tmp_path / "modes.json"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_modes_inprocess.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    _, rows = run_bench("bench_modes_inprocess.py", out, "--quick")
     assert {(r["mode"], r["alpha"]) for r in rows} == {
         ("hidden", 0.0),
         ("hidden", 0.5),
@@ -83,10 +75,7 @@ def test_bench_modes_inprocess_quick(tmp_path):
 
 def test_bench_serve_quick_schema(tmp_path):
     out = tmp_path / "serve.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_serve.py"), "--quick", "--json",
-                           str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    proc, rows = run_bench("bench_serve.py", out, "--quick")
     assert {(r["load"], r["clients"]) for r in rows} == {(load, c) for load in ("alpha0", "mixed", "mixed_unbatched")
                                                          for c in (1, 4, 8)}
     for r in rows:
@@ -102,10 +91,7 @@ def test_bench_serve_quick_schema(tmp_path):
 
 def test_bench_kernels_quick_schema(tmp_path):
     out = tmp_path / "kernels.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--quick", "--json",
-                           str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    proc, rows = run_bench("bench_kernels.py", out, "--quick")
     kernels = {r["kernel"] for r in rows}
     assert {"hidden_mix fwd k=1", "hidden_mix fwd k=2", "hidden_mix fwd per-seq", "hidden_mix bwd k=1",
             "weight_mix k=1", "weight_mix k=2"} <= kernels
@@ -118,10 +104,7 @@ def test_bench_kernels_quick_schema(tmp_path):
 
 def test_bench_host_overhead_schema(tmp_path):
     out = tmp_path / "host.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_host_overhead.py"), "--steps", "3",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    _, rows = run_bench("bench_host_overhead.py", out, "--steps", "3")
     assert [r["mode"] for r in rows] == ["base", "hidden", "logits", "weights"]
     for r in rows:
         assert r["step_ms_median"] > 0 and r["aten_ops_per_step"] > 0 and isinstance(r["sync_ops_per_step"], dict)
