@@ -127,10 +127,15 @@ def _build(method: str, model_name: str, device: str, dtype):
 
 
 def _measure(method: str, model_name: str, device: str, batch: int, context: int, new_tokens: int,
-             repeats: int) -> dict:
+             repeats: int, cudnn_attention: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    if device.startswith("cuda"):
+        # cuDNN's attention (SDPA's first choice on Hopper) plans for each new shape: on an H200 a decode step with
+        # a new key length spent ~60 ms of host time there (bench_host_overhead.py), so what a method pays depends
+        # on which shapes its process met before, not on the method. Off by default, for every method alike.
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tokenizer, extra = _build(method, model_name, device, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -192,6 +197,7 @@ def _measure(method: str, model_name: str, device: str, batch: int, context: int
         "model": model_name,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
+        "cudnn_attention": cudnn_attention if device.startswith("cuda") else None,
     }
 
 
@@ -226,6 +232,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="; ".join(
         f"{k}: {v}" for k, v in MODELS.items()))
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16, GPU peak memory)")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="on CUDA, leave SDPA's cuDNN backend on (it builds a plan per new shape; off by default)")
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -234,7 +242,7 @@ def main() -> None:
     if args._one:
         method, batch = args._one.split(":")
         print(json.dumps(_measure(method, args.model, args.device, int(batch), args.context, args.new_tokens,
-                                  args.repeats)))
+                                  args.repeats, args.cudnn_attention)))
         return
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -254,7 +262,7 @@ def main() -> None:
             for method in methods:
                 cmd = [sys.executable, __file__, "--_one", f"{method}:{batch}", "--context", str(args.context),
                        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--model", args.model,
-                       "--device", args.device]
+                       "--device", args.device] + (["--cudnn-attention"] if args.cudnn_attention else [])
                 started = time.perf_counter()
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:

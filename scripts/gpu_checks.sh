@@ -5,7 +5,11 @@
 # Each step has its own time limit, so one that hangs leaves the others' results.
 #
 #   OUT=gpu_out bash scripts/gpu_checks.sh   # about 10 minutes; the generation steps write their JSON as they go
-#   STEPS=test_kernels,generate_b1 GEN_METHODS=base,clm_logits bash scripts/gpu_checks.sh   # a part of it
+#   STEPS=test_kernels,generate_b1 GEN_METHODS=base,clm_logits GEN_ROUNDS=2 bash scripts/gpu_checks.sh   # a part
+#
+# Through the `device` tool: write straight into its returned folder (`OUT=$OUT ...`), so a call cut off by its time
+# limit still brings back the steps that finished, and choose STEPS whose limits below fit the call's limit (all of
+# them add up to about 15 minutes, more than one call may run).
 #
 # Where peft-clm is not installed (a bare GPU machine with torch, Triton and pytest, no registry): wheels of the
 # pinned transformers/peft and their missing needs in .whl/ are installed into /tmp/site, and the package is laid
@@ -18,7 +22,7 @@ OUT=$(cd "$OUT" && pwd)  # absolute: the steps run from /tmp
 : > "$OUT/steps.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-kernels_bf16,test_kernels,generate_b1,generate_b8,kernels_fp32}
+STEPS=${STEPS:-kernels_bf16,test_kernels,host_overhead,generate_b1,generate_b8,kernels_fp32}
 GEN_METHODS=${GEN_METHODS:-base,clm_weights,clm_hidden,clm_logits,clm_logits_a0,sequential_paths,two_model_mix,\
 lora_scale}
 if ! $PY -c "import peft_clm" 2>/dev/null; then
@@ -49,7 +53,11 @@ step() {  # step NAME SECONDS command...: run with a limit, append to $OUT/log.t
 
 step kernels_bf16 90 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype bfloat16 --json "$OUT/kernels_bf16.json"
 step test_kernels 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/tests/test_kernels.py"
-GEN=(--device cuda --model llama-1b --rounds 1 --repeats 2 --methods "$GEN_METHODS")
+for w in 64 2048; do  # host work per decode step on the GPU, with the mix on Triton and on the torch reference
+    step host_overhead 120 $PY "$ROOT/benchmarks/bench_host_overhead.py" --device cuda --width $w \
+        --json "$OUT/host_overhead_w$w.json"
+done
+GEN=(--device cuda --model llama-1b --rounds "${GEN_ROUNDS:-1}" --repeats 2 --methods "$GEN_METHODS")
 for b in 1 8; do
     step generate_b$b "${GEN_LIMIT:-200}" $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches $b \
         --json "$OUT/generate_b$b.json"
