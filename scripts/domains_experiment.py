@@ -273,6 +273,18 @@ def add_twofold(combos: list[dict], halves: list[list[dict]]) -> None:
         c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
 
 
+def refine_pools(pools: dict, candidates: dict, selects: dict, search, key) -> dict:
+    """Each pool ({name: points}) with the next-best predicted points (`candidates[name][j][1:]`) of every
+    combination j whose best point in the pool, by `search(pool, select)`, is below 0.8 on the rows it is chosen on
+    (`selected_min_accuracy`): a fold adds points on what its own half shows, never on the half it reports."""
+    refined = {}
+    for name, pool in pools.items():
+        short = [j for j, c in enumerate(search(pool, selects[name])) if c["selected_min_accuracy"] < 0.8]
+        extra = [p for j in short for p in candidates[name][j][1:]]
+        refined[name] = list({key(p): p for p in pool + extra}.values())
+    return refined
+
+
 def fold_selects(row_domains: list[str]) -> list[list[bool]]:
     """The two-fold check's halves: fold k chooses on every other question of each domain (starting at k) and
     reports on the rest."""
@@ -792,7 +804,9 @@ def cmd_knob_search(args) -> None:
     predicted additively from the sweeps (`peft_clm.tools.levels.additive_scores`, a guide, never a score); each
     combination's predicted best point, chosen on all questions and on each fold's half, is then scored exactly,
     beside every point the `score` stage scored under --runs when it ran (its dials read as adapter alphas), and
-    the search runs on the exactly scored points only. Logits mode: every point of a batch comes from the 7 passes
+    the search runs on the exactly scored points only; `--refine K` then scores exactly the next K predicted points of
+each combination whose best exact point is below 0.8 on the questions it is chosen on (each fold on its own
+half), and searches again. Logits mode: every point of a batch comes from the 7 passes
     of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors`
     the six knobs are full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the
     vectors applied at their scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
@@ -868,22 +882,34 @@ def cmd_knob_search(args) -> None:
     dial_points = []
     if earlier.exists():
         dial_points = [dial_alphas(p, knobs) for p in json.loads(earlier.read_text())["points"]]
-    pools = {}
-    for name, select in (("all", None), (0, selects[0]), (1, selects[1])):
-        chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls)
+    pools, predicted_best = {}, {}
+    folds = (("all", None), (0, selects[0]), (1, selects[1]))
+    for name, select in folds:
+        chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls,
+                                     top_k=1 + args.refine)
         if name == "all":
             predicted_reached = sum(c["reached"] for c in chosen)
+        predicted_best[name] = [c["candidates"] for c in chosen]
         pools[name] = list({key(p): p for p in points_1d + dial_points + [c["point"] for c in chosen]}.values())
     del predicted
     todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
     print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring {len(todo)} points "
           f"exactly", flush=True)
     exact.update(zip(map(key, todo), exact_scores(todo)))
-    seconds = time.perf_counter() - t0
 
     def search(pool, select=None):
         scores = torch.stack([exact[key(p)] for p in pool])
         return search_combinations(scores, row_domains, pool, REGULATED, select=select, controls=controls)
+
+    refined = 0
+    if args.refine:
+        pools = refine_pools(pools, predicted_best, dict(folds), search, key)
+        todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
+        print(f"refine: scoring {len(todo)} more points exactly (up to {args.refine} per combination short of 0.8 "
+              "on the questions it chooses on)", flush=True)
+        exact.update(zip(map(key, todo), exact_scores(todo)))
+        refined = len(todo)
+    seconds = time.perf_counter() - t0
 
     combos = search(pools["all"])
     halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
@@ -892,7 +918,7 @@ def cmd_knob_search(args) -> None:
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
-        "dial_points_included": len(dial_points),
+        "dial_points_included": len(dial_points), "refine": args.refine, "n_points_refined": refined,
     })
     write_json(out, result)
     print_sweeps()
@@ -1211,6 +1237,9 @@ def main() -> None:
                         help="knob and decompose stages: the questions to read (train: against held-out, memorising)")
     parser.add_argument("--knob-level", choices=["avoid", "expert"], default=None,
                         help="decompose stage: also read each domain's <domain>_<level> knob under --runs at --alphas")
+    parser.add_argument("--refine", type=int, default=0,
+                        help="knob-search stage: for each combination whose exactly scored best point is below 0.8 "
+                             "on the questions it is chosen on, also score its next REFINE best predicted points")
     parser.add_argument("--sweeps-only", action="store_true",
                         help="knob-search stage: each knob's 1-D sweep and leakage only, no combination search")
     parser.add_argument("--max-per-domain", type=int, default=None)

@@ -26,6 +26,8 @@ audit it: the references are stored text, the score is one forward pass per refe
 
 from __future__ import annotations
 
+import heapq
+
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
@@ -343,6 +345,7 @@ def search_combinations(
     threshold: float = 0.8,
     select: Optional[Sequence[bool]] = None,
     controls: Optional[Mapping[str, str]] = None,
+    top_k: int = 1,
 ) -> list[dict]:
     """For each combination of target levels of `domains`, the grid point whose lowest accuracy over those domains
     is highest (ties: higher mean accuracy, then the point nearest the base, smallest sum of |alpha|).
@@ -350,8 +353,13 @@ def search_combinations(
     `scores` is [len(points), len(rows), 3] from `level_scores`; `row_domains` names each row's domain. The point is
     chosen on the rows where `select` is true (default: all) and its accuracies reported on the other rows (on all
     rows when there is no `select`). A combination is reached when every domain's reported accuracy is at least
-    `threshold`. `controls` ({domain: level}) are domains reported at the chosen point but not searched for.
+    `threshold`. `controls` ({domain: level}) are domains reported at the chosen point but not searched for. Each
+    result also holds `selected_min_accuracy` (the chosen point's lowest accuracy on the rows it was chosen on) and
+    `candidates`, the `top_k` best points in the same order (the chosen point first): where `scores` are a
+    prediction, these are the points worth scoring exactly.
     """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
     if scores.dim() != 3 or scores.shape[0] != len(points) or scores.shape[1] != len(row_domains):
         raise ValueError(
             f"scores {tuple(scores.shape)} do not match {len(points)} points x {len(row_domains)} rows x 3 levels."
@@ -374,7 +382,8 @@ def search_combinations(
         )  # [D, P]
         worst, mean = acc_sel.min(0).values.tolist(), acc_sel.mean(0).tolist()
         # lexicographic: worst accuracy, then mean accuracy, then nearness to the base
-        best = max(range(len(points)), key=lambda j: (worst[j], mean[j], -distance[j]))
+        ranked = heapq.nlargest(top_k, range(len(points)), key=lambda j: (worst[j], mean[j], -distance[j]))
+        best = ranked[0]
         report = {
             d: float((levels[best, by_domain[d][1]] == level_index(lv)).float().mean())
             for d, lv in {**combo, **(controls or {})}.items()
@@ -387,6 +396,8 @@ def search_combinations(
                 "accuracy": report,
                 "min_accuracy": min(report[d] for d in combo),
                 "reached": all(report[d] >= threshold for d in combo),
+                "selected_min_accuracy": worst[best],
+                "candidates": [dict(points[j]) for j in ranked],
             }
         )
     return results
