@@ -901,8 +901,10 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
         scores = torch.stack([exact[key(p)] for p in pool])
         return search_combinations(scores, row_domains, pool, REGULATED, select=select, controls=controls)
 
-    refined = 0
+    refined, before_refine = 0, None
     if args.refine:
+        before_refine = sum(c["reached"] for c in search(pools["all"]))
+        print(f"before refine: {before_refine}/27 reached in-sample", flush=True)
         pools = refine_pools(pools, predicted_best, dict(folds), search, key)
         todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
         print(f"refine: scoring {len(todo)} more points exactly (up to {args.refine} per combination short of 0.8 "
@@ -919,6 +921,7 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
         "dial_points_included": len(dial_points), "refine": args.refine, "n_points_refined": refined,
+        "reached_before_refine": before_refine,
     })
     write_json(out, result)
     print_sweeps()
