@@ -218,7 +218,7 @@ def cmd_train(args) -> None:
             max_length=args.max_length,
             hold=str(path.parent / "hold.jsonl") if hold else None,
             hold_weight=args.hold_weight if hold else None,
-            seed=0,
+            seed=args.seed,
             progress=False,
             overwrite=True,
         )
@@ -237,6 +237,7 @@ def cmd_train(args) -> None:
             "lr": args.lr,
             "beta": args.beta,
             "sft_weight": args.sft_weight,
+            "seed": args.seed,
             "interpolation": args.interpolation,
             "batch_size": args.batch_size,
             "max_length": args.max_length,
@@ -1206,6 +1207,7 @@ def main() -> None:
     parser.add_argument("--hold-weight", type=float, default=1.0,
                         help="train stage: weight of the KL term on a knob's hold.jsonl, where the pairs have one")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0, help="train stage: the training seed (data order, dropout)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--beta", type=float, default=0.1)
