@@ -833,9 +833,9 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
     alphas = [float(a) for a in args.alphas.split(",")]
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
-    if len(alphas) ** len(names) > 300_000:  # the prediction holds [points, questions, 3] floats in memory
+    if len(alphas) ** len(names) > 600_000:  # the prediction holds [points, questions, 3] floats (9 alphas: 0.4 GB)
         raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
-                         f"six knobs; give at most 8 (262,144 points)")
+                         f"six knobs; give at most 9 (531,441 points)")
     earlier = Path(args.runs) / f"grid_scores_{kind}.json"  # the score stage's dial points join the pool when present
     model, tokenizer, vectors = load(kind, args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
