@@ -14,7 +14,11 @@ the torch reference (`PEFT_CLM_KERNELS=torch`), which separates the cost of the 
 row also names the ops with the most self host time per step.
 
     python benchmarks/bench_host_overhead.py [--json out.json]
-    python benchmarks/bench_host_overhead.py --device cuda --width 2048   # on a GPU; width 2048 is the 1B shape's
+    python benchmarks/bench_host_overhead.py --device cuda --width 2048   # on a GPU: the 1B shape's hidden size
+
+All rows run in one process, in the order printed (anything a process caches on first use is paid by the first
+row that meets it: compare rows within a run, and across runs with care). Width W has W/64 attention heads and
+max(2, W/256) key-value heads; the MLP is 2W wide and the vocabulary 1,000, so only the hidden size is the 1B shape's.
 """
 
 from __future__ import annotations
@@ -116,8 +120,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--width", type=int, default=64, help="hidden size (a multiple of 64)")
     args = parser.parse_args()
-    if args.width % 64:
-        parser.error(f"--width must be a multiple of 64, got {args.width}")
+    heads, kv_heads = max(4, args.width // 64), max(2, args.width // 256)
+    if args.width % 64 or heads % kv_heads:
+        parser.error(f"--width must be a multiple of 64 whose {heads} heads split into {kv_heads} key-value heads "
+                     f"(64, 128, 256, 512, 1024, 2048, 4096, ...), got {args.width}")
     torch.set_num_threads(1)
     runs = [(mode, False) for mode in MODES]
     if args.device == "cuda":

@@ -805,10 +805,9 @@ def cmd_knob_search(args) -> None:
     predicted additively from the sweeps (`peft_clm.tools.levels.additive_scores`, a guide, never a score); each
     combination's predicted best point, chosen on all questions and on each fold's half, is then scored exactly,
     beside every point the `score` stage scored under --runs when it ran (its dials read as adapter alphas), and
-    the search runs on the exactly scored points only; `--refine K` then scores exactly the next K predicted points of
-each combination whose best exact point is below 0.8 on the questions it is chosen on (each fold on its own
-half), and searches again. Logits mode: every point of a batch comes from the 7 passes
-    of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors`
+    the search runs on the exactly scored points only; `--refine K` then scores exactly the next K predicted points
+    of each combination whose best exact point is below 0.8 on the questions it is chosen on (each fold on its own
+    half), and searches again. Logits mode: every point of a batch comes from the 7 passes of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors`
     the six knobs are full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the
     vectors applied at their scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
     knob's own sweep (`sweeps`); `--sweeps-only` stops after those sweeps (knob_search[_vectors]_sweeps.json)."""
@@ -833,7 +832,7 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
     alphas = [float(a) for a in args.alphas.split(",")]
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
-    if len(alphas) ** len(names) > 600_000:  # the prediction holds [points, questions, 3] floats (9 alphas: 0.4 GB)
+    if len(alphas) ** len(names) > 600_000:  # prediction: [points, questions, 3] floats, levels, point dicts (~1 GB at 9)
         raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
                          f"six knobs; give at most 9 (531,441 points)")
     earlier = Path(args.runs) / f"grid_scores_{kind}.json"  # the score stage's dial points join the pool when present
@@ -896,7 +895,8 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
     todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
     print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring {len(todo)} points "
           f"exactly", flush=True)
-    exact.update(zip(map(key, todo), exact_scores(todo)))
+    if todo:
+        exact.update(zip(map(key, todo), exact_scores(todo)))
 
     def search(pool, select=None):
         scores = torch.stack([exact[key(p)] for p in pool])
@@ -904,13 +904,18 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
 
     refined, before_refine = 0, None
     if args.refine:
-        before_refine = sum(c["reached"] for c in search(pools["all"]))
-        print(f"before refine: {before_refine}/27 reached in-sample", flush=True)
+        combos = search(pools["all"])
+        add_twofold(combos, [search(pools[fold], selects[fold]) for fold in (0, 1)])
+        before_refine = {"reached": sum(c["reached"] for c in combos),
+                         "twofold_reached": sum(c["twofold_reached"] for c in combos)}
+        print(f"before refine: {before_refine['reached']}/27 reached in-sample, {before_refine['twofold_reached']}/27 "
+              "two-fold", flush=True)
         pools = refine_pools(pools, predicted_best, dict(folds), search, key)
         todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
         print(f"refine: scoring {len(todo)} more points exactly (up to {args.refine} per combination short of 0.8 "
               "on the questions it chooses on)", flush=True)
-        exact.update(zip(map(key, todo), exact_scores(todo)))
+        if todo:
+            exact.update(zip(map(key, todo), exact_scores(todo)))
         refined = len(todo)
     seconds = time.perf_counter() - t0
 
@@ -922,7 +927,7 @@ half), and searches again. Logits mode: every point of a batch comes from the 7 
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
         "dial_points_included": len(dial_points), "refine": args.refine, "n_points_refined": refined,
-        "reached_before_refine": before_refine,
+        "before_refine": before_refine,  # {reached, twofold_reached}, or None
     })
     write_json(out, result)
     print_sweeps()
@@ -1207,7 +1212,9 @@ def main() -> None:
     parser.add_argument("--hold-weight", type=float, default=1.0,
                         help="train stage: weight of the KL term on a knob's hold.jsonl, where the pairs have one")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0, help="train stage: the training seed (data order, dropout)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="train stage: the training seed (set_seed: data order and any random initialisation); "
+                             "give another --runs/--results to keep the first seed's knob")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -1250,6 +1257,8 @@ def main() -> None:
     parser.add_argument("--max-per-domain", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
+    if args.refine < 0:
+        parser.error(f"--refine must be 0 or more, got {args.refine}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     {
         "pairs": cmd_pairs,

@@ -4,7 +4,7 @@
 # 1B-class Llama shape. Writes one log and the JSON of each benchmark under $OUT (default gpu_out/).
 # Each step has its own time limit, so one that hangs leaves the others' results.
 #
-#   OUT=gpu_out bash scripts/gpu_checks.sh   # about 10 minutes; the generation steps write their JSON as they go
+#   OUT=gpu_out bash scripts/gpu_checks.sh   # up to ~16 minutes (the step limits below); JSON written as steps go
 #   STEPS=test_kernels,generate_b1 GEN_METHODS=base,clm_logits GEN_ROUNDS=2 bash scripts/gpu_checks.sh   # a part
 #
 # Through the `device` tool: write straight into its returned folder (`OUT=$OUT ...`), so a call cut off by its time
@@ -46,20 +46,20 @@ step() {  # step NAME SECONDS command...: run with a limit, append to $OUT/log.t
     shift 2
     [[ ",$STEPS," == *",$name,"* ]] || return 0
     local t0=$SECONDS
-    echo "## $name" | tee -a "$OUT/log.txt"
+    echo "## $name$STEP_LABEL" | tee -a "$OUT/log.txt"
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
-    echo "## $name: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+    echo "## $name$STEP_LABEL: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
 }
 
 step kernels_bf16 90 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype bfloat16 --json "$OUT/kernels_bf16.json"
 step test_kernels 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/tests/test_kernels.py"
 for w in 64 2048; do  # host work per decode step on the GPU, with the mix on Triton and on the torch reference
-    step host_overhead 120 $PY "$ROOT/benchmarks/bench_host_overhead.py" --device cuda --width $w \
+    STEP_LABEL=" (width $w)" step host_overhead 120 $PY "$ROOT/benchmarks/bench_host_overhead.py" --device cuda --width $w \
         --json "$OUT/host_overhead_w$w.json"
 done
 GEN=(--device cuda --model llama-1b --rounds "${GEN_ROUNDS:-1}" --repeats 2 --methods "$GEN_METHODS")
 for b in 1 8; do
-    step generate_b$b "${GEN_LIMIT:-200}" $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches $b \
+    step generate_b$b "${GEN_LIMIT:-$((200 * ${GEN_ROUNDS:-1}))}" $PY "$ROOT/benchmarks/bench_generate.py" "${GEN[@]}" --batches $b \
         --json "$OUT/generate_b$b.json"
 done
 step kernels_fp32 50 $PY "$ROOT/benchmarks/bench_kernels.py" --dtype float32 --json "$OUT/kernels_fp32.json"

@@ -189,10 +189,17 @@ def test_search_finds_the_point_that_reaches_each_combination():
     assert len(with_control) == 3 and all(c["accuracy"]["b"] == 1.0 for c in with_control)
     # top_k: the chosen point first, then the next best by the same order; the accuracy it was chosen on
     ranked = search_combinations(broken, row_domains, points, ["a", "b"], select=[True, False, True, False], top_k=3)
+    levels = broken.argmax(-1)
     for c, one in zip(ranked, split):
         assert len(c["candidates"]) == 3 and c["candidates"][0] == c["point"] == one["point"]
         assert c["selected_min_accuracy"] == 1.0  # rows 0 and 2 are never broken
-        assert len({json.dumps(p, sort_keys=True) for p in c["candidates"]}) == 3
+
+        def order(j, targets=c["targets"]):  # worst, then mean accuracy on the choosing rows 0 and 2, then nearness
+            acc = [float(levels[j, r] == LEVELS.index(targets[d])) for d, r in (("a", 0), ("b", 2))]
+            return (min(acc), sum(acc) / 2, -sum(abs(v) for v in points[j].values()))
+
+        expected = sorted(range(len(points)), key=order, reverse=True)
+        assert [order(points.index(p)) for p in c["candidates"]] == [order(j) for j in expected[:3]]
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         search_combinations(scores, row_domains, points, ["a"], top_k=0)
 
@@ -202,18 +209,21 @@ def test_refine_adds_candidates_only_where_the_choosing_rows_fall_short():
     its next predicted points; one already at 0.8 gets none; each pool is judged on its own select."""
     script = _domains_script()
     key = lambda p: json.dumps(p, sort_keys=True)  # noqa: E731
-    pools = {"all": [{"a": 0.0}], 0: [{"a": 0.0}]}
+    pools = {"all": [{"a": 0.0}], 0: [{"a": 0.0}], 1: [{"a": 0.0}]}
     candidates = {"all": [[{"a": 1.0}, {"a": 2.0}], [{"a": 0.0}, {"a": 3.0}]],
-                  0: [[{"a": 1.0}, {"a": 4.0}], [{"a": 0.0}, {"a": 5.0}]]}
-    short = {"all": [0.5, 0.9], 0: [0.9, 0.7]}  # per pool: combination j's accuracy on its choosing rows
+                  0: [[{"a": 1.0}, {"a": 4.0}], [{"a": 0.0}, {"a": 5.0}]],
+                  1: [[{"a": 1.0}, {"a": 6.0}], [{"a": 0.0}, {"a": 7.0}]]}
+    selects = {"all": None, 0: (True, False), 1: (False, True)}
+    # combination j's accuracy on the rows each select chooses on: fold 0 and fold 1 disagree
+    short = {None: [0.5, 0.9], (True, False): [0.9, 0.7], (False, True): [0.7, 0.9]}
 
     def search(pool, select):
-        name = "all" if select is None else 0
-        return [{"selected_min_accuracy": a} for a in short[name]]
+        return [{"selected_min_accuracy": a} for a in short[select]]
 
-    out = script.refine_pools(pools, candidates, {"all": None, 0: [True, False]}, search, key)
+    out = script.refine_pools(pools, candidates, selects, search, key)
     assert out["all"] == [{"a": 0.0}, {"a": 2.0}]
-    assert out[0] == [{"a": 0.0}, {"a": 5.0}]
+    assert out[0] == [{"a": 0.0}, {"a": 5.0}]  # fold 0 refines what its own half shows short
+    assert out[1] == [{"a": 0.0}, {"a": 6.0}]
 
 
 def _sweep(rows):

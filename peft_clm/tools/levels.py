@@ -27,7 +27,6 @@ audit it: the references are stored text, the score is one forward pass per refe
 from __future__ import annotations
 
 import heapq
-
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
