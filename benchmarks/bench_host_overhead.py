@@ -7,11 +7,11 @@ model and CLM in each mode at alpha 0.5 this prints the median wall time of a st
 decode speed, so this is the CPU-side half of reading `bench_generate.py --device cuda` figures.
 
 With `--device cuda` the model runs in bfloat16 on the GPU and each timed step ends with a synchronize, so a step's
-time is its host work plus any wait for the GPU (SDPA's cuDNN backend is off: on an H200 a step that meets a new
-key length spent ~60 ms of host time in it, so whichever mode met a shape first paid; `bench_generate.py` does the same).
-The hidden and logits modes run twice more with the mix forced onto
-the torch reference (`PEFT_CLM_KERNELS=torch`), which separates the cost of the Triton launch from the rest. Each
-row also names the ops with the most self host time per step.
+time is its host work plus any wait for the GPU. SDPA's cuDNN backend is off: on an H200 a step that met a new key
+length spent ~60 ms of host time in it, so whichever mode met a shape first paid (`bench_generate.py` does the same).
+The hidden and logits modes run twice more with the mix forced onto the torch reference (`PEFT_CLM_KERNELS=torch`),
+which separates the cost of the Triton launch from the rest. Each row also names the ops with the most self host
+time per step.
 
     python benchmarks/bench_host_overhead.py [--json out.json]
     python benchmarks/bench_host_overhead.py --device cuda --width 2048   # on a GPU: the 1B shape's hidden size
@@ -133,7 +133,8 @@ def main() -> None:
     machine = f"{platform.machine()} CPU, 1 torch thread, torch {torch.__version__}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name()} (bfloat16)"
-    print(f"# bench_host_overhead — 16-layer Llama of width {args.width}, batch 1, one token a step; {machine}; {date}")
+    print(f"# bench_host_overhead — 16-layer Llama of width {args.width}, batch 1, one token a step; {machine}; "
+          f"{date}")
     print(f"{'mode':<20}{'ms/step':>10}{'ATen ops/step':>15}  sync ops/step; top self host ms/step")
     for r in rows:
         syncs = r["sync_ops_per_step"] or "-"

@@ -266,12 +266,15 @@ def key_of(point: dict, names=REGULATED) -> str:
     return json.dumps({d: float(point.get(d, 0.0)) for d in names})
 
 
+REACHED = 0.8  # a domain is at its target level when this share of its questions is (search_combinations' default)
+
+
 def add_twofold(combos: list[dict], halves: list[list[dict]]) -> None:
     """Each combination's two-fold accuracy (the mean of the two folds' reported halves) and whether it is reached
     (at least 0.8 on every regulated domain, as `search_combinations` counts a combination reached)."""
     for c, h0, h1 in zip(combos, *halves):
         c["twofold_accuracy"] = {d: (h0["accuracy"][d] + h1["accuracy"][d]) / 2 for d in c["accuracy"]}
-        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= 0.8 for d in REGULATED)
+        c["twofold_reached"] = all(c["twofold_accuracy"][d] >= REACHED for d in REGULATED)
 
 
 def refine_pools(pools: dict, candidates: dict, selects: dict, search, key) -> dict:
@@ -280,7 +283,7 @@ def refine_pools(pools: dict, candidates: dict, selects: dict, search, key) -> d
     (`selected_min_accuracy`): a fold adds points on what its own half shows, never on the half it reports."""
     refined = {}
     for name, pool in pools.items():
-        short = [j for j, c in enumerate(search(pool, selects[name])) if c["selected_min_accuracy"] < 0.8]
+        short = [j for j, c in enumerate(search(pool, selects[name])) if c["selected_min_accuracy"] < REACHED]
         extra = [p for j in short for p in candidates[name][j][1:]]
         refined[name] = list({key(p): p for p in pool + extra}.values())
     return refined
@@ -807,9 +810,10 @@ def cmd_knob_search(args) -> None:
     beside every point the `score` stage scored under --runs when it ran (its dials read as adapter alphas), and
     the search runs on the exactly scored points only; `--refine K` then scores exactly the next K predicted points
     of each combination whose best exact point is below 0.8 on the questions it is chosen on (each fold on its own
-    half), and searches again. Logits mode: every point of a batch comes from the 7 passes of the base and the six knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors`
-    the six knobs are full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the
-    vectors applied at their scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
+    half), and searches again. Logits mode: every point of a batch comes from the 7 passes of the base and the six
+    knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors` the six knobs are
+    full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the vectors applied at their
+    scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
     knob's own sweep (`sweeps`); `--sweeps-only` stops after those sweeps (knob_search[_vectors]_sweeps.json)."""
     import torch
 
@@ -832,7 +836,7 @@ def cmd_knob_search(args) -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     if 0.0 not in alphas:
         raise SystemExit("--alphas must include 0")
-    if len(alphas) ** len(names) > 600_000:  # prediction: [points, questions, 3] floats, levels, point dicts (~1 GB at 9)
+    if len(alphas) ** len(names) > 600_000:  # the prediction, its levels and the point dicts: ~1 GB at 9 alphas
         raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
                          f"six knobs; give at most 9 (531,441 points)")
     earlier = Path(args.runs) / f"grid_scores_{kind}.json"  # the score stage's dial points join the pool when present
@@ -902,10 +906,14 @@ def cmd_knob_search(args) -> None:
         scores = torch.stack([exact[key(p)] for p in pool])
         return search_combinations(scores, row_domains, pool, REGULATED, select=select, controls=controls)
 
-    refined, before_refine = 0, None
-    if args.refine:
+    def search_pools() -> list[dict]:  # in-sample on all questions, with each fold's two-fold figures added
         combos = search(pools["all"])
         add_twofold(combos, [search(pools[fold], selects[fold]) for fold in (0, 1)])
+        return combos
+
+    refined, before_refine = 0, None
+    if args.refine:
+        combos = search_pools()
         before_refine = {"reached": sum(c["reached"] for c in combos),
                          "twofold_reached": sum(c["twofold_reached"] for c in combos)}
         print(f"before refine: {before_refine['reached']}/27 reached in-sample, {before_refine['twofold_reached']}/27 "
@@ -919,9 +927,7 @@ def cmd_knob_search(args) -> None:
         refined = len(todo)
     seconds = time.perf_counter() - t0
 
-    combos = search(pools["all"])
-    halves = [search(pools[fold], selects[fold]) for fold in (0, 1)]
-    add_twofold(combos, halves)
+    combos = search_pools()
     result.update({
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
         "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
