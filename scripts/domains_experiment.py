@@ -350,6 +350,70 @@ def saved_scores(runs: Path, kind: str, row_domains: list[str]) -> dict:
     return {key_of(p): s for p, s in zip(labels["points"], scores)}
 
 
+def knob_fingerprints(args, kind: str, vectors: dict | None) -> dict[str, str]:
+    """sha256 of each knob's weights (its CLM adapter, or its alignment vector): what saved scores belong to."""
+    import hashlib
+
+    def sha(path: Path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    if kind == "clm":
+        return {k: sha(Path(args.runs) / "clm" / k / "adapter_model.safetensors") for k in knob_names(args)}
+    return {k: sha(Path(path)) for k, path in vectors.items()}
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """sha256 of the questions and their three reference answers, in order: the rows a score belongs to."""
+    import hashlib
+
+    from peft_clm.tools.levels import LEVELS
+
+    return hashlib.sha256(json.dumps([[r["prompt"], *(r[lv] for lv in LEVELS)] for r in rows]).encode()).hexdigest()
+
+
+def search_scores_paths(results: Path, kind: str) -> tuple[Path, Path]:
+    """Where knob-search keeps its exactly scored points: [P, N, 3] scores and their points and fingerprints."""
+    stem = "knob_search_scores" + ("" if kind == "clm" else f"_{kind}")
+    return results / f"{stem}.safetensors", results / f"{stem}.json"
+
+
+def save_search_scores(results: Path, kind: str, exact: dict, names: list[str], meta: dict) -> None:
+    """Write every exactly scored point of a knob-search ({key: [N, 3] scores}), each file through a temporary one."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensor_path, labels_path = search_scores_paths(results, kind)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
+    save_file({"scores": torch.stack(list(exact.values())).contiguous()}, str(tmp))
+    tmp.replace(tensor_path)
+    write_json(labels_path, {**meta, "points": [{k: json.loads(key)[k] for k in names} for key in exact]})
+
+
+def load_search_scores(results: Path, kind: str, knobs: dict, rows_sha: str, names: list[str]) -> dict:
+    """An earlier knob-search's exactly scored points under `results` ({key: [N, 3] scores}), refused unless they
+    were scored with the same knobs' weights (`knob_fingerprints`) on the same questions."""
+    from safetensors.torch import load_file
+
+    tensor_path, labels_path = search_scores_paths(results, kind)
+    if not (tensor_path.exists() and labels_path.exists()):
+        raise SystemExit(f"--scores-from {results}: no saved scores at {tensor_path} (a knob-search run writes them)")
+    labels = json.loads(labels_path.read_text())
+    changed = sorted(k for k in knobs if labels.get("knobs", {}).get(k) != knobs[k])
+    if changed:
+        raise SystemExit(f"--scores-from {results}: scored with other weights for the knobs {changed} than those "
+                         "under --runs; give the runs folder those scores came from")
+    if labels.get("rows") != rows_sha:
+        raise SystemExit(f"--scores-from {results}: scored on other questions than {len(labels['row_domains'])} of "
+                         "--data's heldout.jsonl (another --data or --max-per-domain)")
+    scores = load_file(str(tensor_path))["scores"]
+    return {key_of(p, names): s for p, s in zip(labels["points"], scores)}
+
+
 def load(kind, args):
     from peft_clm.tools.loading import load_model
 
@@ -840,16 +904,25 @@ def cmd_knob_search(args) -> None:
         raise SystemExit(f"--alphas: {len(alphas)} values make a grid of {len(alphas) ** len(names):,} points over "
                          f"six knobs; give at most 9 (531,441 points)")
     earlier = Path(args.runs) / f"grid_scores_{kind}.json"  # the score stage's dial points join the pool when present
+    if args.pool and not args.scores_from:
+        raise SystemExit("--pool searches the points of --scores-from runs too; give --scores-from")
     model, tokenizer, vectors = load(kind, args)
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     row_domains = [r["domain"] for r in rows]
     zero = {k: 0.0 for k in names}
+    fingerprints, rows_sha = knob_fingerprints(args, kind, vectors), rows_fingerprint(rows)
 
     def key(point: dict) -> str:
         return key_of(point, names)
 
+    earlier_exact = {}  # --scores-from: points scored before, by these knobs on these questions, not scored again
+    for results_dir in args.scores_from or []:
+        earlier_exact.update(load_search_scores(Path(results_dir), kind, fingerprints, rows_sha, names))
+
     def exact_scores(points):  # points of adapter (vector) alphas: {knob: alpha}
-        return score_points(kind, model, tokenizer, rows, points, vectors)
+        todo = [p for p in points if key(p) not in earlier_exact]
+        new = dict(zip(map(key, todo), score_points(kind, model, tokenizer, rows, todo, vectors) if todo else []))
+        return [new[key(p)] if key(p) in new else earlier_exact[key(p)] for p in points]
 
     t0 = time.perf_counter()
     points_1d = [zero] + [{**zero, k: a} for k in names for a in alphas if a != 0.0]
@@ -890,21 +963,26 @@ def cmd_knob_search(args) -> None:
     folds = (("all", None), (0, selects[0]), (1, selects[1]))
     for name, select in folds:
         chosen = search_combinations(predicted, row_domains, full, REGULATED, select=select, controls=controls,
-                                     top_k=1 + args.refine)
+                                     top_k=1 + args.refine, prefer=args.prefer)
         if name == "all":
             predicted_reached = sum(c["reached"] for c in chosen)
         predicted_best[name] = [c["candidates"] for c in chosen]
         pools[name] = list({key(p): p for p in points_1d + dial_points + [c["point"] for c in chosen]}.values())
     del predicted
+    if args.pool:  # in-sample only: earlier runs' points may have been chosen on the halves the folds report on
+        pools["all"] = list({**{key(p): p for p in pools["all"]},
+                             **{k: json.loads(k) for k in earlier_exact}}.values())
+        exact.update(earlier_exact)
     todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
     print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring {len(todo)} points "
-          f"exactly", flush=True)
+          f"exactly ({sum(key(p) in earlier_exact for p in todo)} of them read from --scores-from)", flush=True)
     if todo:
         exact.update(zip(map(key, todo), exact_scores(todo)))
 
     def search(pool, select=None):
         scores = torch.stack([exact[key(p)] for p in pool])
-        return search_combinations(scores, row_domains, pool, REGULATED, select=select, controls=controls)
+        return search_combinations(scores, row_domains, pool, REGULATED, select=select, controls=controls,
+                                   prefer=args.prefer)
 
     def search_pools() -> list[dict]:  # in-sample on all questions, with each fold's two-fold figures added
         combos = search(pools["all"])
@@ -934,7 +1012,11 @@ def cmd_knob_search(args) -> None:
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
         "dial_points_included": len(dial_points), "refine": args.refine, "n_points_refined": refined,
         "before_refine": before_refine,  # {reached, twofold_reached}, or None
+        "prefer": args.prefer, "scores_from": args.scores_from or [], "pooled": bool(args.pool),
+        "n_points_reused": sum(k in earlier_exact for k in exact),
     })
+    save_search_scores(Path(args.results), kind, exact, names,
+                       {"knobs": fingerprints, "rows": rows_sha, "row_domains": row_domains, "runs": args.runs})
     write_json(out, result)
     print_sweeps()
     for c in combos:
@@ -943,7 +1025,8 @@ def cmd_knob_search(args) -> None:
               + " ".join(f"{d[:3]} {a:.2f}" for d, a in c["accuracy"].items())
               + (" | reached" if c["reached"] else "") + (" (two-fold)" if c["twofold_reached"] else ""), flush=True)
     print(f"signed knobs ({kind}): {result['reached']}/27 reached, {result['twofold_reached']}/27 two-fold; "
-          f"{len(exact)} points scored exactly in {seconds:.0f} s")
+          f"{len(exact)} points scored exactly in {seconds:.0f} s ({result['n_points_reused']} read from "
+          f"--scores-from; ties: {args.prefer})")
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -1258,6 +1341,16 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=0,
                         help="knob-search stage: for each combination whose exactly scored best point is below 0.8 "
                              "on the questions it is chosen on, also score its next REFINE best predicted points")
+    parser.add_argument("--prefer", choices=["base", "margin"], default="base",
+                        help="knob-search stage: among points of equal worst and mean accuracy, the one nearest the "
+                             "base (smallest sum of |alpha|) or the one whose worst domain's target level wins by the "
+                             "widest mean log-likelihood margin")
+    parser.add_argument("--scores-from", action="append", metavar="RESULTS",
+                        help="knob-search stage: an earlier knob-search's --results (repeatable); its exactly scored "
+                             "points are read, not scored again, where its knobs' weights and questions are these")
+    parser.add_argument("--pool", action="store_true",
+                        help="knob-search stage: search (in-sample) over every point of --scores-from too; the "
+                             "two-fold check keeps to the points each fold chose on its own half")
     parser.add_argument("--sweeps-only", action="store_true",
                         help="knob-search stage: each knob's 1-D sweep and leakage only, no combination search")
     parser.add_argument("--max-per-domain", type=int, default=None)

@@ -204,6 +204,33 @@ def test_search_finds_the_point_that_reaches_each_combination():
         search_combinations(scores, row_domains, points, ["a"], top_k=0)
 
 
+def test_search_prefer_margin_breaks_accuracy_ties_by_the_worst_domains_margin():
+    """prefer="margin": among points of equal worst and mean accuracy, the one whose worst domain's target level
+    wins by most (mean over its rows of the target's score minus the best other level's); "base" keeps the nearest."""
+    points = [{"a": 0.5}, {"a": 1.0}, {"a": 2.0}]
+    row_domains = ["a", "a"]
+    # every point puts both rows at expert; the margins over the best other level: 0.1, 0.8 (row means) and 0.5
+    scores = torch.tensor([
+        [[-3.0, -1.1, -1.0], [-3.0, -1.1, -1.0]],
+        [[-3.0, -1.8, -1.0], [-3.0, -1.8, -1.0]],
+        [[-3.0, -1.2, -1.0], [-3.0, -1.8, -1.0]],
+    ])
+    expert = lambda combos: next(c for c in combos if c["targets"]["a"] == "expert")  # noqa: E731
+    assert expert(search_combinations(scores, row_domains, points, ["a"]))["point"] == {"a": 0.5}
+    by_margin = expert(search_combinations(scores, row_domains, points, ["a"], prefer="margin", top_k=3))
+    assert by_margin["point"] == {"a": 1.0} and by_margin["candidates"] == [{"a": 1.0}, {"a": 2.0}, {"a": 0.5}]
+    # a target that loses has a negative margin: generic trails expert by 0.1 at point 0, by 0.8 at point 1
+    generic = next(c for c in search_combinations(scores, row_domains, points, ["a"], prefer="margin", top_k=3)
+                   if c["targets"]["a"] == "generic")
+    assert generic["candidates"] == [{"a": 0.5}, {"a": 2.0}, {"a": 1.0}]
+    # accuracy still comes first: a wider margin does not beat a higher accuracy
+    worse = scores.clone()
+    worse[1, 1] = torch.tensor([-3.0, -0.5, -1.0])  # point 1's second row now generic
+    assert expert(search_combinations(worse, row_domains, points, ["a"], prefer="margin"))["point"] == {"a": 2.0}
+    with pytest.raises(ValueError, match="prefer must be 'base'"):
+        search_combinations(scores, row_domains, points, ["a"], prefer="nearest")
+
+
 def test_refine_adds_candidates_only_where_the_choosing_rows_fall_short():
     """knob-search --refine: a combination whose best pooled point is short of 0.8 on the rows it is chosen on gets
     its next predicted points; one already at 0.8 gets none; each pool is judged on its own select."""
@@ -356,6 +383,95 @@ def test_vector_knobs_read_as_dials_score_as_the_weights_they_stand_for(tmp_path
     assert not torch.allclose(got[0], got[1]) and not torch.allclose(got[2], got[1])
     for k, v in base.state_dict().items():
         assert torch.equal(v, base_state[k]), k
+
+
+def test_knob_search_scores_are_saved_and_read_back_only_for_the_same_knobs_and_questions(tmp_path):
+    """knob-search keeps its exact scores (--scores-from reads them instead of scoring again): a round trip gives the
+    same tensors under the same keys; other knob weights or other questions are refused by name."""
+    from types import SimpleNamespace
+
+    script = _domains_script()
+    args = SimpleNamespace(design="per-level", runs=str(tmp_path / "runs"))
+    names = script.knob_names(args)
+    for i, name in enumerate(names):
+        (tmp_path / "runs" / "clm" / name).mkdir(parents=True)
+        (tmp_path / "runs" / "clm" / name / "adapter_model.safetensors").write_bytes(bytes([i]) * 10)
+    knobs = script.knob_fingerprints(args, "clm", None)
+    assert len(set(knobs.values())) == len(names)
+    rows_sha = script.rows_fingerprint(ROWS)
+    zero = {k: 0.0 for k in names}
+    points = [zero, {**zero, "medical_expert": 1.5}, {**zero, "legal_avoid": -0.5, "financial_expert": 2.0}]
+    exact = {script.key_of(p, names): torch.randn(len(ROWS), 3) for p in points}
+    meta = {"knobs": knobs, "rows": rows_sha, "row_domains": ["m"] * len(ROWS)}
+    script.save_search_scores(tmp_path / "res", "clm", exact, names, meta)
+    assert not list((tmp_path / "res").glob("*.tmp"))
+    back = script.load_search_scores(tmp_path / "res", "clm", knobs, rows_sha, names)
+    assert list(back) == list(exact) and all(torch.equal(back[k], exact[k]) for k in exact)
+    retrained = {**knobs, "legal_expert": "0" * 64}
+    with pytest.raises(SystemExit, match=r"other weights for the knobs \['legal_expert'\]"):
+        script.load_search_scores(tmp_path / "res", "clm", retrained, rows_sha, names)
+    other_rows = script.rows_fingerprint([{**ROWS[0], "expert": ROWS[0]["expert"] + " more"}, *ROWS[1:]])
+    with pytest.raises(SystemExit, match="scored on other questions"):
+        script.load_search_scores(tmp_path / "res", "clm", knobs, other_rows, names)
+    with pytest.raises(SystemExit, match="no saved scores at"):
+        script.load_search_scores(tmp_path / "nowhere", "clm", knobs, rows_sha, names)
+
+
+def test_knob_search_stage_end_to_end_and_again_from_its_saved_scores(tmp_path, monkeypatch):
+    """The knob-search stage on a tiny model with six perturbed CLM knobs: it writes 27 combinations and its exact
+    scores; run again with --scores-from it scores nothing and finds the same points; --pool searches the earlier
+    points in-sample and leaves the two-fold figures as they were; --prefer margin is recorded and applied."""
+    from types import SimpleNamespace
+
+    script = _domains_script()
+    tokenizer = tiny_tokenizer()
+    names = script.knob_names(SimpleNamespace(design="per-level"))
+    model = get_peft_model(_plain_model(tokenizer, seed=3), ClmConfig(), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, ClmConfig())
+    for i, name in enumerate(names):
+        perturb(model, seed=30 + i, scale=0.3, adapter=name)
+    model.save_pretrained(tmp_path / "runs" / "clm")  # runs/clm/<knob>/: PEFT's folder per named adapter
+    model.base_model.set_adapter(names)
+    model.eval()
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{**r, "domain": d} for d in script.DOMAINS for r in ROWS[:2]]  # two questions a domain: one per half
+    (data / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = []
+    real_score_points = script.score_points
+
+    def counting_score_points(kind, m, tok, rws, points, vectors=None, **kw):
+        scored.append(len(points))
+        return real_score_points(kind, m, tok, rws, points, vectors, **kw)
+
+    monkeypatch.setattr(script, "load", lambda kind, args: (model, tokenizer, None))
+    monkeypatch.setattr(script, "score_points", counting_score_points)
+
+    def run(results, **over):
+        args = SimpleNamespace(kind="clm", design="per-level", interpolation="logits", alphas="0,1,2",
+                               runs=str(tmp_path / "runs"), data=str(data), results=str(tmp_path / results),
+                               refine=1, sweeps_only=False, prefer="base", scores_from=None, pool=False)
+        for k, v in over.items():
+            setattr(args, k, v)
+        script.cmd_knob_search(args)
+        return json.loads((tmp_path / results / "knob_search.json").read_text())
+
+    first = run("first")
+    assert len(first["combinations"]) == 27 and sum(scored) == first["n_points_scored"] > 7
+    assert (tmp_path / "first" / "knob_search_scores.safetensors").exists()
+    scored.clear()
+    again = run("again", scores_from=[str(tmp_path / "first")])
+    assert sum(scored) == 0 and again["n_points_reused"] == again["n_points_scored"]
+    for key in ("combinations", "reached", "twofold_reached", "sweeps"):
+        assert again[key] == first[key], key
+    pooled = run("pooled", scores_from=[str(tmp_path / "first")], pool=True, refine=0)
+    assert pooled["pooled"] and pooled["n_points_scored"] >= first["n_points_scored"]
+    assert pooled["reached"] >= first["reached"]
+    margin = run("margin", scores_from=[str(tmp_path / "first")], prefer="margin")
+    assert margin["prefer"] == "margin" and len(margin["combinations"]) == 27
+    with pytest.raises(SystemExit, match="--pool searches the points of --scores-from runs too"):
+        run("bad", pool=True)
 
 
 def test_knob_vectors_are_extracted_once_and_again_after_a_retrain(tmp_path):

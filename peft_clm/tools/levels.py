@@ -345,9 +345,12 @@ def search_combinations(
     select: Optional[Sequence[bool]] = None,
     controls: Optional[Mapping[str, str]] = None,
     top_k: int = 1,
+    prefer: str = "base",
 ) -> list[dict]:
     """For each combination of target levels of `domains`, the grid point whose lowest accuracy over those domains
-    is highest (ties: higher mean accuracy, then the point nearest the base, smallest sum of |alpha|).
+    is highest (ties: higher mean accuracy, then by `prefer`: "base", the point nearest the base, smallest sum of
+    |alpha|; "margin", the point whose worst domain wins by most: the highest, over the combination's domains, lowest
+    mean margin of the target level's score over the best other level's, in nats per token).
 
     `scores` is [len(points), len(rows), 3] from `level_scores`; `row_domains` names each row's domain. The point is
     chosen on the rows where `select` is true (default: all) and its accuracies reported on the other rows (on all
@@ -359,6 +362,8 @@ def search_combinations(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if prefer not in ("base", "margin"):
+        raise ValueError(f"prefer must be 'base' (nearest the base) or 'margin' (widest margin), got {prefer!r}.")
     if scores.dim() != 3 or scores.shape[0] != len(points) or scores.shape[1] != len(row_domains):
         raise ValueError(
             f"scores {tuple(scores.shape)} do not match {len(points)} points x {len(row_domains)} rows x 3 levels."
@@ -373,15 +378,23 @@ def search_combinations(
         if not (rows & mask_sel).any() or not (rows & mask_eval).any():
             raise ValueError(f"domain {d!r} has no rows to choose on or to report on.")
         by_domain[d] = (rows & mask_sel, rows & mask_eval)
-    distance = [sum(abs(v) for v in p.values()) for p in points]
+    if prefer == "base":
+        last = [-sum(abs(v) for v in p.values()) for p in points]
+    else:  # margins[p, n, l]: level l's score minus the best other level's (> 0 where l is the question's level)
+        top2 = scores.topk(2, dim=-1).values
+        margins = scores - torch.where(scores == top2[..., :1], top2[..., 1:], top2[..., :1])
     results = []
     for combo in combinations(domains):
         acc_sel = torch.stack(
             [(levels[:, by_domain[d][0]] == level_index(lv)).float().mean(-1) for d, lv in combo.items()]
         )  # [D, P]
         worst, mean = acc_sel.min(0).values.tolist(), acc_sel.mean(0).tolist()
-        # lexicographic: worst accuracy, then mean accuracy, then nearness to the base
-        ranked = heapq.nlargest(top_k, range(len(points)), key=lambda j: (worst[j], mean[j], -distance[j]))
+        if prefer == "margin":
+            last = torch.stack(
+                [margins[:, by_domain[d][0], level_index(lv)].mean(-1) for d, lv in combo.items()]
+            ).min(0).values.tolist()
+        # lexicographic: worst accuracy, then mean accuracy, then nearness to the base (or the worst margin)
+        ranked = heapq.nlargest(top_k, range(len(points)), key=lambda j: (worst[j], mean[j], last[j]))
         best = ranked[0]
         report = {
             d: float((levels[best, by_domain[d][1]] == level_index(lv)).float().mean())
