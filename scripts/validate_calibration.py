@@ -10,6 +10,10 @@ then the metric is measured on B at the alpha found, and called within tolerance
 |B - target| <= 10% of |target|. A knob whose usable reach lies within 10% of its middle value is reported as
 `"testable": false`: its targets lie closer together than the tolerance, so the check barely tests anything.
 
+`--extra-prompts FILE` (repeatable; with `--extra-domain D` only rows whose "domain" is D) adds prompts the knob was
+never trained on, dealt alternately to half A and half B after the held-out ones, so that the two halves differ
+less by chance; the answers are then all generated (no `--sweep`).
+
     python scripts/validate_calibration.py --adapter runs/concise --dimension concise --max-new-tokens 64 \\
         --sweep results/concise/sweep.json --out results/calibration/concise.json
 """
@@ -26,6 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 METRIC = {"concise": "words", "formal": "casualness"}
 
 
+def extra_prompts(paths: list[str], domain: str | None = None) -> list:
+    """The prompts of JSONL files, in order; with `domain`, only rows whose "domain" is it. One error per file that
+    keeps no row or keeps a row without a prompt."""
+    extra = []
+    for path in paths:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in rows if domain is None or r.get("domain") == domain]
+        if not kept:
+            raise SystemExit(f"--extra-prompts {path}: no rows" + (f" whose 'domain' is {domain!r}" if domain else ""))
+        missing = [i for i, r in enumerate(kept, 1) if "prompt" not in r]
+        if missing:
+            raise SystemExit(f"--extra-prompts {path}: kept rows {missing[:5]} (1-based) have no 'prompt'")
+        extra += [r["prompt"] for r in kept]
+    return extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True)
@@ -38,6 +58,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.2,0.5,0.8", help="where the targets sit in the reachable span")
     parser.add_argument("--half", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--extra-prompts", action="append", default=[],
+                        help="JSONL of more prompts (repeatable), dealt alternately to the halves")
+    parser.add_argument("--extra-domain", help="keep only --extra-prompts rows whose 'domain' is this")
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -54,6 +77,13 @@ def main() -> None:
     half_a, half_b = prompts[: args.half], prompts[args.half : 2 * args.half]
     if len(half_b) < args.half:
         raise SystemExit(f"{len(prompts)} held-out prompts: too few for two halves of {args.half}.")
+    if args.extra_prompts and args.sweep:
+        raise SystemExit("--sweep scores half A from a sweep's answers to the held-out prompts alone; with "
+                         "--extra-prompts half A is larger: leave --sweep out")
+    if args.extra_domain and not args.extra_prompts:
+        raise SystemExit("--extra-domain filters --extra-prompts; give --extra-prompts")
+    extra = extra_prompts(args.extra_prompts, args.extra_domain)
+    half_a, half_b = half_a + extra[0::2], half_b + extra[1::2]
     alphas = [float(a) for a in args.alphas.split(",")]
     cache_a: dict = {}
     if args.sweep:
@@ -92,6 +122,7 @@ def main() -> None:
     result = {
         "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
         "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),
+        "extra_prompts": args.extra_prompts, "extra_domain": args.extra_domain, "n_extra": len(extra),
         "coarse_alphas": alphas, "usable_range": [lo, hi], "reachable_a": [reach[0], reach[-1]],
         "testable": testable, "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
     }

@@ -146,3 +146,26 @@ def test_calibrate_cli_argument_errors_come_before_loading(tiny, change, message
             "--prompts": tiny / "prompts.jsonl", **change}
     code, _, err = run("calibrate", *[x for kv in args.items() for x in kv])
     assert code == 2 and message in err and "no-such-model" not in err
+
+
+def test_validate_calibration_extra_prompts_are_kept_by_domain_and_refused_clearly(tmp_path):
+    """scripts/validate_calibration.py --extra-prompts: the prompts of the kept rows in file order (dealt to the two
+    halves by the script); a file that keeps nothing, or a kept row without a prompt, is one error naming it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "validate_calibration.py"
+    spec = importlib.util.spec_from_file_location("validate_calibration", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [{"prompt": f"q{i}", "domain": "general" if i % 2 else "medical"} for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "z", "domain": "general"}) + "\n")
+    assert script.extra_prompts([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "general") == [
+        "q1", "q3", "q5", "z"]
+    assert len(script.extra_prompts([str(tmp_path / "a.jsonl")])) == 6
+    with pytest.raises(SystemExit, match=r"a.jsonl: no rows whose 'domain' is 'legal'"):
+        script.extra_prompts([str(tmp_path / "a.jsonl")], "legal")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"domain": "general"}) + "\n")
+    with pytest.raises(SystemExit, match=r"c.jsonl: kept rows \[1\] \(1-based\) have no 'prompt'"):
+        script.extra_prompts([str(tmp_path / "c.jsonl")], "general")
