@@ -350,20 +350,24 @@ def saved_scores(runs: Path, kind: str, row_domains: list[str]) -> dict:
     return {key_of(p): s for p, s in zip(labels["points"], scores)}
 
 
-def knob_fingerprints(args, kind: str, vectors: dict | None) -> dict[str, str]:
-    """sha256 of each knob's weights (its CLM adapter, or its alignment vector): what saved scores belong to."""
+def knob_fingerprints(args, kind: str) -> dict[str, str]:
+    """sha256 of each knob's weights and settings (its CLM adapter's weights and config, or its alignment vector,
+    extracted first if need be): what saved scores belong to."""
     import hashlib
 
-    def sha(path: Path) -> str:
+    def sha(*paths: Path) -> str:
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for path in paths:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
         return digest.hexdigest()
 
     if kind == "clm":
-        return {k: sha(Path(args.runs) / "clm" / k / "adapter_model.safetensors") for k in knob_names(args)}
-    return {k: sha(Path(path)) for k, path in vectors.items()}
+        folder = Path(args.runs) / "clm"
+        return {k: sha(folder / k / "adapter_model.safetensors", folder / k / "adapter_config.json")
+                for k in knob_names(args)}
+    return {k: sha(Path(path)) for k, path in knob_vectors(args).items()}
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
@@ -375,43 +379,47 @@ def rows_fingerprint(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps([[r["prompt"], *(r[lv] for lv in LEVELS)] for r in rows]).encode()).hexdigest()
 
 
-def search_scores_paths(results: Path, kind: str) -> tuple[Path, Path]:
-    """Where knob-search keeps its exactly scored points: [P, N, 3] scores and their points and fingerprints."""
-    stem = "knob_search_scores" + ("" if kind == "clm" else f"_{kind}")
-    return results / f"{stem}.safetensors", results / f"{stem}.json"
+def search_scores_path(results: Path, kind: str) -> Path:
+    """Where knob-search keeps its exactly scored points: one safetensors file, [P, N, 3] scores, the points and
+    fingerprints in its metadata (one file, replaced whole: scores and labels never disagree)."""
+    return results / ("knob_search_scores" + ("" if kind == "clm" else f"_{kind}") + ".safetensors")
 
 
-def save_search_scores(results: Path, kind: str, exact: dict, names: list[str], meta: dict) -> None:
-    """Write every exactly scored point of a knob-search ({key: [N, 3] scores}), each file through a temporary one."""
+def save_search_scores(path: Path, exact: dict, meta: dict) -> None:
+    """Write exactly scored points ({key_of(point): [N, 3] scores}) and `meta` to `path`, through a temporary file."""
     import torch
     from safetensors.torch import save_file
 
-    tensor_path, labels_path = search_scores_paths(results, kind)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
-    save_file({"scores": torch.stack(list(exact.values())).contiguous()}, str(tmp))
-    tmp.replace(tensor_path)
-    write_json(labels_path, {**meta, "points": [{k: json.loads(key)[k] for k in names} for key in exact]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = {**meta, "points": [json.loads(k) for k in exact]}
+    tmp = path.with_name(path.name + ".tmp")
+    scores = torch.stack(list(exact.values())).contiguous()
+    save_file({"scores": scores}, str(tmp), metadata={"labels": json.dumps(labels)})
+    tmp.replace(path)
 
 
-def load_search_scores(results: Path, kind: str, knobs: dict, rows_sha: str, names: list[str]) -> dict:
-    """An earlier knob-search's exactly scored points under `results` ({key: [N, 3] scores}), refused unless they
-    were scored with the same knobs' weights (`knob_fingerprints`) on the same questions."""
-    from safetensors.torch import load_file
+def load_search_scores(path: Path, knobs: dict, rows_sha: str, n_rows: int, names: list[str]) -> dict:
+    """The points saved at `path` by an earlier knob-search ({key: [N, 3] scores}), refused unless they were scored
+    with the same knobs' weights and settings (`knob_fingerprints`) on the same questions."""
+    from safetensors import safe_open
 
-    tensor_path, labels_path = search_scores_paths(results, kind)
-    if not (tensor_path.exists() and labels_path.exists()):
-        raise SystemExit(f"--scores-from {results}: no saved scores at {tensor_path} (a knob-search run writes them)")
-    labels = json.loads(labels_path.read_text())
+    if not path.exists():
+        raise SystemExit(f"--scores-from: no saved scores at {path} (a knob-search run writes them)")
+    with safe_open(str(path), "pt") as f:
+        labels = json.loads((f.metadata() or {}).get("labels", "{}"))
+        scores = f.get_tensor("scores") if "scores" in f.keys() else None
     changed = sorted(k for k in knobs if labels.get("knobs", {}).get(k) != knobs[k])
     if changed:
-        raise SystemExit(f"--scores-from {results}: scored with other weights for the knobs {changed} than those "
-                         "under --runs; give the runs folder those scores came from")
+        raise SystemExit(f"--scores-from {path}: scored with other weights or settings for the knobs {changed} than "
+                         "those under --runs; give the runs folder those scores came from")
     if labels.get("rows") != rows_sha:
-        raise SystemExit(f"--scores-from {results}: scored on other questions than {len(labels['row_domains'])} of "
-                         "--data's heldout.jsonl (another --data or --max-per-domain)")
-    scores = load_file(str(tensor_path))["scores"]
-    return {key_of(p, names): s for p, s in zip(labels["points"], scores)}
+        raise SystemExit(f"--scores-from {path}: scored on {len(labels.get('row_domains', []))} other questions, not "
+                         f"the {n_rows} of --data's heldout.jsonl")
+    points = labels.get("points", [])
+    if scores is None or tuple(scores.shape) != (len(points), n_rows, 3):
+        raise SystemExit(f"--scores-from {path}: damaged ({len(points)} points, scores "
+                         f"{None if scores is None else tuple(scores.shape)}); score again without it")
+    return {key_of(p, names): s for p, s in zip(points, scores)}
 
 
 def load(kind, args):
@@ -906,28 +914,41 @@ def cmd_knob_search(args) -> None:
     earlier = Path(args.runs) / f"grid_scores_{kind}.json"  # the score stage's dial points join the pool when present
     if args.pool and not args.scores_from:
         raise SystemExit("--pool searches the points of --scores-from runs too; give --scores-from")
-    model, tokenizer, vectors = load(kind, args)
+    if args.pool and args.sweeps_only:
+        raise SystemExit("--pool searches combinations; --sweeps-only stops before any search")
     rows = read_jsonl(Path(args.data) / "heldout.jsonl")
     row_domains = [r["domain"] for r in rows]
     zero = {k: 0.0 for k in names}
-    fingerprints, rows_sha = knob_fingerprints(args, kind, vectors), rows_fingerprint(rows)
+    fingerprints, rows_sha = knob_fingerprints(args, kind), rows_fingerprint(rows)
 
     def key(point: dict) -> str:
         return key_of(point, names)
 
     earlier_exact = {}  # --scores-from: points scored before, by these knobs on these questions, not scored again
     for results_dir in args.scores_from or []:
-        earlier_exact.update(load_search_scores(Path(results_dir), kind, fingerprints, rows_sha, names))
+        path = search_scores_path(Path(results_dir), kind)
+        earlier_exact.update(load_search_scores(path, fingerprints, rows_sha, len(rows), names))
+    model, tokenizer, vectors = load(kind, args)
+    scores_path = search_scores_path(Path(args.results), kind)
+    scores_meta = {"knobs": fingerprints, "rows": rows_sha, "row_domains": row_domains, "runs": args.runs}
+    exact: dict = {}  # {key: [N, 3]}: every point this search has exact scores of
+    counts = {"scored": 0, "reused": 0}
 
-    def exact_scores(points):  # points of adapter (vector) alphas: {knob: alpha}
-        todo = [p for p in points if key(p) not in earlier_exact]
-        new = dict(zip(map(key, todo), score_points(kind, model, tokenizer, rows, todo, vectors) if todo else []))
-        return [new[key(p)] if key(p) in new else earlier_exact[key(p)] for p in points]
+    def score_exactly(points) -> None:
+        """Exact scores of `points` into `exact`: read from --scores-from where there, else scored; then every
+        exact point (with the --scores-from ones) saved, so that a stopped search keeps what it scored."""
+        todo = list({key(p): p for p in points if key(p) not in exact}.values())
+        fresh = [p for p in todo if key(p) not in earlier_exact]
+        exact.update({key(p): earlier_exact[key(p)] for p in todo if key(p) in earlier_exact})
+        if fresh:
+            exact.update(zip(map(key, fresh), score_points(kind, model, tokenizer, rows, fresh, vectors)))
+        counts["scored"] += len(fresh)
+        counts["reused"] += len(todo) - len(fresh)
+        save_search_scores(scores_path, {**earlier_exact, **exact}, scores_meta)
 
     t0 = time.perf_counter()
     points_1d = [zero] + [{**zero, k: a} for k in names for a in alphas if a != 0.0]
-    sweep_scores = exact_scores(points_1d)
-    exact = dict(zip(map(key, points_1d), sweep_scores))
+    score_exactly(points_1d)
     sweeps = {k: [{"alpha": a, "levels": distribution(exact[key({**zero, k: a})], row_domains)} for a in alphas]
               for k in names}  # as the score stage's levels_clm.json sweeps: [{alpha, levels}]
     leakage = {k: {a: knob_leakage(sweeps[k], k.rsplit("_", 1)[0], a)["max"] for a in alphas if a != 0.0}
@@ -946,7 +967,8 @@ def cmd_knob_search(args) -> None:
                                          for p in sweep))
 
     if args.sweeps_only:
-        result.update(n_points_scored=len(exact), seconds=time.perf_counter() - t0)
+        result.update(n_points_scored=counts["scored"], n_points_reused=counts["reused"],
+                      seconds=time.perf_counter() - t0)
         write_json(out, result)
         print_sweeps()
         print(f"{len(exact)} points scored in {result['seconds']:.0f} s; wrote {out}")
@@ -972,12 +994,10 @@ def cmd_knob_search(args) -> None:
     if args.pool:  # in-sample only: earlier runs' points may have been chosen on the halves the folds report on
         pools["all"] = list({**{key(p): p for p in pools["all"]},
                              **{k: json.loads(k) for k in earlier_exact}}.values())
-        exact.update(earlier_exact)
-    todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
-    print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring {len(todo)} points "
-          f"exactly ({sum(key(p) in earlier_exact for p in todo)} of them read from --scores-from)", flush=True)
-    if todo:
-        exact.update(zip(map(key, todo), exact_scores(todo)))
+    todo = [p for pool in pools.values() for p in pool]
+    print(f"predicted: {predicted_reached}/27 on the additive {len(full)}-point grid; scoring the chosen points "
+          "exactly", flush=True)
+    score_exactly(todo)
 
     def search(pool, select=None):
         scores = torch.stack([exact[key(p)] for p in pool])
@@ -998,25 +1018,22 @@ def cmd_knob_search(args) -> None:
               "two-fold", flush=True)
         pools = refine_pools(pools, predicted_best, dict(folds), search, key)
         todo = list({key(p): p for pool in pools.values() for p in pool if key(p) not in exact}.values())
-        print(f"refine: scoring {len(todo)} more points exactly (up to {args.refine} per combination short of 0.8 "
-              "on the questions it chooses on)", flush=True)
-        if todo:
-            exact.update(zip(map(key, todo), exact_scores(todo)))
+        print(f"refine: {len(todo)} more points exactly (up to {args.refine} per combination short of 0.8 on the "
+              "questions it chooses on)", flush=True)
+        score_exactly(todo)
         refined = len(todo)
     seconds = time.perf_counter() - t0
 
     combos = search_pools()
     result.update({
         "grid_points_predicted": len(full), "predicted_reached": predicted_reached,
-        "n_points_scored": len(exact), "seconds": seconds, "combinations": combos,
+        "n_points_exact": len(exact), "n_points_scored": counts["scored"], "n_points_reused": counts["reused"],
+        "seconds": seconds, "combinations": combos,
         "reached": sum(c["reached"] for c in combos), "twofold_reached": sum(c["twofold_reached"] for c in combos),
         "dial_points_included": len(dial_points), "refine": args.refine, "n_points_refined": refined,
         "before_refine": before_refine,  # {reached, twofold_reached}, or None
         "prefer": args.prefer, "scores_from": args.scores_from or [], "pooled": bool(args.pool),
-        "n_points_reused": sum(k in earlier_exact for k in exact),
     })
-    save_search_scores(Path(args.results), kind, exact, names,
-                       {"knobs": fingerprints, "rows": rows_sha, "row_domains": row_domains, "runs": args.runs})
     write_json(out, result)
     print_sweeps()
     for c in combos:
@@ -1025,8 +1042,8 @@ def cmd_knob_search(args) -> None:
               + " ".join(f"{d[:3]} {a:.2f}" for d, a in c["accuracy"].items())
               + (" | reached" if c["reached"] else "") + (" (two-fold)" if c["twofold_reached"] else ""), flush=True)
     print(f"signed knobs ({kind}): {result['reached']}/27 reached, {result['twofold_reached']}/27 two-fold; "
-          f"{len(exact)} points scored exactly in {seconds:.0f} s ({result['n_points_reused']} read from "
-          f"--scores-from; ties: {args.prefer})")
+          f"{counts['scored']} points scored exactly in {seconds:.0f} s, {counts['reused']} read from --scores-from"
+          f"{' (all ' + str(len(exact)) + ' searched in-sample)' if args.pool else ''}; ties: {args.prefer}")
 
 
 # ----------------------------------------------------------------------------------------------------- report

@@ -30,20 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 METRIC = {"concise": "words", "formal": "casualness"}
 
 
-def extra_prompts(paths: list[str], domain: str | None = None) -> list:
-    """The prompts of JSONL files, in order; with `domain`, only rows whose "domain" is it. One error per file that
-    keeps no row or keeps a row without a prompt."""
-    extra = []
-    for path in paths:
-        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [r for r in rows if domain is None or r.get("domain") == domain]
-        if not kept:
-            raise SystemExit(f"--extra-prompts {path}: no rows" + (f" whose 'domain' is {domain!r}" if domain else ""))
-        missing = [i for i, r in enumerate(kept, 1) if "prompt" not in r]
-        if missing:
-            raise SystemExit(f"--extra-prompts {path}: kept rows {missing[:5]} (1-based) have no 'prompt'")
-        extra += [r["prompt"] for r in kept]
-    return extra
+def deal(half_a: list, half_b: list, extra: list) -> tuple[list, list, int]:
+    """The two halves with `extra` prompts dealt alternately (A first), after dropping any extra prompt already in a
+    half or dealt before (the same question in both halves would not be held out). Returns (A, B, dropped)."""
+    seen = {json.dumps(p, sort_keys=True) for p in half_a + half_b}
+    kept = []
+    for p in extra:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return half_a + kept[0::2], half_b + kept[1::2], len(extra) - len(kept)
 
 
 def main() -> None:
@@ -67,7 +64,7 @@ def main() -> None:
     from peft import PeftModel
 
     from peft_clm.tools.calibrate import calibrate, measure
-    from peft_clm.tools.data import read_prompts
+    from peft_clm.tools.data import DataError, read_prompts
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.sweep import usable_range
     from peft_clm.tools.text_metrics import METRICS, is_degenerate
@@ -82,8 +79,14 @@ def main() -> None:
                          "--extra-prompts half A is larger: leave --sweep out")
     if args.extra_domain and not args.extra_prompts:
         raise SystemExit("--extra-domain filters --extra-prompts; give --extra-prompts")
-    extra = extra_prompts(args.extra_prompts, args.extra_domain)
-    half_a, half_b = half_a + extra[0::2], half_b + extra[1::2]
+    try:
+        extra = [p for path in args.extra_prompts for p in read_prompts(path, domain=args.extra_domain)[0]]
+    except DataError as e:
+        raise SystemExit(f"--extra-prompts: {e}") from None
+    half_a, half_b, dropped = deal(half_a, half_b, extra)
+    if extra:
+        print(f"--extra-prompts: {len(extra) - dropped} more prompts ({dropped} repeats dropped): halves of "
+              f"{len(half_a)} and {len(half_b)}", flush=True)
     alphas = [float(a) for a in args.alphas.split(",")]
     cache_a: dict = {}
     if args.sweep:
@@ -122,7 +125,7 @@ def main() -> None:
     result = {
         "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
         "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),
-        "extra_prompts": args.extra_prompts, "extra_domain": args.extra_domain, "n_extra": len(extra),
+        "extra_prompts": args.extra_prompts, "extra_domain": args.extra_domain, "n_extra": len(extra) - dropped,
         "coarse_alphas": alphas, "usable_range": [lo, hi], "reachable_a": [reach[0], reach[-1]],
         "testable": testable, "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
     }

@@ -148,11 +148,14 @@ def test_calibrate_cli_argument_errors_come_before_loading(tiny, change, message
     assert code == 2 and message in err and "no-such-model" not in err
 
 
-def test_validate_calibration_extra_prompts_are_kept_by_domain_and_refused_clearly(tmp_path):
-    """scripts/validate_calibration.py --extra-prompts: the prompts of the kept rows in file order (dealt to the two
-    halves by the script); a file that keeps nothing, or a kept row without a prompt, is one error naming it."""
+def test_validate_calibration_extra_prompts_are_kept_by_domain_dealt_once_and_refused_clearly(tmp_path):
+    """validate_calibration.py --extra-prompts: read_prompts keeps the rows of --extra-domain (file order), `deal`
+    gives them alternately to the halves and drops any prompt already in a half or dealt before; a file that keeps
+    nothing is one error naming it and the domain."""
     import importlib.util
     from pathlib import Path
+
+    from peft_clm.tools.data import DataError, read_prompts
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "validate_calibration.py"
     spec = importlib.util.spec_from_file_location("validate_calibration", path)
@@ -160,12 +163,15 @@ def test_validate_calibration_extra_prompts_are_kept_by_domain_and_refused_clear
     spec.loader.exec_module(script)
     rows = [{"prompt": f"q{i}", "domain": "general" if i % 2 else "medical"} for i in range(6)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "z", "domain": "general"}) + "\n")
-    assert script.extra_prompts([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "general") == [
-        "q1", "q3", "q5", "z"]
-    assert len(script.extra_prompts([str(tmp_path / "a.jsonl")])) == 6
-    with pytest.raises(SystemExit, match=r"a.jsonl: no rows whose 'domain' is 'legal'"):
-        script.extra_prompts([str(tmp_path / "a.jsonl")], "legal")
+    assert read_prompts(tmp_path / "a.jsonl", domain="general")[0] == ["q1", "q3", "q5"]
+    assert len(read_prompts(tmp_path / "a.jsonl")[0]) == 6
+    with pytest.raises(DataError, match=r"a.jsonl holds no prompts of domain 'legal'"):
+        read_prompts(tmp_path / "a.jsonl", domain="legal")
     (tmp_path / "c.jsonl").write_text(json.dumps({"domain": "general"}) + "\n")
-    with pytest.raises(SystemExit, match=r"c.jsonl: kept rows \[1\] \(1-based\) have no 'prompt'"):
-        script.extra_prompts([str(tmp_path / "c.jsonl")], "general")
+    with pytest.raises(DataError, match="line 1: no 'prompt' field"):
+        read_prompts(tmp_path / "c.jsonl", domain="general")
+    # a repeat of a held-out prompt and a prompt given twice (two files sharing questions) are dealt once, or not
+    a, b, dropped = script.deal(["h1"], ["h2"], ["x", "h2", "y", "x", "z", "w"])
+    assert (a, b, dropped) == (["h1", "x", "z"], ["h2", "y", "w"], 2)
+    chat = [{"role": "user", "content": "q"}]
+    assert script.deal([chat], [], [[{"content": "q", "role": "user"}], "r"]) == ([chat, "r"], [], 1)

@@ -219,6 +219,12 @@ def test_search_prefer_margin_breaks_accuracy_ties_by_the_worst_domains_margin()
     assert expert(search_combinations(scores, row_domains, points, ["a"]))["point"] == {"a": 0.5}
     by_margin = expert(search_combinations(scores, row_domains, points, ["a"], prefer="margin", top_k=3))
     assert by_margin["point"] == {"a": 1.0} and by_margin["candidates"] == [{"a": 1.0}, {"a": 2.0}, {"a": 0.5}]
+    # two levels tied for the top: neither wins, both margins 0 (and accuracy goes to the lower level, generic)
+    tied = scores.clone()
+    tied[0] = torch.tensor([-3.0, -1.0, -1.0])
+    generic_tied = next(c for c in search_combinations(tied, row_domains, points, ["a"], prefer="margin", top_k=3)
+                        if c["targets"]["a"] == "generic")
+    assert generic_tied["point"] == {"a": 0.5} and generic_tied["selected_min_accuracy"] == 1.0
     # a target that loses has a negative margin: generic trails expert by 0.1 at point 0, by 0.8 at point 1
     generic = next(c for c in search_combinations(scores, row_domains, points, ["a"], prefer="margin", top_k=3)
                    if c["targets"]["a"] == "generic")
@@ -386,9 +392,13 @@ def test_vector_knobs_read_as_dials_score_as_the_weights_they_stand_for(tmp_path
 
 
 def test_knob_search_scores_are_saved_and_read_back_only_for_the_same_knobs_and_questions(tmp_path):
-    """knob-search keeps its exact scores (--scores-from reads them instead of scoring again): a round trip gives the
-    same tensors under the same keys; other knob weights or other questions are refused by name."""
+    """knob-search keeps its exact scores in one safetensors file (--scores-from reads them instead of scoring
+    again): a round trip gives the same tensors under the same keys; other knob weights or settings, other questions
+    or a damaged file are refused by name."""
+    import json as json_module
     from types import SimpleNamespace
+
+    from safetensors.torch import save_file
 
     script = _domains_script()
     args = SimpleNamespace(design="per-level", runs=str(tmp_path / "runs"))
@@ -396,31 +406,39 @@ def test_knob_search_scores_are_saved_and_read_back_only_for_the_same_knobs_and_
     for i, name in enumerate(names):
         (tmp_path / "runs" / "clm" / name).mkdir(parents=True)
         (tmp_path / "runs" / "clm" / name / "adapter_model.safetensors").write_bytes(bytes([i]) * 10)
-    knobs = script.knob_fingerprints(args, "clm", None)
+        (tmp_path / "runs" / "clm" / name / "adapter_config.json").write_text('{"r": 0}')
+    knobs = script.knob_fingerprints(args, "clm")
     assert len(set(knobs.values())) == len(names)
+    (tmp_path / "runs" / "clm" / "legal_expert" / "adapter_config.json").write_text('{"r": 16}')
+    changed = script.knob_fingerprints(args, "clm")  # a knob's settings are part of what its scores belong to
+    assert [k for k in names if changed[k] != knobs[k]] == ["legal_expert"]
     rows_sha = script.rows_fingerprint(ROWS)
     zero = {k: 0.0 for k in names}
     points = [zero, {**zero, "medical_expert": 1.5}, {**zero, "legal_avoid": -0.5, "financial_expert": 2.0}]
     exact = {script.key_of(p, names): torch.randn(len(ROWS), 3) for p in points}
-    meta = {"knobs": knobs, "rows": rows_sha, "row_domains": ["m"] * len(ROWS)}
-    script.save_search_scores(tmp_path / "res", "clm", exact, names, meta)
-    assert not list((tmp_path / "res").glob("*.tmp"))
-    back = script.load_search_scores(tmp_path / "res", "clm", knobs, rows_sha, names)
+    path = script.search_scores_path(tmp_path / "res", "clm")
+    script.save_search_scores(path, exact, {"knobs": knobs, "rows": rows_sha, "row_domains": ["m"] * len(ROWS)})
+    assert [f.name for f in (tmp_path / "res").iterdir()] == ["knob_search_scores.safetensors"]
+    back = script.load_search_scores(path, knobs, rows_sha, len(ROWS), names)
     assert list(back) == list(exact) and all(torch.equal(back[k], exact[k]) for k in exact)
     retrained = {**knobs, "legal_expert": "0" * 64}
-    with pytest.raises(SystemExit, match=r"other weights for the knobs \['legal_expert'\]"):
-        script.load_search_scores(tmp_path / "res", "clm", retrained, rows_sha, names)
+    with pytest.raises(SystemExit, match=r"other weights or settings for the knobs \['legal_expert'\]"):
+        script.load_search_scores(path, retrained, rows_sha, len(ROWS), names)
     other_rows = script.rows_fingerprint([{**ROWS[0], "expert": ROWS[0]["expert"] + " more"}, *ROWS[1:]])
-    with pytest.raises(SystemExit, match="scored on other questions"):
-        script.load_search_scores(tmp_path / "res", "clm", knobs, other_rows, names)
+    with pytest.raises(SystemExit, match="scored on 3 other questions, not the 3 of"):
+        script.load_search_scores(path, knobs, other_rows, len(ROWS), names)
     with pytest.raises(SystemExit, match="no saved scores at"):
-        script.load_search_scores(tmp_path / "nowhere", "clm", knobs, rows_sha, names)
+        script.load_search_scores(tmp_path / "nowhere.safetensors", knobs, rows_sha, len(ROWS), names)
+    labels = {"knobs": knobs, "rows": rows_sha, "points": points}  # one point more than scores
+    save_file({"scores": torch.zeros(2, len(ROWS), 3)}, str(path), metadata={"labels": json_module.dumps(labels)})
+    with pytest.raises(SystemExit, match=r"damaged \(3 points, scores \(2, 3, 3\)\)"):
+        script.load_search_scores(path, knobs, rows_sha, len(ROWS), names)
 
 
 def test_knob_search_stage_end_to_end_and_again_from_its_saved_scores(tmp_path, monkeypatch):
     """The knob-search stage on a tiny model with six perturbed CLM knobs: it writes 27 combinations and its exact
-    scores; run again with --scores-from it scores nothing and finds the same points; --pool searches the earlier
-    points in-sample and leaves the two-fold figures as they were; --prefer margin is recorded and applied."""
+    scores; run again with --scores-from it scores nothing and finds the same points; --pool searches an earlier
+    point in-sample and leaves every two-fold figure as it was; --prefer margin changes chosen points."""
     from types import SimpleNamespace
 
     script = _domains_script()
@@ -458,18 +476,38 @@ def test_knob_search_stage_end_to_end_and_again_from_its_saved_scores(tmp_path, 
         return json.loads((tmp_path / results / "knob_search.json").read_text())
 
     first = run("first")
-    assert len(first["combinations"]) == 27 and sum(scored) == first["n_points_scored"] > 7
-    assert (tmp_path / "first" / "knob_search_scores.safetensors").exists()
+    assert len(first["combinations"]) == 27 and sum(scored) == first["n_points_scored"] == first["n_points_exact"]
+    assert first["n_points_scored"] > 1 + 6 * 2  # the sweeps and more
     scored.clear()
     again = run("again", scores_from=[str(tmp_path / "first")])
-    assert sum(scored) == 0 and again["n_points_reused"] == again["n_points_scored"]
+    assert sum(scored) == 0 and again["n_points_reused"] == first["n_points_scored"]
     for key in ("combinations", "reached", "twofold_reached", "sweeps"):
         assert again[key] == first[key], key
-    pooled = run("pooled", scores_from=[str(tmp_path / "first")], pool=True, refine=0)
-    assert pooled["pooled"] and pooled["n_points_scored"] >= first["n_points_scored"]
-    assert pooled["reached"] >= first["reached"]
+    # an earlier point that puts every question at expert: --pool finds it for all-expert, in-sample only
+    path = script.search_scores_path(tmp_path / "first", "clm")
+    knobs = script.knob_fingerprints(SimpleNamespace(design="per-level", runs=str(tmp_path / "runs")), "clm")
+    meta = {"knobs": knobs, "rows": script.rows_fingerprint(rows), "row_domains": [r["domain"] for r in rows]}
+    saved = script.load_search_scores(path, knobs, meta["rows"], len(rows), names)
+    planted = {k: 0.125 for k in names}
+    saved[script.key_of(planted, names)] = torch.tensor([[-9.0, -9.0, -1.0]] * len(rows))
+    script.save_search_scores(script.search_scores_path(tmp_path / "planted", "clm"), saved, meta)
+    scored.clear()
+    pooled = run("pooled", scores_from=[str(tmp_path / "planted")], pool=True)
+    assert sum(scored) == 0 and pooled["pooled"]
+    all_expert = next(c for c in pooled["combinations"] if set(c["targets"].values()) == {"expert"})
+    assert all_expert["point"] == planted and all_expert["reached"]
+    twofold = [[c["twofold_accuracy"] for c in r["combinations"]] for r in (pooled, first)]
+    assert twofold[0] == twofold[1]
+    not_pooled = run("not_pooled", scores_from=[str(tmp_path / "planted")])
+    assert planted not in [c["point"] for c in not_pooled["combinations"]]
     margin = run("margin", scores_from=[str(tmp_path / "first")], prefer="margin")
-    assert margin["prefer"] == "margin" and len(margin["combinations"]) == 27
+    assert margin["prefer"] == "margin"
+    assert [c["point"] for c in margin["combinations"]] != [c["point"] for c in first["combinations"]]
+    # a search that reads and saves into one folder keeps the points it did not use
+    run("planted", scores_from=[str(tmp_path / "planted")], prefer="margin")
+    kept = script.load_search_scores(script.search_scores_path(tmp_path / "planted", "clm"), meta["knobs"],
+                                     meta["rows"], len(rows), names)
+    assert script.key_of(planted, names) in kept
     with pytest.raises(SystemExit, match="--pool searches the points of --scores-from runs too"):
         run("bad", pool=True)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ..alpha import check_alpha
 
@@ -123,8 +123,9 @@ def read_jsonl(path: Union[str, Path], method: str) -> list[dict]:
     return rows
 
 
-def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
+def read_prompts(path: Union[str, Path], domain: Optional[str] = None) -> tuple[list, list[dict]]:
     """Prompts from a file: JSONL rows with a "prompt" (a string or chat messages), or plain text, one prompt a line.
+    With `domain`, only the JSONL rows whose "domain" field is `domain` (as the domains data labels its questions).
 
     Returns (prompts, preference rows): rows that also carry chosen/rejected are kept for preference metrics. Raises
     one `DataError` listing every bad row.
@@ -135,13 +136,15 @@ def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
         ```
     """
     path = Path(path)
+    if domain is not None and path.suffix != ".jsonl":
+        raise DataError(f"{path}: only JSONL rows carry a 'domain'; give a .jsonl file to keep domain {domain!r}.")
     prompts, pairs, problems = [], [], []
     for lineno, line in _lines(path, "prompts"):
         if path.suffix != ".jsonl":
             prompts.append(line.strip())
             continue
         row = _json_object(line, lineno, problems)
-        if row is None:
+        if row is None or (domain is not None and row.get("domain") != domain):
             continue
         if "prompt" not in row:
             problems.append(f"line {lineno}: no 'prompt' field")
@@ -159,5 +162,5 @@ def read_prompts(path: Union[str, Path]) -> tuple[list, list[dict]]:
             pairs.append(row)
     _report(path, problems, "read")
     if not prompts:
-        raise DataError(f"{path} holds no prompts.")
+        raise DataError(f"{path} holds no prompts" + (f" of domain {domain!r}." if domain is not None else "."))
     return prompts, pairs

@@ -380,9 +380,14 @@ def search_combinations(
         by_domain[d] = (rows & mask_sel, rows & mask_eval)
     if prefer == "base":
         last = [-sum(abs(v) for v in p.values()) for p in points]
-    else:  # margins[p, n, l]: level l's score minus the best other level's (> 0 where l is the question's level)
-        top2 = scores.topk(2, dim=-1).values
-        margins = scores - torch.where(scores == top2[..., :1], top2[..., 1:], top2[..., :1])
+    else:  # per domain and level, each point's mean over the choosing rows of the level's score minus the best other
+        # level's (> 0 on a row where it is the level); 9 vectors of [P], not a margin per row (a big grid's size)
+        margin = {
+            (d, lv): (s[..., lv] - s[..., [o for o in range(len(LEVELS)) if o != lv]].amax(-1)).mean(-1)
+            for d in domains
+            for s in [scores[:, by_domain[d][0]]]
+            for lv in range(len(LEVELS))
+        }
     results = []
     for combo in combinations(domains):
         acc_sel = torch.stack(
@@ -390,9 +395,7 @@ def search_combinations(
         )  # [D, P]
         worst, mean = acc_sel.min(0).values.tolist(), acc_sel.mean(0).tolist()
         if prefer == "margin":
-            last = torch.stack(
-                [margins[:, by_domain[d][0], level_index(lv)].mean(-1) for d, lv in combo.items()]
-            ).min(0).values.tolist()
+            last = torch.stack([margin[d, level_index(lv)] for d, lv in combo.items()]).min(0).values.tolist()
         # lexicographic: worst accuracy, then mean accuracy, then nearness to the base (or the worst margin)
         ranked = heapq.nlargest(top_k, range(len(points)), key=lambda j: (worst[j], mean[j], last[j]))
         best = ranked[0]
