@@ -399,8 +399,10 @@ def save_search_scores(path: Path, exact: dict, meta: dict) -> None:
 
 
 def load_search_scores(path: Path, knobs: dict, rows_sha: str, n_rows: int, names: list[str]) -> dict:
-    """The points saved at `path` by an earlier knob-search ({key: [N, 3] scores}), refused unless they were scored
-    with the same knobs' weights and settings (`knob_fingerprints`) on the same questions."""
+    """The points saved at `path` by an earlier knob-search ({key: [N, 3] scores}), refused unless scored on the same
+    questions. Where a knob's weights or settings (`knob_fingerprints`) differ, only the points that leave that knob
+    at 0 are read: a knob at 0 takes no part in a point's score (logits mode skips its pass's delta; a vector at 0
+    is not applied), so those scores are the same bit for bit."""
     from safetensors import safe_open
 
     if not path.exists():
@@ -409,9 +411,6 @@ def load_search_scores(path: Path, knobs: dict, rows_sha: str, n_rows: int, name
         labels = json.loads((f.metadata() or {}).get("labels", "{}"))
         scores = f.get_tensor("scores") if "scores" in f.keys() else None
     changed = sorted(k for k in knobs if labels.get("knobs", {}).get(k) != knobs[k])
-    if changed:
-        raise SystemExit(f"--scores-from {path}: scored with other weights or settings for the knobs {changed} than "
-                         "those under --runs; give the runs folder those scores came from")
     if labels.get("rows") != rows_sha:
         raise SystemExit(f"--scores-from {path}: scored on {len(labels.get('row_domains', []))} other questions, not "
                          f"the {n_rows} of --data's heldout.jsonl")
@@ -419,7 +418,11 @@ def load_search_scores(path: Path, knobs: dict, rows_sha: str, n_rows: int, name
     if scores is None or tuple(scores.shape) != (len(points), n_rows, 3):
         raise SystemExit(f"--scores-from {path}: damaged ({len(points)} points, scores "
                          f"{None if scores is None else tuple(scores.shape)}); score again without it")
-    return {key_of(p, names): s for p, s in zip(points, scores)}
+    kept = {key_of(p, names): s for p, s in zip(points, scores) if all(p.get(k, 0.0) == 0.0 for k in changed)}
+    if changed:
+        print(f"--scores-from {path}: other weights or settings for the knobs {changed} than under --runs; reading "
+              f"the {len(kept)} of {len(points)} points that leave them at 0", flush=True)
+    return kept
 
 
 def load(kind, args):
