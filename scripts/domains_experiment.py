@@ -889,7 +889,9 @@ def cmd_knob_search(args) -> None:
     knobs (so the stage asks for `--design per-level`, logits mode). With `--kind vectors` the six knobs are
     full-DPO alignment vectors (`train --kind full`), each point a pass of its own with the vectors applied at their
     scales. Writes knob_search.json (knob_search_vectors.json) under --results, with each
-    knob's own sweep (`sweeps`); `--sweeps-only` stops after those sweeps (knob_search[_vectors]_sweeps.json)."""
+    knob's own sweep (`sweeps`); `--sweeps-only` stops after those sweeps (knob_search[_vectors]_sweeps.json).
+    Every exactly scored point is kept in knob_search_scores[_vectors].safetensors under --results, saved after each
+    batch (a stopped search keeps them); `--scores-from` reads them back instead of scoring again."""
     import torch
 
     from peft_clm.tools.levels import (
@@ -974,7 +976,8 @@ def cmd_knob_search(args) -> None:
                       seconds=time.perf_counter() - t0)
         write_json(out, result)
         print_sweeps()
-        print(f"{len(exact)} points scored in {result['seconds']:.0f} s; wrote {out}")
+        print(f"{counts['scored']} points scored in {result['seconds']:.0f} s, {counts['reused']} read from "
+              f"--scores-from; wrote {out}")
         return
     one_knob = {k: {a: exact[key({**zero, k: a})] for a in alphas} for k in names}
     full = grid_points({k: alphas for k in names})

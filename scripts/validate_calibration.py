@@ -129,8 +129,11 @@ def main() -> None:
         "coarse_alphas": alphas, "usable_range": [lo, hi], "reachable_a": [reach[0], reach[-1]],
         "testable": testable, "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # never a half-written result where an earlier one stood
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
     print(f"# {args.dimension} ({metric}), {args.interpolation} mode: usable alphas [{lo:g}, {hi:g}] on half A, "
           f"reaching {metric} [{reach[0]:.2f}, {reach[-1]:.2f}]")
     print(f"| target {metric} | alpha (calibrated on A) | {metric} on A | {metric} on B (held out) | error on B "

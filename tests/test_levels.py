@@ -467,14 +467,14 @@ def test_knob_search_stage_end_to_end_and_again_from_its_saved_scores(tmp_path, 
     monkeypatch.setattr(script, "load", lambda kind, args: (model, tokenizer, None))
     monkeypatch.setattr(script, "score_points", counting_score_points)
 
-    def run(results, **over):
+    def run(results, output="knob_search.json", **over):
         args = SimpleNamespace(kind="clm", design="per-level", interpolation="logits", alphas="0,1,2",
                                runs=str(tmp_path / "runs"), data=str(data), results=str(tmp_path / results),
                                refine=1, sweeps_only=False, prefer="base", scores_from=None, pool=False)
         for k, v in over.items():
             setattr(args, k, v)
         script.cmd_knob_search(args)
-        return json.loads((tmp_path / results / "knob_search.json").read_text())
+        return json.loads((tmp_path / results / output).read_text())
 
     first = run("first")
     assert len(first["combinations"]) == 27 and sum(scored) == first["n_points_scored"] == first["n_points_exact"]
@@ -522,6 +522,32 @@ def test_knob_search_stage_end_to_end_and_again_from_its_saved_scores(tmp_path, 
     assert swapped["sweeps"]["legal_avoid"] != first["sweeps"]["legal_avoid"]  # the retrained knob does differ
     with pytest.raises(SystemExit, match="--pool searches the points of --scores-from runs too"):
         run("bad", pool=True)
+    with pytest.raises(SystemExit, match="--pool searches combinations; --sweeps-only stops before any search"):
+        run("bad", pool=True, sweeps_only=True, scores_from=[str(tmp_path / "first")])
+    # --sweeps-only keeps its points too; a search stopped (Ctrl-C) while scoring keeps what it scored before, and a
+    # rerun reads those back and ends where an uninterrupted search ends
+    sweeps = run("sweeps", sweeps_only=True, output="knob_search_sweeps.json")
+    assert sweeps["n_points_scored"] == 1 + 6 * 2 and sweeps["sweeps"] == fresh["sweeps"]
+    calls = []
+
+    def interrupted(kind, m, tok, rws, points, vectors=None, **kw):
+        calls.append(len(points))
+        if len(calls) == 2:  # the first exact points after the sweeps
+            raise KeyboardInterrupt
+        return real_score_points(kind, m, tok, rws, points, vectors, **kw)
+
+    monkeypatch.setattr(script, "score_points", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("stopped")
+    knobs_now = script.knob_fingerprints(SimpleNamespace(design="per-level", runs=str(tmp_path / "runs")), "clm")
+    kept = script.load_search_scores(script.search_scores_path(tmp_path / "stopped", "clm"), knobs_now, meta["rows"],
+                                     len(rows), names)
+    assert len(kept) == calls[0] == 1 + 6 * 2
+    monkeypatch.setattr(script, "score_points", counting_score_points)
+    resumed = run("resumed", scores_from=[str(tmp_path / "stopped")])
+    assert resumed["n_points_reused"] == 1 + 6 * 2
+    for key in ("combinations", "reached", "twofold_reached", "n_points_exact"):
+        assert resumed[key] == fresh[key], key
 
 
 def test_knob_vectors_are_extracted_once_and_again_after_a_retrain(tmp_path):
