@@ -9,6 +9,8 @@ wrong-way fraction, fluency, and held-out reward accuracy of the steered model a
     python scripts/steering_baseline.py --dimension concise --out results/baselines/concise_steering \\
         --max-new-tokens 64
     python scripts/steering_baseline.py --dimension formal --out results/baselines/formal_steering
+    python scripts/steering_baseline.py --dimension formal --train data/formal/train_best_of_8.jsonl \
+        --out results/baselines/formal_best_of_steering
 
 Install: `steering-vectors` 0.12.2 declares `transformers<5` although its code runs on transformers 5.23 (checked
 here: training, hooks, generation with a KV cache), so pip's resolver refuses it beside this package; install it
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--train", help="the training pairs (default: data/DIMENSION/train.jsonl), e.g. "
+                        "data/formal/train_best_of_8.jsonl to compare with a CLM knob trained on those")
     args = parser.parse_args()
     try:
         from steering_vectors import SteeringVectorTrainingSample, train_steering_vector
@@ -55,7 +59,7 @@ def main() -> None:
     from peft_clm.tools.sweep import format_table, knob_sweep
 
     multipliers = [float(x) for x in args.multipliers.split(",")]
-    train_rows = read_jsonl(ROOT / "data" / args.dimension / "train.jsonl", "dpo")
+    train_rows = read_jsonl(args.train or ROOT / "data" / args.dimension / "train.jsonl", "dpo")
     heldout = read_jsonl(ROOT / "data" / args.dimension / "heldout.jsonl", "dpo")[: args.max_prompts]
     model, tokenizer = load_model("smollm2")
     model.eval()

@@ -97,3 +97,30 @@ def test_register_pairs_share_content_and_lower_casualness():
         stems = {w for w in removed if w.endswith("n") and w[:-1] in after}  # couldn't -> could not
         assert removed - stems <= droppable, removed - stems - droppable
     assert lower >= 0.9 * len(pairs)
+
+
+def test_best_of_rows_keep_the_least_casual_fluent_candidate():
+    build = _builder()
+    row = build.pair("Q?", "It's cool.", "Hey, it's kinda awesome!")  # casualness 100 (2 markers, 2 words)
+    loop = "it is essential it is essential it is essential it is essential"
+    # a sampled answer that is more formal wins; a looping one and a copy of the rejected side never do
+    best = build.best_of_rows([row, row], [["It is essential.", loop, "Hey!"], [loop, "Hey, it's kinda awesome!"]])
+    assert [r["chosen"][0]["content"] for r in best] == ["It is essential.", "It's cool."]
+    assert all(r["prompt"] == row["prompt"] and r["rejected"] == row["rejected"] for r in best)
+    # ties keep the earlier candidate (the greedy answer first), and a row with no fluent candidate is left out
+    assert build.best_of_rows([row], [["Wow, cool."]])[0]["chosen"][0]["content"] == "It's cool."
+    empty = build.pair("Q?", loop, "Hey!")
+    assert build.best_of_rows([empty], [[""]]) == []
+
+
+def test_shipped_best_of_pairs_are_less_casual_than_the_greedy_ones():
+    from peft_clm.tools.text_metrics import casualness
+
+    train = [json.loads(x) for x in (ROOT / "data" / "formal" / "train.jsonl").read_text().splitlines()]
+    best = [json.loads(x) for x in (ROOT / "data" / "formal" / "train_best_of_8.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"][0]["content"]: r for r in train}
+    assert len(best) >= 0.95 * len(train)
+    for r in best:
+        greedy = by_prompt[r["prompt"][0]["content"]]
+        assert r["rejected"] == greedy["rejected"]
+        assert casualness(r["chosen"][0]["content"]) <= casualness(greedy["chosen"][0]["content"])
