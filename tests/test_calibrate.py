@@ -55,6 +55,25 @@ def test_calibrate_finds_the_known_alpha(fake_generation):
     assert c.alpha == -0.5 and len(fake_generation) == n  # a grid alpha already measured: nothing generated
 
 
+def test_calibrate_refines_a_target_near_the_metrics_zero_by_its_own_size(monkeypatch):
+    # 12 - 10 * alpha words: the grid gives 22, 17, 12, 7, 2 (span 20). For the target 6, alpha 0.5 (7 words) is
+    # within 5% of the span but 17% off the target: the search goes on and finds alpha 0.6 (6 words).
+    calls = []
+
+    def generate(model, tokenizer, prompts, alphas, max_new_tokens=64, batch_size=16, progress=True):
+        calls.append(list(alphas))
+        return {j: [" ".join(["w" + str(k) for k in range(round(12 - 10 * a))])] * len(prompts)
+                for j, a in enumerate(alphas)}
+
+    monkeypatch.setattr(calibrate_module, "generate_answers", generate)
+    c = calibrate(None, None, PROMPTS, "words", 6.0, alphas=(-1, -0.5, 0, 0.5, 1), tolerance=0.05)
+    assert c.reachable == [2.0, 22.0] and len(calls) == 2
+    assert c.alpha == pytest.approx(0.6) and c.value == 6.0
+    calls.clear()  # a target of the span's size stops at the grid point, as before: 17 is within 5% of 17.5
+    assert calibrate(None, None, PROMPTS, "words", 17.5, alphas=(-1, -0.5, 0, 0.5, 1), tolerance=0.05).alpha == -0.5
+    assert len(calls) == 1
+
+
 def test_calibrate_refuses_targets_out_of_reach_and_in_the_degenerate_range(fake_generation):
     with pytest.raises(CalibrationError, match=r"outside what the knob reaches: words spans \[20, 40\]"):
         calibrate(None, None, PROMPTS, "words", 100.0)

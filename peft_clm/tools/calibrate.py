@@ -8,7 +8,8 @@ points of alpha 0's (`peft_clm.tools.sweep.usable_range`). The target is refused
 Otherwise the adjacent pair of usable grid alphas whose means bracket the target (the pair nearest alpha 0 if
 several do) is narrowed by interpolation (false position, each new alpha kept inside the middle 80% of the bracket
 so a flat stretch cannot stall it) for at most `max_steps` measurements, or until the mean is within `tolerance` of
-the metric's usable span; the measured alpha nearest the target is returned.
+the target (a fraction of its size, and never more than that fraction of the metric's usable span, so a target near
+the metric's zero is refined as finely as its size asks); the measured alpha nearest the target is returned.
 
 What it assumes: the mean metric moves monotonically with alpha between adjacent grid alphas (so a bracket holds a
 crossing; greedy answers make it a step function, which interpolation handles), and the prompts given stand for the
@@ -93,7 +94,7 @@ def _check(metric: str, target: float, alphas: Sequence[float], tolerance: float
     if len(grid) < 2 or not all(math.isfinite(a) for a in grid):
         raise ValueError(f"the coarse alphas must be finite and hold at least one besides 0, got {list(alphas)}.")
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-        raise ValueError(f"tolerance must be a fraction of the metric's span in (0, 1), got {tolerance!r}.")
+        raise ValueError(f"tolerance must be a fraction of the target in (0, 1), got {tolerance!r}.")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
@@ -158,11 +159,12 @@ def calibrate(
         raise CalibrationError(f"target {metric}={target:g} lies outside what the knob reaches: {where}; the "
                                f"coarse alphas {grid} never give it.")
     span = (reach[1] - reach[0]) or 1.0
+    close = tolerance * min(span, abs(target))  # near enough to stop early
     brackets = [(a, b) for a, b in zip(inside, inside[1:]) if _between(target, coarse[a]["value"], coarse[b]["value"])]
     a, b = min(brackets, key=lambda ab: abs(ab[0] + ab[1]))  # the crossing nearest alpha 0
     for _ in range(max_steps):
         va, vb = cache[a]["value"], cache[b]["value"]
-        if min(abs(va - target), abs(vb - target)) <= tolerance * span:
+        if min(abs(va - target), abs(vb - target)) <= close:
             break
         t = 0.5 if va == vb else (target - va) / (vb - va)
         mid = round(a + (b - a) * min(0.9, max(0.1, t)), 4)

@@ -213,7 +213,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if alphas is not None and len(set(alphas) | {0.0}) < 2:
         raise ValueError(f"--alphas needs at least one alpha besides 0, got {args.alphas!r}.")
     if not 0 < args.tolerance < 1:
-        raise ValueError(f"--tolerance is a fraction of the metric's span in (0, 1), got {args.tolerance}.")
+        raise ValueError(f"--tolerance is a fraction of the target in (0, 1), got {args.tolerance}.")
     if args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}.")
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", required=True, help="JSONL with 'prompt', or text lines")
     c.add_argument("--interpolation", "--mode", dest="interpolation", choices=["logits", "hidden", "weights"])
     c.add_argument("--alphas", help="the coarse grid, comma-separated (default -1,-0.5,0,0.5,1,1.5,2)")
-    c.add_argument("--tolerance", type=float, default=0.02, help="stop within this fraction of the metric's span")
+    c.add_argument("--tolerance", type=float, default=0.02, help="stop once within this fraction of the target "
+                   "(and of the metric's span)")
     c.add_argument("--max-steps", type=int, default=5, help="measurements after the coarse grid")
     c.add_argument("--max-prompts", type=int)
     c.add_argument("--max-new-tokens", type=int, default=48)
