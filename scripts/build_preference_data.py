@@ -22,6 +22,8 @@ prompt:
     python scripts/build_preference_data.py --out data --dimensions formal --best-of 8   # ~8 min
         # best-of-8 formal train pairs (train_best_of_8.jsonl): the chosen side is the least casual of the greedy
         # formal answer and 8 sampled ones (seeded), the rejected side the casual answer already in data/formal
+    python scripts/build_preference_data.py --out data --dimensions formal --wide-heldout data/domains_more
+        # heldout_wide.jsonl: the formal held-out pairs plus the 60 general questions of the domains data (no run)
     python scripts/build_preference_data.py --out data --dimensions concise --regrade
         # the concise pairs from the detailed answers already in data/concise (no model run; the same pairs, since
         # decoding is greedy and the draws are seeded)
@@ -40,7 +42,7 @@ import torch
 
 from peft_clm.tools.alpha_pairs import mirrored_pairs
 from peft_clm.tools.loading import load_model
-from peft_clm.tools.text_metrics import casualness, is_degenerate
+from peft_clm.tools.text_metrics import S_CONTRACTION_HOSTS, casualness, is_degenerate
 
 
 TOPICS = [
@@ -134,7 +136,7 @@ def graded_chosen(detailed: str, rng: random.Random) -> str | None:
 # two sides share their content and differ in register only. With the instructed pairs, content changes too (the
 # two answers are two different texts), and at alpha 1 the knob moved the sparse register markers by less than
 # greedy answers vary from prompt to prompt (21% of prompts the wrong way).
-_PRONOUN_IS = r"it|that|there|here|what|who|where|how|he|she|this|everything|something|nothing|everyone"
+_PRONOUN_IS = "|".join(h for h in S_CONTRACTION_HOSTS if h != "let")  # "let's" has its own rule
 # after 's only these mark "has" ("it's made of" is passive: "is"); after 'd a participle marks "had"
 _HAS_AFTER = r"(?:been|got|gotten|had)\b"
 _PARTICIPLE = r"(?:been|got|gotten|had|done|gone|seen|made|become|taken|given|known|\w+ed)\b"
@@ -282,7 +284,28 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, default=0, metavar="N",
                         help="formal only: write train_best_of_N.jsonl from the train pairs already in --out/formal: "
                         "the chosen side is the least casual of the greedy formal answer and N sampled ones")
+    parser.add_argument("--wide-heldout", metavar="DOMAINS_DIR",
+                        help="formal only: write heldout_wide.jsonl, the held-out pairs plus the general questions of "
+                        "DOMAINS_DIR's train and held-out files (no model run; the formal knob never saw either)")
     args = parser.parse_args()
+    if args.wide_heldout:
+        if args.dimensions != "formal":
+            parser.error("--wide-heldout widens the formal held-out prompts only: give --dimensions formal.")
+        out = Path(args.out) / "formal"
+        rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+        seen = {r["prompt"][0]["content"] for r in rows}
+        for name in ("train", "heldout"):
+            for line in (Path(args.wide_heldout) / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                question = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+                if row.get("domain") == "general" and question not in seen:
+                    seen.add(question)
+                    rows.append({"prompt": [{"role": "user", "content": question}]})
+        tmp = out / "heldout_wide.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out / "heldout_wide.jsonl")
+        print(f"formal: {len(rows)} wide held-out prompts")
+        return
     if args.best_of:
         if args.dimensions != "formal":
             parser.error("--best-of rebuilds the formal train pairs only: give --dimensions formal.")

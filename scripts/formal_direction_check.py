@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peft_clm.tools.text_metrics import casualness, words  # noqa: E402
+from peft_clm.tools.text_metrics import S_CONTRACTION_HOSTS, casualness, words  # noqa: E402
 
 
 PERSONAL = {"i", "me", "my", "mine", "you", "your", "yours", "we", "us", "our", "ours"}
@@ -49,7 +50,17 @@ def personal_pronouns(text: str) -> float:
     return 100.0 * sum(w in PERSONAL for w in ws) / len(ws) if ws else 0.0
 
 
-MEASURES = {"casualness": casualness, "neg_word_length": neg_word_length, "personal_pronouns": personal_pronouns}
+_POSSESSIVE = re.compile(rf"\b(?!(?:{'|'.join(S_CONTRACTION_HOSTS)})')(\w+)'s\b", re.IGNORECASE)
+
+
+def casualness_without_possessives(text: str) -> float:
+    """`casualness` with a possessive 's ("Earth's crust") not read as a contraction: 's counts only after the words
+    it contracts with (`S_CONTRACTION_HOSTS`: "it's", "there's", ...). Same word count, so the two differ only there."""
+    return casualness(_POSSESSIVE.sub(r"\1s", text))
+
+
+MEASURES = {"casualness": casualness, "casualness_without_possessives": casualness_without_possessives,
+            "neg_word_length": neg_word_length, "personal_pronouns": personal_pronouns}
 
 
 def content(message) -> str:
@@ -116,12 +127,18 @@ def main() -> None:
     parser.add_argument("--alphas", default="1,1.5,2")
     parser.add_argument("--out", default=None)
     parser.add_argument("--instructed", default=None, help="JSON of the instructed answers (generated if missing)")
+    parser.add_argument("--no-pairs", action="store_true", help="the sweeps' own wrong-way fractions only, for sweeps "
+                        "of other prompts than the held-out pairs' (e.g. data/formal/heldout_wide.jsonl)")
     args = parser.parse_args()
-    pairs = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
+    if args.no_pairs and args.instructed:
+        parser.error("--instructed answers the held-out pairs' prompts; it needs the pairs (drop --no-pairs)")
+    pairs = [] if args.no_pairs else [
+        json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()
+    ]
     first = json.loads(Path(args.sweeps[0]).read_text())
     instructed = instructed_answers(Path(args.instructed), pairs, first) if args.instructed else None
-    result = {"pairs": args.pairs, "pair_agreement": {}, "sweeps": {}}
-    for name, f in MEASURES.items():
+    result = {"pairs": None if args.no_pairs else args.pairs, "pair_agreement": {}, "sweeps": {}}
+    for name, f in MEASURES.items() if pairs else ():
         diffs = [f(content(p["chosen"])) - f(content(p["rejected"])) for p in pairs]
         result["pair_agreement"][name] = {
             "chosen_more_formal": sum(d < 0 for d in diffs) / len(diffs),
@@ -137,6 +154,9 @@ def main() -> None:
         # The knob's training target against the same base answers: the held-out pairs' chosen side is SmolLM2's
         # answer under the formal instruction that alpha 1 internalises (same prompts, in the sweep's order), so
         # its wrong-way fraction is what a knob that reproduced its data exactly would score at alpha 1.
+        if not pairs:
+            result["sweeps"][path] = per
+            continue
         n = len(swept_prompts(sweep, pairs))
         chosen = [content(p["chosen"]) for p in pairs[:n]]
         per["instructed"] = {name: moves(chosen, at[0.0], f) for name, f in MEASURES.items()}
@@ -145,7 +165,8 @@ def main() -> None:
                 raise SystemExit(f"{path} answered {n} prompts, the instructed answers are for {len(instructed)}.")
             per["instructed_greedy"] = {name: moves(instructed, at[0.0], f) for name, f in MEASURES.items()}
         result["sweeps"][path] = per
-    print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
+    if pairs:
+        print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
     for name, v in result["pair_agreement"].items():
         print(f"  {name:18s} {v['chosen_more_formal']:.2f} / {v['tie']:.2f}")
     print("wrong-way fraction from alpha 0 to " + ", ".join(f"{a:g}" for a in alphas) + " (unmoved in brackets)")
@@ -155,8 +176,10 @@ def main() -> None:
                 continue
             cells = "  ".join(f"{by[str(a)]['wrong_way']:.2f} ({by[str(a)]['unmoved']:.2f})" for a in alphas)
             print(f"  {path:48s} {name:18s} {cells}")
-    print("the training target (the formal-instructed answers of the held-out pairs) against the same alpha-0 answers")
-    for path, per in result["sweeps"].items():
+    if pairs:
+        print("the training target (the formal-instructed answers of the held-out pairs) against the same alpha-0 "
+              "answers")
+    for path, per in result["sweeps"].items() if pairs else ():
         if "instructed_greedy" in per:
             by = per["instructed_greedy"]
             cells = "  ".join(f"{n} {v['wrong_way']:.2f} ({v['unmoved']:.2f})" for n, v in by.items())

@@ -25,6 +25,11 @@ FORMAL_WORDS = {
     "significant", "significantly", "essential", "approximately", "respectively", "regarding", "whereas",
     "primarily", "substantial", "facilitate", "subsequently", "notably", "individuals", "utilize", "comprises",
 }
+# the words whose 's is "is" or "has" ("it's", "there's", "let's"); after any other word 's is usually a possessive
+# ("Earth's crust"), which `casualness`'s contraction pattern still counts (a known flaw: see the README's formal
+# sections; `scripts/formal_direction_check.py` measures its effect)
+S_CONTRACTION_HOSTS = ("it", "that", "there", "here", "what", "who", "where", "how", "he", "she", "this", "everything",
+                       "something", "nothing", "everyone", "let")
 _WORD = re.compile(r"[A-Za-z']+")
 _CONTRACTION = re.compile(r"\b\w+'(s|re|ve|ll|d|t|m)\b", re.IGNORECASE)
 
