@@ -19,9 +19,10 @@ prompt:
     python scripts/build_preference_data.py --out data --dimensions formal --register-only
         # register-only formal pairs from the casual answers already in data/formal (no model run): the chosen side
         # is the casual answer rewritten by the formal instruction's rules (`formalize`), so content is shared
-    python scripts/build_preference_data.py --out data --dimensions formal --best-of 8   # ~8 min
+    python scripts/build_preference_data.py --out data --dimensions formal --best-of 8 --batch-size 64   # ~8 min
         # best-of-8 formal train pairs (train_best_of_8.jsonl): the chosen side is the least casual of the greedy
-        # formal answer and 8 sampled ones (seeded), the rejected side the casual answer already in data/formal
+        # formal answer and 8 sampled ones (seeded; the draws depend on --batch-size, 64 for the shipped file),
+        # the rejected side the casual answer already in data/formal
     python scripts/build_preference_data.py --out data --dimensions formal --wide-heldout data/domains_more
         # heldout_wide.jsonl: the formal held-out pairs plus the 60 general questions of the domains data (no run)
     python scripts/build_preference_data.py --out data --dimensions concise --regrade
@@ -288,6 +289,14 @@ def main() -> None:
                         help="formal only: write heldout_wide.jsonl, the held-out pairs plus the general questions of "
                         "DOMAINS_DIR's train and held-out files (no model run; the formal knob never saw either)")
     args = parser.parse_args()
+    one_step = [f"--{k.replace('_', '-')}" for k in ("best_of", "wide_heldout", "regrade", "register_only")
+                if getattr(args, k)]
+    if len(one_step) > 1:
+        parser.error(f"{' and '.join(one_step)} are separate rebuilds: give one at a time.")
+    if args.best_of and args.best_of < 1:
+        parser.error(f"--best-of takes a number of samples >= 1, got {args.best_of}.")
+    if args.two_ended and (args.best_of or args.wide_heldout):
+        parser.error("--two-ended mirrors the train pairs of a full or --regrade build, not --best-of/--wide-heldout.")
     if args.wide_heldout:
         if args.dimensions != "formal":
             parser.error("--wide-heldout widens the formal held-out prompts only: give --dimensions formal.")
@@ -322,9 +331,10 @@ def main() -> None:
         tmp = target.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in best), encoding="utf-8")
         tmp.replace(target)
-        mean = lambda rs: sum(casualness(r["chosen"][0]["content"]) for r in rs) / len(rs)  # noqa: E731
-        print(f"formal: {len(best)} best-of-{args.best_of} train pairs in {time.time() - t0:.0f} s; chosen "
-              f"casualness {mean(rows):.2f} -> {mean(best):.2f} per 100 words")
+        mean = lambda rs: sum(casualness(r["chosen"][0]["content"]) for r in rs) / max(1, len(rs))  # noqa: E731
+        print(f"formal: {len(best)} best-of-{args.best_of} train pairs of {len(rows)} ({len(rows) - len(best)} "
+              f"dropped: no fluent candidate) in {time.time() - t0:.0f} s; mean chosen casualness "
+              f"{mean(rows):.2f} -> {mean(best):.2f} per 100 words")
         return
     if args.regrade and args.dimensions != "concise":
         parser.error("--regrade rebuilds the concise pairs only: give --dimensions concise.")

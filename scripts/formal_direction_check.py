@@ -13,13 +13,18 @@ already stored (no generation) with two dense measures that every word feeds, an
   sweep's token budget, no repetition penalty, which the stored pairs had): the answers are generated once (the
   one step of this script that runs the model, ~1 min) and kept in FILE.
 
-Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`; `neg_word_length`,
+Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`;
+`casualness_without_possessives`, the same with a possessive 's ("Earth's crust") not counted as a contraction (the
+shipped metric counts it); `neg_word_length`,
 minus the mean characters per word (formal prose uses longer words); `personal_pronouns`, first- and second-person
 pronouns per 100 words (a closed word class, so it needs no tagger).
 
     python scripts/formal_direction_check.py results/formal/sweep.json \
         results/modes/formal_{hidden,weights}/sweep.json results/baselines/formal_lora_scale/sweep.json \
         --out results/formal/direction_check.json
+    python scripts/formal_direction_check.py results/formal_wide/formal/sweep.json \
+        results/formal_wide/formal_best8/sweep.json --no-pairs --out results/formal_wide/direction_check.json
+        # sweeps of prompts without pairs: only the sweeps' own wrong-way fractions
 """
 
 from __future__ import annotations
@@ -135,6 +140,8 @@ def main() -> None:
     pairs = [] if args.no_pairs else [
         json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()
     ]
+    if not args.no_pairs and not pairs:
+        raise SystemExit(f"--pairs {args.pairs} holds no pairs (for sweeps without pairs give --no-pairs).")
     first = json.loads(Path(args.sweeps[0]).read_text())
     instructed = instructed_answers(Path(args.instructed), pairs, first) if args.instructed else None
     result = {"pairs": None if args.no_pairs else args.pairs, "pair_agreement": {}, "sweeps": {}}
@@ -168,14 +175,14 @@ def main() -> None:
     if pairs:
         print(f"held-out pairs ({len(pairs)}): chosen more formal than rejected / tie")
     for name, v in result["pair_agreement"].items():
-        print(f"  {name:18s} {v['chosen_more_formal']:.2f} / {v['tie']:.2f}")
+        print(f"  {name:30s} {v['chosen_more_formal']:.2f} / {v['tie']:.2f}")
     print("wrong-way fraction from alpha 0 to " + ", ".join(f"{a:g}" for a in alphas) + " (unmoved in brackets)")
     for path, per in result["sweeps"].items():
         for name, by in per.items():
             if name.startswith("instructed"):  # the data's and the instruction's rows, printed below
                 continue
             cells = "  ".join(f"{by[str(a)]['wrong_way']:.2f} ({by[str(a)]['unmoved']:.2f})" for a in alphas)
-            print(f"  {path:48s} {name:18s} {cells}")
+            print(f"  {path:48s} {name:30s} {cells}")
     if pairs:
         print("the training target (the formal-instructed answers of the held-out pairs) against the same alpha-0 "
               "answers")

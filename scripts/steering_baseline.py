@@ -9,7 +9,7 @@ wrong-way fraction, fluency, and held-out reward accuracy of the steered model a
     python scripts/steering_baseline.py --dimension concise --out results/baselines/concise_steering \\
         --max-new-tokens 64
     python scripts/steering_baseline.py --dimension formal --out results/baselines/formal_steering
-    python scripts/steering_baseline.py --dimension formal --train data/formal/train_best_of_8.jsonl \
+    python scripts/steering_baseline.py --dimension formal --train data/formal/train_best_of_8.jsonl \\
         --out results/baselines/formal_best_of_steering
 
 Install: `steering-vectors` 0.12.2 declares `transformers<5` although its code runs on transformers 5.23 (checked
@@ -85,7 +85,8 @@ def main() -> None:
         title=f"{METRIC[args.dimension]} vs steering multiplier (layer {args.layer})",
     )
     meta = {"library": "steering-vectors 0.12.2", "layer": args.layer, "vector_norm": norm,
-            "train_pairs": len(samples), "train_seconds": train_s}
+            "train_pairs": len(samples), "train_file": str(args.train or f"data/{args.dimension}/train.jsonl"),
+            "train_seconds": train_s}
     result["steering"] = meta
     (Path(args.out) / "steering.json").write_text(json.dumps(meta, indent=1))
     # weights are only ever written as safetensors

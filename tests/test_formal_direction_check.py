@@ -109,3 +109,14 @@ def test_no_pairs_reports_the_sweeps_own_moves_for_prompts_without_pairs(tmp_pat
     monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--no-pairs", "--instructed", str(tmp_path / "i.json")])
     with pytest.raises(SystemExit):
         check.main()
+
+
+def test_an_empty_pairs_file_is_refused_not_read_as_no_pairs(tmp_path, monkeypatch):
+    check = _script()
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"answers": {"0.0": ["a"], "1.0": ["b"]}, "max_new_tokens": 8}))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("")
+    monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--pairs", str(pairs), "--alphas", "1"])
+    with pytest.raises(SystemExit, match="holds no pairs"):
+        check.main()

@@ -124,3 +124,22 @@ def test_shipped_best_of_pairs_are_less_casual_than_the_greedy_ones():
         greedy = by_prompt[r["prompt"][0]["content"]]
         assert r["rejected"] == greedy["rejected"]
         assert casualness(r["chosen"][0]["content"]) <= casualness(greedy["chosen"][0]["content"])
+
+
+def test_best_of_and_wide_heldout_refuse_bad_combinations_before_loading(monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    build = _builder()
+    for argv, message in [
+        (["--dimensions", "formal", "--best-of", "-1"], "--best-of takes a number of samples >= 1"),
+        (["--dimensions", "formal", "--best-of", "8", "--wide-heldout", "d"], "are separate rebuilds"),
+        (["--dimensions", "formal", "--best-of", "8", "--two-ended"], "--two-ended mirrors"),
+        (["--dimensions", "concise", "--best-of", "8"], "--best-of rebuilds the formal train pairs only"),
+        (["--dimensions", "concise", "--wide-heldout", "d"], "--wide-heldout widens the formal held-out prompts only"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["build", *argv])
+        with pytest.raises(SystemExit):
+            build.main()
+        assert message in capsys.readouterr().err

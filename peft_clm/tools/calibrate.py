@@ -9,7 +9,8 @@ Otherwise the adjacent pair of usable grid alphas whose means bracket the target
 several do) is narrowed by interpolation (false position, each new alpha kept inside the middle 80% of the bracket
 so a flat stretch cannot stall it) for at most `max_steps` measurements, or until the mean is within `tolerance` of
 the target (a fraction of its size, and never more than that fraction of the metric's usable span, so a target near
-the metric's zero is refined as finely as its size asks); the measured alpha nearest the target is returned.
+the metric's zero is refined as finely as its size asks, and a target of 0 stops early only when met exactly); the
+measured alpha nearest the target is returned.
 
 What it assumes: the mean metric moves monotonically with alpha between adjacent grid alphas (so a bracket holds a
 crossing; greedy answers make it a step function, which interpolation handles), and the prompts given stand for the

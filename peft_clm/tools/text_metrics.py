@@ -1,4 +1,5 @@
-"""Transparent, automatic metrics of the preference dimensions (training never sees them).
+"""Transparent, automatic metrics of the preference dimensions (training never sees them, except that the best-of-N
+formal pairs pick their chosen side by `casualness`).
 
 - `word_count`: words in an answer (the concise dimension: lower is more concise).
 - `casualness`: casual markers minus formal markers per 100 words (the formal dimension: lower is more formal).
@@ -27,7 +28,8 @@ FORMAL_WORDS = {
 }
 # the words whose 's is "is" or "has" ("it's", "there's", "let's"); after any other word 's is usually a possessive
 # ("Earth's crust"), which `casualness`'s contraction pattern still counts (a known flaw: see the README's formal
-# sections; `scripts/formal_direction_check.py` measures its effect)
+# sections; `scripts/formal_direction_check.py` measures its effect). The formal rewrite rules of
+# `scripts/build_preference_data.py` expand the same words' 's, so a change here changes their output too.
 S_CONTRACTION_HOSTS = ("it", "that", "there", "here", "what", "who", "where", "how", "he", "she", "this", "everything",
                        "something", "nothing", "everyone", "let")
 _WORD = re.compile(r"[A-Za-z']+")
