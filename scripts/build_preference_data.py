@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from peft_clm.tools.alpha_pairs import mirrored_pairs
+from peft_clm.tools.data import read_prompts
 from peft_clm.tools.loading import load_model
 from peft_clm.tools.text_metrics import S_CONTRACTION_HOSTS, casualness, is_degenerate
 
@@ -302,14 +303,12 @@ def main() -> None:
             parser.error("--wide-heldout widens the formal held-out prompts only: give --dimensions formal.")
         out = Path(args.out) / "formal"
         rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-        seen = {r["prompt"][0]["content"] for r in rows}
+        seen = {json.dumps(r["prompt"]) for r in rows}
         for name in ("train", "heldout"):
-            for line in (Path(args.wide_heldout) / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                question = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
-                if row.get("domain") == "general" and question not in seen:
-                    seen.add(question)
-                    rows.append({"prompt": [{"role": "user", "content": question}]})
+            for prompt in read_prompts(Path(args.wide_heldout) / f"{name}.jsonl", domain="general")[0]:
+                if json.dumps(prompt) not in seen:
+                    seen.add(json.dumps(prompt))
+                    rows.append({"prompt": prompt})
         tmp = out / "heldout_wide.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(out / "heldout_wide.jsonl")

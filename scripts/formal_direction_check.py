@@ -128,15 +128,16 @@ def instructed_answers(path: Path, pairs: list[dict], sweep: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", help="sweep.json files of the formal dimension")
-    parser.add_argument("--pairs", default="data/formal/heldout.jsonl")
+    parser.add_argument("--pairs", help="the held-out pairs the sweeps answered (default data/formal/heldout.jsonl)")
     parser.add_argument("--alphas", default="1,1.5,2")
     parser.add_argument("--out", default=None)
     parser.add_argument("--instructed", default=None, help="JSON of the instructed answers (generated if missing)")
     parser.add_argument("--no-pairs", action="store_true", help="the sweeps' own wrong-way fractions only, for sweeps "
                         "of other prompts than the held-out pairs' (e.g. data/formal/heldout_wide.jsonl)")
     args = parser.parse_args()
-    if args.no_pairs and args.instructed:
-        parser.error("--instructed answers the held-out pairs' prompts; it needs the pairs (drop --no-pairs)")
+    if args.no_pairs and (args.instructed or args.pairs):
+        parser.error("--no-pairs reads no pairs: drop --pairs and --instructed (which answers the pairs' prompts)")
+    args.pairs = None if args.no_pairs else args.pairs or "data/formal/heldout.jsonl"
     pairs = [] if args.no_pairs else [
         json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()
     ]
@@ -144,7 +145,7 @@ def main() -> None:
         raise SystemExit(f"--pairs {args.pairs} holds no pairs (for sweeps without pairs give --no-pairs).")
     first = json.loads(Path(args.sweeps[0]).read_text())
     instructed = instructed_answers(Path(args.instructed), pairs, first) if args.instructed else None
-    result = {"pairs": None if args.no_pairs else args.pairs, "pair_agreement": {}, "sweeps": {}}
+    result = {"pairs": args.pairs, "pair_agreement": {}, "sweeps": {}}
     for name, f in MEASURES.items() if pairs else ():
         diffs = [f(content(p["chosen"])) - f(content(p["rejected"])) for p in pairs]
         result["pair_agreement"][name] = {

@@ -106,9 +106,11 @@ def test_no_pairs_reports_the_sweeps_own_moves_for_prompts_without_pairs(tmp_pat
     assert moved["casualness"]["1.0"]["wrong_way"] == 1.0  # the possessive and the contraction both count
     assert moved["casualness_without_possessives"]["1.0"]["wrong_way"] == 0.5  # only the contraction does
     assert "held-out pairs" not in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--no-pairs", "--instructed", str(tmp_path / "i.json")])
-    with pytest.raises(SystemExit):
-        check.main()
+    for extra in (["--instructed", str(tmp_path / "i.json")], ["--pairs", str(tmp_path / "p.jsonl")]):
+        monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--no-pairs", *extra])
+        with pytest.raises(SystemExit):
+            check.main()
+        assert "--no-pairs reads no pairs" in capsys.readouterr().err
 
 
 def test_an_empty_pairs_file_is_refused_not_read_as_no_pairs(tmp_path, monkeypatch):

@@ -5,7 +5,10 @@ import importlib.util
 import json
 import random
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +130,6 @@ def test_shipped_best_of_pairs_are_less_casual_than_the_greedy_ones():
 
 
 def test_best_of_and_wide_heldout_refuse_bad_combinations_before_loading(monkeypatch, capsys):
-    import sys
-
-    import pytest
-
     build = _builder()
     for argv, message in [
         (["--dimensions", "formal", "--best-of", "-1"], "--best-of takes a number of samples >= 1"),
