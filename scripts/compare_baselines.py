@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -83,20 +84,24 @@ def main() -> None:
     score = METRICS[METRIC[args.dimension]]
     runs = {kind: train_run(kind, args, out / kind) for kind in methods}
 
-    def metric_mean(model, tokenizer) -> float:
+    answers_of: dict[str, list[str]] = {}  # kept in compare.json, so that a fixed metric can re-score them
+
+    def metric_mean(model, tokenizer, name: Optional[str] = None) -> float:
         tokenizer.padding_side = "left"
-        values = []
+        answers = []
         for s in range(0, len(prompts), 24):
             batch = tokenizer([chat_text(tokenizer, p) for p in prompts[s:s + 24]], return_tensors="pt", padding=True)
             with torch.no_grad():
                 gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-            values += [score(tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for g in gen]
-        return sum(values) / len(values)
+            answers += [tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True) for g in gen]
+        if name is not None:
+            answers_of[name] = answers
+        return sum(map(score, answers)) / len(answers)
 
     rows = []
     base, tokenizer = load_model("smollm2")
-    base_metric = metric_mean(base, tokenizer)
+    base_metric = metric_mean(base, tokenizer, "base")
     if "clm" in methods:
         clm = PeftModel.from_pretrained(base, out / "clm").eval()
         rows.append(
@@ -106,7 +111,7 @@ def main() -> None:
                 "held_out_reward_accuracy": preference_metrics(clm, tokenizer, heldout, beta=args.beta, alpha=1.0)[
                     "reward_accuracy"
                 ],
-                "metric_mean": metric_mean(clm, tokenizer),
+                "metric_mean": metric_mean(clm, tokenizer, "CLM"),
             }
         )
         clm.unload()
@@ -124,7 +129,7 @@ def main() -> None:
                 "held_out_reward_accuracy": preference_metrics_baseline(
                     full, tokenizer, heldout, beta=args.beta, reference_model=reference
                 )["reward_accuracy"],
-                "metric_mean": metric_mean(full, tokenizer),
+                "metric_mean": metric_mean(full, tokenizer, "full DPO"),
             }
         )
     for row in rows:
@@ -150,6 +155,7 @@ def main() -> None:
         "lora_scale_sweep": lora_sweep,
         "lora_scale_spearman_rho": lora_rho,
         "date": time.strftime("%Y-%m-%d"),
+        "answers": answers_of,
     }
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     if "full" in methods:

@@ -13,9 +13,7 @@ already stored (no generation) with two dense measures that every word feeds, an
   sweep's token budget, no repetition penalty, which the stored pairs had): the answers are generated once (the
   one step of this script that runs the model, ~1 min) and kept in FILE.
 
-Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`;
-`casualness_without_possessives`, the same with a possessive 's ("Earth's crust") not counted as a contraction (the
-shipped metric counts it); `neg_word_length`,
+Measures (lower = more formal, as every metric of `peft_clm.tools.text_metrics`): `casualness`; `neg_word_length`,
 minus the mean characters per word (formal prose uses longer words); `personal_pronouns`, first- and second-person
 pronouns per 100 words (a closed word class, so it needs no tagger).
 
@@ -31,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -39,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peft_clm.tools.text_metrics import S_CONTRACTION_HOSTS, casualness, words  # noqa: E402
+from peft_clm.tools.text_metrics import casualness, words  # noqa: E402
 
 
 PERSONAL = {"i", "me", "my", "mine", "you", "your", "yours", "we", "us", "our", "ours"}
@@ -55,17 +52,7 @@ def personal_pronouns(text: str) -> float:
     return 100.0 * sum(w in PERSONAL for w in ws) / len(ws) if ws else 0.0
 
 
-_POSSESSIVE = re.compile(rf"\b(?!(?:{'|'.join(S_CONTRACTION_HOSTS)})')(\w+)'s\b", re.IGNORECASE)
-
-
-def casualness_without_possessives(text: str) -> float:
-    """`casualness` with a possessive 's ("Earth's crust") not read as a contraction: 's counts only after the words
-    it contracts with (`S_CONTRACTION_HOSTS`: "it's", "there's", ...). Same word count, so the two differ only there."""
-    return casualness(_POSSESSIVE.sub(r"\1s", text))
-
-
-MEASURES = {"casualness": casualness, "casualness_without_possessives": casualness_without_possessives,
-            "neg_word_length": neg_word_length, "personal_pronouns": personal_pronouns}
+MEASURES = {"casualness": casualness, "neg_word_length": neg_word_length, "personal_pronouns": personal_pronouns}
 
 
 def content(message) -> str:
@@ -81,6 +68,16 @@ def moves(after: list[str], before: list[str], measure) -> dict:
         "unmoved": sum(m == 0 for m in moved) / len(moved),
         "mean_change": statistics.mean(moved),
     }
+
+
+def by_base_answer(at: dict, alphas: list[float]) -> dict:
+    """Casualness wrong-way counts split by where a prompt starts: its alpha-0 answer casual (> 0: a casual marker in
+    excess, which the knob can remove) or not (<= 0: only a word of the formal list can lower it further, and the
+    same markers in a longer answer read as a rise towards 0)."""
+    base = [casualness(t) for t in at[0.0]]
+    groups = {"casual": [i for i, b in enumerate(base) if b > 0], "not_casual": [i for i, b in enumerate(base) if b <= 0]}
+    return {k: {"n": len(idx), **{str(a): sum(casualness(at[a][i]) > base[i] for i in idx) for a in alphas}}
+            for k, idx in groups.items()}
 
 
 def swept_prompts(sweep: dict, pairs: list[dict]) -> list[str]:
@@ -159,6 +156,7 @@ def main() -> None:
         if 0.0 not in at or any(a not in at for a in alphas):
             raise SystemExit(f"{path}: answers at alphas {sorted(at)}; need 0 and {alphas}.")
         per = {name: {str(a): moves(at[a], at[0.0], f) for a in alphas} for name, f in MEASURES.items()}
+        result.setdefault("by_base_answer", {})[path] = by_base_answer(at, alphas)
         # The knob's training target against the same base answers: the held-out pairs' chosen side is SmolLM2's
         # answer under the formal instruction that alpha 1 internalises (same prompts, in the sweep's order), so
         # its wrong-way fraction is what a knob that reproduced its data exactly would score at alpha 1.
@@ -184,6 +182,12 @@ def main() -> None:
                 continue
             cells = "  ".join(f"{by[str(a)]['wrong_way']:.2f} ({by[str(a)]['unmoved']:.2f})" for a in alphas)
             print(f"  {path:48s} {name:30s} {cells}")
+    print("casualness wrong-way count by the alpha-0 answer: casual (> 0) / not (<= 0), from alpha 0 to "
+          + ", ".join(f"{a:g}" for a in alphas))
+    for path, split in result["by_base_answer"].items():
+        cells = "  ".join(" / ".join(f"{split[k][str(a)]} of {split[k]['n']}" for k in ("casual", "not_casual"))
+                          for a in alphas)
+        print(f"  {path:48s} {cells}")
     if pairs:
         print("the training target (the formal-instructed answers of the held-out pairs) against the same alpha-0 "
               "answers")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft_clm import ClmConfig
 from peft_clm.tools.generation import generate_answers
 from peft_clm.tools.preference import answer_nll
-from peft_clm.tools.sweep import knob_sweep, per_prompt_reliability, score_sweep, usable_range
+from peft_clm.tools.sweep import knob_sweep, per_prompt_reliability, rescore_sweep, score_sweep, usable_range
 from peft_clm.tools.text_metrics import distinct_n, fluency, is_degenerate, max_ngram_repeats
 
 
@@ -131,6 +131,31 @@ def test_score_sweep_reports_fluency_reliability_and_the_core_rho():
     assert r["usable"]["range"] == [-0.5, 1.0] and r["usable"]["degenerate_alphas"] == [2.0]
     assert r["reliability"]["wrong_way_fraction"] == 0.5  # q grows from 6 to 8 words between alpha 0 and 1
     assert r["spearman_rho_core"]["rho"] == pytest.approx(-1.0) and r["answers"]["2.0"] == answers[3]
+
+
+def test_rescore_reproduces_a_fresh_score_and_follows_a_changed_metric(monkeypatch):
+    import json
+
+    import peft_clm.tools.sweep as sweep_module
+
+    alphas = [-0.5, 0.0, 1.0, 2.0]
+    answers = {0: ["It's fun!", "Hey."], 1: ["The Earth's crust.", "Hi there."], 2: ["The crust.", "Thus it is."],
+               3: ["Hence.", "Moreover it is."]}
+    scored = score_sweep(alphas, ["p", "q"], answers, "casualness", nll={j: [1.0, 2.0] for j in range(4)})
+    stored = json.loads(json.dumps(scored))  # what sweep.json holds
+    assert rescore_sweep(json.loads(json.dumps(stored))) == stored  # same metric: every field, to the last digit
+    assert stored["rows"][1]["casualness_mean"] == 25.0  # "Hi" (50) and 0: the possessive 's is no contraction
+    # a metric whose definition changed (here: counts "Earth" as casual) changes only the fields it decides
+    changed = dict(sweep_module.METRICS, casualness=lambda t: 100.0 * t.count("Earth") + 1.0 * len(t.split()))
+    monkeypatch.setattr(sweep_module, "METRICS", changed)
+    again = rescore_sweep(json.loads(json.dumps(stored)))
+    assert again["rows"][1]["casualness_mean"] == (103.0 + 2.0) / 2 and again["base_value"] == 52.5
+    assert again["reliability"]["per_prompt"][0]["moves"] == -1 and again["reliability"]["per_prompt"][0]["prompt"] == "p"
+    kept = ("degenerate_rate", "distinct2", "base_nll", "n_prompts", "alpha")
+    assert [{k: r[k] for k in kept} for r in again["rows"]] == [{k: r[k] for k in kept} for r in stored["rows"]]
+    assert again["usable"] == stored["usable"] and again["answers"] == stored["answers"]
+    with pytest.raises(ValueError, match="metric='nope'"):
+        rescore_sweep({**stored, "metric": "nope"})
 
 
 @pytest.fixture(scope="module")

@@ -83,15 +83,6 @@ def test_wrong_way_counts_per_measure_and_alpha(tmp_path, monkeypatch, capsys):
         check.main()
 
 
-def test_possessives_are_not_contractions_in_the_diagnostic_measure():
-    check = _script()
-    # "Earth's" is a possessive (the shipped casualness counts it); "it's", "there's" and "let's" are contractions
-    assert check.casualness("The Earth's crust") == pytest.approx(100 / 3)
-    assert check.casualness_without_possessives("The Earth's crust") == 0.0
-    assert check.casualness_without_possessives("It's there's let's") == check.casualness("It's there's let's")
-    assert check.casualness_without_possessives("The item's cost, that's all") == pytest.approx(100 / 5)
-
-
 def test_no_pairs_reports_the_sweeps_own_moves_for_prompts_without_pairs(tmp_path, monkeypatch, capsys):
     check = _script()
     answers = {"0.0": ["Rocks", "It is so"], "1.0": ["The Earth's rocks", "It's so cool"]}
@@ -103,8 +94,9 @@ def test_no_pairs_reports_the_sweeps_own_moves_for_prompts_without_pairs(tmp_pat
     result = json.loads(out.read_text())
     moved = result["sweeps"][str(sweep)]
     assert result["pairs"] is None and result["pair_agreement"] == {} and "instructed" not in moved
-    assert moved["casualness"]["1.0"]["wrong_way"] == 1.0  # the possessive and the contraction both count
-    assert moved["casualness_without_possessives"]["1.0"]["wrong_way"] == 0.5  # only the contraction does
+    assert moved["casualness"]["1.0"]["wrong_way"] == 0.5  # the contraction counts, the possessive does not
+    # both alpha-0 answers carry no casual marker, so both count under "not_casual"; the contraction's rises
+    assert result["by_base_answer"][str(sweep)] == {"casual": {"n": 0, "1.0": 0}, "not_casual": {"n": 2, "1.0": 1}}
     assert "held-out pairs" not in capsys.readouterr().out
     for extra in (["--instructed", str(tmp_path / "i.json")], ["--pairs", str(tmp_path / "p.jsonl")]):
         monkeypatch.setattr(sys, "argv", ["x", str(sweep), "--no-pairs", *extra])

@@ -290,37 +290,77 @@ def score_sweep(alphas: Sequence[float], prompts: Sequence, answers: dict, metri
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
     alphas = [float(a) for a in alphas]
-    direction = ALIGNED_DIRECTION[metric] if direction is None else direction
-    score = METRICS[metric]
-    values = [[score(a) for a in answers[j]] for j in range(len(alphas))]
     rows = []
     for j, a in enumerate(alphas):
-        row = {"alpha": a, f"{metric}_mean": sum(values[j]) / len(values[j]), "n_prompts": len(values[j])}
+        row = {"alpha": a, f"{metric}_mean": None, "n_prompts": len(answers[j])}  # the mean: `_score_metric`
         row.update(fluency(answers[j], nll[j] if nll is not None else None))
         if preference is not None:
             pm = preference[j]
             row.update(reward_accuracy=pm["reward_accuracy"], mean_margin=pm["mean_margin"], dpo_loss=pm["dpo_loss"])
         rows.append(row)
-    means = [r[f"{metric}_mean"] for r in rows]
-    core = [j for j, a in enumerate(alphas) if core_range[0] <= a <= core_range[1]]
-    zero = min(range(len(alphas)), key=lambda j: abs(alphas[j]))
-    return {
+    result = {
         "metric": metric,
         **(extra or {}),
         "alphas": alphas,
         "rows": rows,
-        "base_value": means[zero],
-        "spearman_rho": spearman(alphas, means),
-        "spearman_rho_core": {"range": list(core_range),
-                              "rho": spearman([alphas[j] for j in core], [means[j] for j in core])},
+        **dict.fromkeys(("base_value", "spearman_rho", "spearman_rho_core")),  # `_score_metric`'s, in this order
         # the held-out implicit reward margin: the preference signal itself, before decoding turns it into text
         "spearman_rho_margin": spearman(alphas, [r["mean_margin"] for r in rows]) if preference else None,
-        "monotone": all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
+        "monotone": None,
         "usable": usable_range(alphas, [r["degenerate_rate"] for r in rows], tolerance),
-        "reliability": per_prompt_reliability(alphas, values, direction, prompts),
+        "reliability": None,
         "examples": {str(a): answers[j][:3] for j, a in enumerate(alphas)},
         "answers": {str(a): list(answers[j]) for j, a in enumerate(alphas)},
     }
+    return _score_metric(result, prompts, direction, core_range)
+
+
+def _score_metric(result: dict, prompts: Sequence, direction: Optional[int] = None,
+                  core_range: tuple[float, float] = (-0.5, 1.5)) -> dict:
+    """The fields of a sweep that its metric decides, from its stored answers: each row's mean, the base value,
+    Spearman's rho (over the grid and over `core_range`), monotonicity and per-prompt reliability. The one owner of
+    these fields, for `score_sweep` and `rescore_sweep` alike."""
+    metric, alphas = result["metric"], result["alphas"]
+    direction = ALIGNED_DIRECTION[metric] if direction is None else direction
+    score = METRICS[metric]
+    values = [[score(a) for a in result["answers"][str(alpha)]] for alpha in alphas]
+    for row, v in zip(result["rows"], values, strict=True):
+        row[f"{metric}_mean"] = sum(v) / len(v)
+    means = [r[f"{metric}_mean"] for r in result["rows"]]
+    core = [j for j, a in enumerate(alphas) if core_range[0] <= a <= core_range[1]]
+    zero = min(range(len(alphas)), key=lambda j: abs(alphas[j]))
+    result.update(
+        base_value=means[zero],
+        spearman_rho=spearman(alphas, means),
+        spearman_rho_core={"range": list(core_range),
+                           "rho": spearman([alphas[j] for j in core], [means[j] for j in core])},
+        monotone=all(b >= a for a, b in zip(means, means[1:])) or all(b <= a for a, b in zip(means, means[1:])),
+        reliability=per_prompt_reliability(alphas, values, direction, prompts),
+    )
+    return result
+
+
+def rescore_sweep(result: dict) -> dict:
+    """Score a stored sweep's answers again under the current definition of its metric (after a fix of the metric):
+    only the fields the metric decides change (`_score_metric`); fluency, NLL and preference metrics, which do not
+    depend on it, are kept. The prompts come from the stored per-prompt reliability. Returns `result`, updated.
+
+    Example:
+        ```py
+        >>> result = rescore_sweep(json.loads(Path("results/formal/sweep.json").read_text()))
+        >>> result["reliability"]["wrong_way_fraction"]
+        ```
+    """
+    if result.get("metric") not in METRICS:
+        raise ValueError(f"metric={result.get('metric')!r} is not one of {sorted(METRICS)}.")
+    per_prompt = result.get("reliability", {}).get("per_prompt", [])
+    n = len(result["answers"][str(result["alphas"][0])])
+    prompts = [p["prompt"] for p in per_prompt] if per_prompt and all("prompt" in p for p in per_prompt) else None
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"the sweep stores {n} answers per alpha but {len(prompts)} prompts.")
+    old = result.get("reliability", {})
+    core = tuple(result.get("spearman_rho_core", {}).get("range", (-0.5, 1.5)))
+    return _score_metric(result, prompts, old.get("direction"), core)
 
 
 def write_sweep(result: dict, out: Union[str, Path], reference: Optional[dict] = None, title: str = "") -> None:

@@ -3,7 +3,8 @@ formal pairs pick their chosen side by `casualness`).
 
 - `word_count`: words in an answer (the concise dimension: lower is more concise).
 - `casualness`: casual markers minus formal markers per 100 words (the formal dimension: lower is more formal).
-  Markers are the fixed word lists `CASUAL_WORDS` and `FORMAL_WORDS`, contractions, '!' and emoji.
+  Markers are the fixed word lists `CASUAL_WORDS` and `FORMAL_WORDS`, contractions ('s only where it stands for
+  "is", "has" or "us": `S_CONTRACTION_HOSTS`), '!' and emoji.
 
 Every metric in `METRICS` is lower = more aligned (`ALIGNED_DIRECTION`). Fluency, whatever the dimension:
 `is_degenerate` (a repeated word 4-gram, or no words), `distinct_n`, and `fluency` over a set of answers.
@@ -26,14 +27,14 @@ FORMAL_WORDS = {
     "significant", "significantly", "essential", "approximately", "respectively", "regarding", "whereas",
     "primarily", "substantial", "facilitate", "subsequently", "notably", "individuals", "utilize", "comprises",
 }
-# the words whose 's is "is" or "has" ("it's", "there's", "let's"); after any other word 's is usually a possessive
-# ("Earth's crust"), which `casualness`'s contraction pattern still counts (a known flaw: see the README's formal
-# sections; `scripts/formal_direction_check.py` measures its effect). The formal rewrite rules of
-# `scripts/build_preference_data.py` expand the same words' 's, so a change here changes their output too.
+# the words whose 's is "is" or "has" ("it's", "there's", "let's"); after any other word 's is read as a possessive
+# ("Earth's crust"), which is no more casual than "the crust of the Earth", so `casualness` does not count it. The
+# formal rewrite rules of `scripts/build_preference_data.py` expand the same words' 's, so a change here changes
+# their output too.
 S_CONTRACTION_HOSTS = ("it", "that", "there", "here", "what", "who", "where", "how", "he", "she", "this", "everything",
                        "something", "nothing", "everyone", "let")
 _WORD = re.compile(r"[A-Za-z']+")
-_CONTRACTION = re.compile(r"\b\w+'(s|re|ve|ll|d|t|m)\b", re.IGNORECASE)
+_CONTRACTION = re.compile(rf"\b(?:\w+'(?:re|ve|ll|d|t|m)|(?:{'|'.join(S_CONTRACTION_HOSTS)})'s)\b", re.IGNORECASE)
 
 
 def words(text: str) -> list[str]:
@@ -46,7 +47,14 @@ def word_count(text: str) -> float:
 
 
 def casualness(text: str) -> float:
-    """(casual words + contractions + '!' + emoji - formal words) per 100 words."""
+    """(casual words + contractions + '!' + emoji - formal words) per 100 words; a possessive 's is no contraction.
+
+    Example:
+        ```py
+        >>> casualness("It's huge!"), casualness("The Earth's crust is approximately 35 km thick.")
+        (150.0, -14.285714285714286)
+        ```
+    """
     tokens = [w.lower() for w in words(text)]
     if not tokens:
         return 0.0
