@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -86,7 +85,7 @@ def main() -> None:
 
     answers_of: dict[str, list[str]] = {}  # kept in compare.json, so that a fixed metric can re-score them
 
-    def metric_mean(model, tokenizer, name: Optional[str] = None) -> float:
+    def metric_mean(model, tokenizer, name: str) -> float:
         tokenizer.padding_side = "left"
         answers = []
         for s in range(0, len(prompts), 24):
@@ -95,8 +94,7 @@ def main() -> None:
                 gen = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
             answers += [tokenizer.decode(g[batch["input_ids"].shape[1]:], skip_special_tokens=True) for g in gen]
-        if name is not None:
-            answers_of[name] = answers
+        answers_of[name] = answers
         return sum(map(score, answers)) / len(answers)
 
     rows = []
@@ -178,7 +176,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['method']:<30}{r['held_out_reward_accuracy']:>13.3f}{r['metric_mean']:>16.2f}"
-            f"{r['trainable_params']:>13,}{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}{r['peak_rss_mb']:>9.0f}"
+            f"{r['trainable_params']:>13,}{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}"
+            f"{r['peak_rss_mb']:>9.0f}"
         )
     if lora_sweep is not None:
         print(
@@ -205,7 +204,7 @@ def lora_rows(args, out: Path, heldout: list, prompts: list, rows: list, metric_
             "held_out_reward_accuracy": preference_metrics_baseline(lora, tokenizer, heldout, beta=args.beta)[
                 "reward_accuracy"
             ],
-            "metric_mean": metric_mean(lora, tokenizer),
+            "metric_mean": metric_mean(lora, tokenizer, "LoRA-DPO"),
         }
     )
     scales = [float(x) for x in args.lora_scales.split(",")]

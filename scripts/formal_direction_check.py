@@ -75,9 +75,14 @@ def by_base_answer(at: dict, alphas: list[float]) -> dict:
     excess, which the knob can remove) or not (<= 0: only a word of the formal list can lower it further, and the
     same markers in a longer answer read as a rise towards 0)."""
     base = [casualness(t) for t in at[0.0]]
-    groups = {"casual": [i for i, b in enumerate(base) if b > 0], "not_casual": [i for i, b in enumerate(base) if b <= 0]}
-    return {k: {"n": len(idx), **{str(a): sum(casualness(at[a][i]) > base[i] for i in idx) for a in alphas}}
-            for k, idx in groups.items()}
+    groups = {"casual": [i for i, b in enumerate(base) if b > 0],
+              "not_casual": [i for i, b in enumerate(base) if b <= 0]}
+
+    def wrong_way(a: float, idx: list[int]) -> int:  # `moves`' rule, counted over the group
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return round(moves(pick(at[a]), pick(at[0.0]), casualness)["wrong_way"] * len(idx)) if idx else 0
+
+    return {k: {"n": len(idx), **{str(a): wrong_way(a, idx) for a in alphas}} for k, idx in groups.items()}
 
 
 def swept_prompts(sweep: dict, pairs: list[dict]) -> list[str]:

@@ -5,8 +5,9 @@ as a contraction on 2026-12-05) its figures can be brought up to date from the a
 (`peft_clm.tools.sweep.rescore_sweep`): each row's mean, rho, monotonicity and per-prompt reliability change;
 fluency, NLL and held-out preference metrics, which do not depend on the metric, are kept. Each file is rewritten
 in place (through a temporary file); a `sweep.json` gets its `sweep.csv` and `sweep.png` beside it rewritten too
-(the plot without a reference line: a reference is a figure of another model, which this script cannot re-score).
-Prints each file's mean at alpha 0 and 1, rho and wrong-way fraction, before -> after.
+(with the reference line of `--reference FILE`, as `peft-clm sweep --reference` draws it, else none). Every file is
+re-scored before any is written, so a file that cannot be stops the run with nothing changed. Prints each file's
+mean at alpha 0 and 1, rho and wrong-way fraction, before -> after.
 
     python scripts/rescore_sweeps.py results/formal/sweep.json results/modes/formal_*/sweep.json
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peft_clm.tools.sweep import rescore_sweep, write_outputs, write_sweep  # noqa: E402
+from peft_clm.tools.sweep import _json_writer, rescore_sweep, write_outputs, write_sweep  # noqa: E402
 
 
 def summary(result: dict) -> str:
@@ -34,9 +35,11 @@ def summary(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", help="sweep JSON files (peft-clm sweep, knob_sweep)")
+    parser.add_argument("--reference", help="JSON of a reference line for the plots (e.g. full_dpo_reference.json)")
     args = parser.parse_args()
-    loaded = {}
-    for name in args.sweeps:  # read and check every file before writing any
+    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    rescored = {}
+    for name in args.sweeps:  # re-score every file before writing any
         path = Path(name)
         try:
             result = json.loads(path.read_text())
@@ -44,16 +47,17 @@ def main() -> None:
             raise SystemExit(f"{path}: not a readable JSON file ({e}).") from None
         if not isinstance(result, dict) or not {"metric", "alphas", "rows", "answers"} <= result.keys():
             raise SystemExit(f"{path}: not a sweep (needs metric, alphas, rows and answers).")
-        loaded[path] = result
-    for path, result in loaded.items():
         before = summary(result)
-        rescore_sweep(result)
+        try:
+            rescored[path] = before, rescore_sweep(result)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"{path}: cannot be re-scored ({e}); no file was written.") from None
+    for path, (before, result) in rescored.items():
         if path.name == "sweep.json":
             title = f"{result['metric']} vs {result.get('knob', 'alpha')} ({result.get('label', 'CLM')}, re-scored)"
-            write_sweep(result, path.parent, title=title)
+            write_sweep(result, path.parent, reference, title)
         else:
-            write_json = lambda p, r=result: p.write_text(json.dumps(r, indent=1), encoding="utf-8")  # noqa: E731
-            write_outputs(path.parent, {path.name: write_json})
+            write_outputs(path.parent, {path.name: _json_writer(result)})
         print(f"{path}: {before} -> {summary(result)}")
 
 

@@ -150,12 +150,19 @@ def test_rescore_reproduces_a_fresh_score_and_follows_a_changed_metric(monkeypat
     monkeypatch.setattr(sweep_module, "METRICS", changed)
     again = rescore_sweep(json.loads(json.dumps(stored)))
     assert again["rows"][1]["casualness_mean"] == (103.0 + 2.0) / 2 and again["base_value"] == 52.5
-    assert again["reliability"]["per_prompt"][0]["moves"] == -1 and again["reliability"]["per_prompt"][0]["prompt"] == "p"
+    first = again["reliability"]["per_prompt"][0]
+    assert first["moves"] == -1 and first["prompt"] == "p"
     kept = ("degenerate_rate", "distinct2", "base_nll", "n_prompts", "alpha")
     assert [{k: r[k] for k in kept} for r in again["rows"]] == [{k: r[k] for k in kept} for r in stored["rows"]]
     assert again["usable"] == stored["usable"] and again["answers"] == stored["answers"]
     with pytest.raises(ValueError, match="metric='nope'"):
         rescore_sweep({**stored, "metric": "nope"})
+    with pytest.raises(ValueError, match=r"answers missing at \[2.0\]"):
+        rescore_sweep({**stored, "answers": {k: v for k, v in stored["answers"].items() if k != "2.0"}})
+    with pytest.raises(ValueError, match="repeat a value"):
+        score_sweep([0.0, 1.0, 1.0], ["p"], {0: ["a"], 1: ["b"], 2: ["c"]}, "words")
+    int_alphas = json.loads(json.dumps({**stored, "alphas": [-0.5, 0, 1, 2]}))  # as a hand-written file may have it
+    assert rescore_sweep(int_alphas)["rows"][1]["casualness_mean"] == again["rows"][1]["casualness_mean"]
 
 
 @pytest.fixture(scope="module")

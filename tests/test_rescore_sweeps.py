@@ -31,7 +31,7 @@ def _stored_sweep(out: Path) -> dict:
 def test_rescore_rewrites_json_csv_and_plot_and_reports_before_after(tmp_path, monkeypatch, capsys):
     script = _script()
     stored = _stored_sweep(tmp_path / "a")
-    # as written before the fix: the possessive counted, so alpha 1 read 33.3 instead of 0 for prompt p
+    # figures that disagree with the stored answers (as after a fix of the metric): a re-score restores them
     stale = json.loads(json.dumps(stored))
     stale["rows"][1]["casualness_mean"] = 999.0
     stale["reliability"]["wrong_way_fraction"] = 1.0
@@ -59,7 +59,9 @@ def test_a_file_that_is_not_a_sweep_stops_the_run_before_anything_is_written(tmp
     (tmp_path / "a" / "sweep.json").write_text(json.dumps(stale))
     (tmp_path / "bad.json").write_text(json.dumps({"metric": "casualness"}))
     (tmp_path / "broken.json").write_text("{")
-    for bad, message in (("bad.json", "not a sweep"), ("broken.json", "not a readable JSON")):
+    (tmp_path / "short.json").write_text(json.dumps({**stored, "alphas": [0.0, 1.0, 3.0]}))  # no answers at 3
+    for bad, message in (("bad.json", "not a sweep"), ("broken.json", "not a readable JSON"),
+                         ("short.json", r"cannot be re-scored .*answers missing at \[3.0\].*no file was written")):
         monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "a" / "sweep.json"), str(tmp_path / bad)])
         with pytest.raises(SystemExit, match=message):
             script.main()

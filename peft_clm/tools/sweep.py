@@ -290,6 +290,8 @@ def score_sweep(alphas: Sequence[float], prompts: Sequence, answers: dict, metri
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
     alphas = [float(a) for a in alphas]
+    if len(set(alphas)) != len(alphas):  # answers are stored by alpha, so a repeated alpha would share one list
+        raise ValueError(f"alphas {alphas} repeat a value; give each alpha once.")
     rows = []
     for j, a in enumerate(alphas):
         row = {"alpha": a, f"{metric}_mean": None, "n_prompts": len(answers[j])}  # the mean: `_score_metric`
@@ -315,7 +317,7 @@ def score_sweep(alphas: Sequence[float], prompts: Sequence, answers: dict, metri
     return _score_metric(result, prompts, direction, core_range)
 
 
-def _score_metric(result: dict, prompts: Sequence, direction: Optional[int] = None,
+def _score_metric(result: dict, prompts: Optional[Sequence], direction: Optional[int] = None,
                   core_range: tuple[float, float] = (-0.5, 1.5)) -> dict:
     """The fields of a sweep that its metric decides, from its stored answers: each row's mean, the base value,
     Spearman's rho (over the grid and over `core_range`), monotonicity and per-prompt reliability. The one owner of
@@ -353,13 +355,22 @@ def rescore_sweep(result: dict) -> dict:
     """
     if result.get("metric") not in METRICS:
         raise ValueError(f"metric={result.get('metric')!r} is not one of {sorted(METRICS)}.")
-    per_prompt = result.get("reliability", {}).get("per_prompt", [])
-    n = len(result["answers"][str(result["alphas"][0])])
+    result["alphas"] = alphas = [float(a) for a in result["alphas"]]
+    answers = result.get("answers") or {}
+    missing = [a for a in alphas if not isinstance(answers.get(str(a)), list)]
+    if missing or len(set(alphas)) != len(alphas) or len(result.get("rows", ())) != len(alphas):
+        raise ValueError(f"a sweep needs one row and one list of answers per alpha, each alpha once; alphas {alphas}, "
+                         f"{len(result.get('rows', ()))} rows, answers missing at {missing}.")
+    n = len(answers[str(alphas[0])])
+    if any(len(answers[str(a)]) != n for a in alphas):
+        raise ValueError(f"the sweep stores {[len(answers[str(a)]) for a in alphas]} answers at alphas {alphas}; "
+                         "expected the same number at each.")
+    old = result.get("reliability") or {}
+    per_prompt = old.get("per_prompt") or []
     prompts = [p["prompt"] for p in per_prompt] if per_prompt and all("prompt" in p for p in per_prompt) else None
     if prompts is not None and len(prompts) != n:
         raise ValueError(f"the sweep stores {n} answers per alpha but {len(prompts)} prompts.")
-    old = result.get("reliability", {})
-    core = tuple(result.get("spearman_rho_core", {}).get("range", (-0.5, 1.5)))
+    core = tuple((result.get("spearman_rho_core") or {}).get("range", (-0.5, 1.5)))
     return _score_metric(result, prompts, old.get("direction"), core)
 
 

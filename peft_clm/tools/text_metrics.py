@@ -27,8 +27,9 @@ FORMAL_WORDS = {
     "significant", "significantly", "essential", "approximately", "respectively", "regarding", "whereas",
     "primarily", "substantial", "facilitate", "subsequently", "notably", "individuals", "utilize", "comprises",
 }
-# the words whose 's is "is" or "has" ("it's", "there's", "let's"); after any other word 's is read as a possessive
-# ("Earth's crust"), which is no more casual than "the crust of the Earth", so `casualness` does not count it. The
+# the words whose 's is "is", "has" or "us" ("it's", "there's", "let's"); after any other word 's is read as a
+# possessive ("Earth's crust"), which is no more casual than "the crust of the Earth", so `casualness` does not count
+# it ("everyone's" stays ambiguous: "everyone's here" and "everyone's needs" read alike). The
 # formal rewrite rules of `scripts/build_preference_data.py` expand the same words' 's, so a change here changes
 # their output too.
 S_CONTRACTION_HOSTS = ("it", "that", "there", "here", "what", "who", "where", "how", "he", "she", "this", "everything",
