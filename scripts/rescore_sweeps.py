@@ -37,7 +37,13 @@ def main() -> None:
     parser.add_argument("sweeps", nargs="+", help="sweep JSON files (peft-clm sweep, knob_sweep)")
     parser.add_argument("--reference", help="JSON of a reference line for the plots (e.g. full_dpo_reference.json)")
     args = parser.parse_args()
-    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    try:
+        reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--reference {args.reference}: not a readable JSON file ({e}).") from None
+    if reference is not None and not isinstance(reference, dict):
+        raise SystemExit(f"--reference {args.reference}: expected a JSON object such as "
+                         '{"casualness_mean": 0.64, "label": "full DPO"}.')
     rescored = {}
     for name in args.sweeps:  # re-score every file before writing any
         path = Path(name)
@@ -47,8 +53,8 @@ def main() -> None:
             raise SystemExit(f"{path}: not a readable JSON file ({e}).") from None
         if not isinstance(result, dict) or not {"metric", "alphas", "rows", "answers"} <= result.keys():
             raise SystemExit(f"{path}: not a sweep (needs metric, alphas, rows and answers).")
-        before = summary(result)
         try:
+            before = summary(result)  # the figures as stored, printed beside the new ones
             rescored[path] = before, rescore_sweep(result)
         except (KeyError, TypeError, ValueError) as e:
             raise SystemExit(f"{path}: cannot be re-scored ({e}); no file was written.") from None

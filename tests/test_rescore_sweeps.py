@@ -66,3 +66,10 @@ def test_a_file_that_is_not_a_sweep_stops_the_run_before_anything_is_written(tmp
         with pytest.raises(SystemExit, match=message):
             script.main()
         assert json.loads((tmp_path / "a" / "sweep.json").read_text()) == stale  # untouched
+    for reference, message in (("missing.json", "not a readable JSON"), ("bad.json", "expected a JSON object")):
+        (tmp_path / "bad.json").write_text("[1]")
+        monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "a" / "sweep.json"), "--reference",
+                                          str(tmp_path / reference)])
+        with pytest.raises(SystemExit, match=message):
+            script.main()
+        assert json.loads((tmp_path / "a" / "sweep.json").read_text()) == stale

@@ -140,6 +140,7 @@ def test_metrics_and_spearman():
     assert casualness("The Earth's crust") == 0.0 and casualness("The item's cost, that's all") == pytest.approx(20.0)
     assert casualness("It's there's let's") == pytest.approx(100.0) and casualness("I'd you're we've") == 100.0
     assert casualness("LET'S What's Who's") == pytest.approx(100.0) and casualness("Earth's 1990's") == 0.0
+    assert casualness("The biscuit's crumbs") == 0.0  # "it" inside a word is no host
     assert spearman([0, 1, 2, 3], [1, 2, 3, 5]) == pytest.approx(1.0)
     assert spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([0, 1, 2], [1, 1, 2]) == pytest.approx(0.8660, abs=1e-3)
