@@ -7,7 +7,10 @@ is scored from the sweep's recorded answers instead of generated again (decoding
 Three targets per dimension are spread over what the knob reaches in its usable range on half A (20%, 50% and 80%
 of the way from the lowest to the highest mean); each is calibrated on A (`peft_clm.tools.calibrate.calibrate`),
 then the metric is measured on B at the alpha found, and called within tolerance when
-|B - target| <= 10% of |target|. A knob whose usable reach lies within 10% of its middle value is reported as
+|B - target| <= 10% of |target|. Beside each target: the metric's spread over the prompts at that alpha on A and B,
+and the chance that B lands within 10% if the knob acted on B exactly as on A, from A's spread alone
+(`peft_clm.tools.calibrate.transfer_chance`): how often the draw of prompts by itself lets an exact knob pass, so a
+miss where that chance is low says little about the knob. A knob whose usable reach lies within 10% of its middle value is reported as
 `"testable": false`: its targets lie closer together than the tolerance, so the check barely tests anything.
 
 `--extra-prompts FILE` (repeatable; with `--extra-domain D` only rows whose "domain" is D) adds prompts the knob was
@@ -63,11 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     from peft import PeftModel
 
-    from peft_clm.tools.calibrate import calibrate, measure
+    from peft_clm.tools.calibrate import calibrate, measure, summarize, transfer_chance
     from peft_clm.tools.data import DataError, read_prompts
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.sweep import usable_range
-    from peft_clm.tools.text_metrics import METRICS, is_degenerate
 
     metric = METRIC[args.dimension]
     prompts = read_prompts(ROOT / "data" / args.dimension / "heldout.jsonl")[0]
@@ -96,9 +98,7 @@ def main() -> None:
             raise SystemExit(f"{args.sweep} is not a sweep of {metric} in {args.interpolation} mode at "
                              f"{args.max_new_tokens} new tokens on {args.half} prompts.")
         for a in alphas:
-            answers = sweep["answers"][str(a)]
-            cache_a[a] = {"value": sum(map(METRICS[metric], answers)) / len(answers),
-                          "degenerate_rate": sum(map(is_degenerate, answers)) / len(answers)}
+            cache_a[a] = summarize(sweep["answers"][str(a)], metric)
     t0 = time.perf_counter()
     base, tokenizer = load_model("smollm2")
     model = PeftModel.from_pretrained(base, args.adapter).eval()
@@ -119,15 +119,19 @@ def main() -> None:
     for t, c in zip(targets, found):
         value_b = on_b[c.alpha]["value"]
         rel = abs(value_b - t) / abs(t) if t else float("inf")
+        chance = transfer_chance(t, c.sd, len(half_a), len(half_b))
         rows.append({"target": t, "alpha": c.alpha, "value_a": c.value, "value_b": value_b,
                      "degenerate_rate_b": on_b[c.alpha]["degenerate_rate"], "relative_error_b": rel,
-                     "within_10pct": rel <= 0.10})
+                     "within_10pct": rel <= 0.10, "sd_a": c.sd, "sd_b": on_b[c.alpha]["sd"],
+                     "chance_within_10pct_if_exact": chance})
     result = {
         "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
         "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),
         "extra_prompts": args.extra_prompts, "extra_domain": args.extra_domain, "n_extra": len(extra) - dropped,
         "coarse_alphas": alphas, "usable_range": [lo, hi], "reachable_a": [reach[0], reach[-1]],
-        "testable": testable, "rows": rows, "probes_a": found[-1].probes, "seconds": time.perf_counter() - t0,
+        "testable": testable, "rows": rows, "probes_a": found[-1].probes,
+        "expected_within_if_exact": sum(r["chance_within_10pct_if_exact"] for r in rows),
+        "seconds": time.perf_counter() - t0,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +140,15 @@ def main() -> None:
     tmp.replace(out)
     print(f"# {args.dimension} ({metric}), {args.interpolation} mode: usable alphas [{lo:g}, {hi:g}] on half A, "
           f"reaching {metric} [{reach[0]:.2f}, {reach[-1]:.2f}]")
-    print(f"| target {metric} | alpha (calibrated on A) | {metric} on A | {metric} on B (held out) | error on B "
-          f"| within 10% |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| target {metric} | alpha (calibrated on A) | {metric} on A (sd) | {metric} on B, held out (sd) "
+          f"| error on B | within 10% | chance within 10% for an exact knob |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['target']:.2f} | {r['alpha']:.3g} | {r['value_a']:.2f} | {r['value_b']:.2f} "
-              f"| {r['relative_error_b']:.1%} | {'yes' if r['within_10pct'] else 'no'} |")
+        print(f"| {r['target']:.2f} | {r['alpha']:.3g} | {r['value_a']:.2f} ({r['sd_a']:.2f}) | {r['value_b']:.2f} "
+              f"({r['sd_b']:.2f}) | {r['relative_error_b']:.1%} | {'yes' if r['within_10pct'] else 'no'} "
+              f"| {r['chance_within_10pct_if_exact']:.0%} |")
+    print(f"targets within 10%: {sum(r['within_10pct'] for r in rows)} of {len(rows)}; expected for a knob that "
+          f"acts on B exactly as on A: {result['expected_within_if_exact']:.2f} of {len(rows)}")
     if not testable:
         print(f"not a test: the usable reach [{reach[0]:.2f}, {reach[-1]:.2f}] lies within 10% of its middle "
               f"({middle:.2f}): the targets lie closer together than the tolerance")

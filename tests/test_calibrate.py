@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_clm import ClmConfig
 from peft_clm.tools import calibrate as calibrate_module
-from peft_clm.tools.calibrate import CalibrationError, calibrate, measure
+from peft_clm.tools.calibrate import CalibrationError, calibrate, measure, summarize, transfer_chance
 from peft_clm.tools.cli import main
 
 
@@ -53,6 +53,48 @@ def test_calibrate_finds_the_known_alpha(fake_generation):
     n = len(fake_generation)
     c = calibrate(None, None, PROMPTS, "words", 35.0, cache=cache)
     assert c.alpha == -0.5 and len(fake_generation) == n  # a grid alpha already measured: nothing generated
+    # the spread over the prompts: one word fewer, the same, one more
+    assert c.sd == pytest.approx(1.0) and c.standard_error == pytest.approx(1 / 3**0.5)
+    assert c.to_dict()["standard_error"] == pytest.approx(1 / 3**0.5) and all(p["sd"] == 1.0 for p in c.probes)
+
+
+def test_summarize_keeps_the_mean_spread_and_degeneration():
+    loop = " ".join(["again"] * 12)
+    m = summarize(["one two", "one two three four", loop], "words")
+    assert m["value"] == pytest.approx(6.0) and m["sd"] == pytest.approx(5.2915026, rel=1e-6)
+    assert m["degenerate_rate"] == pytest.approx(1 / 3)
+    assert summarize(["one two"], "words") == {"value": 2.0, "degenerate_rate": 0.0, "sd": 0.0}
+
+
+def test_transfer_chance_matches_drawing_prompts_at_random():
+    """Two halves drawn from one population of per-prompt values (a knob that acts on both alike): the share of
+    draws whose second half's mean lands within 10% of the first's target is what transfer_chance predicts."""
+    import random
+
+    rng = random.Random(0)
+    population = [rng.expovariate(1 / 3.0) - 1.0 for _ in range(20_000)]  # skewed, mean 2, sd 3
+    sd = (sum((x - 2.0) ** 2 for x in population) / len(population)) ** 0.5
+    for n, target in ((30, 2.0), (120, 2.0), (30, 8.0)):
+        hits = 0
+        for _ in range(2000):
+            a, b = rng.sample(population, n), rng.sample(population, n)
+            shift = target - sum(a) / n  # calibrated: the alpha that puts half A's mean on the target
+            hits += abs(sum(b) / n + shift - target) <= 0.10 * abs(target)
+        assert hits / 2000 == pytest.approx(transfer_chance(target, sd, n, n), abs=0.04)
+    assert transfer_chance(2.0, 3.0, 30, 30) < transfer_chance(2.0, 3.0, 120, 120) < transfer_chance(8.0, 3.0, 120, 120)
+    assert transfer_chance(5.0, 0.0, 3, 3) == 1.0 and transfer_chance(0.0, 0.0, 3, 3) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"n_new": 0}, "n_new must be a positive number"), ({"n_calibrated": 2.5}, "n_calibrated must be"),
+     ({"sd": float("nan")}, "sd must be a finite"), ({"sd": -1.0}, "sd must be"),
+     ({"tolerance": 0}, "tolerance must be a fraction")],
+)
+def test_transfer_chance_refuses_bad_input(kwargs, message):
+    args = {"target": 1.0, "sd": 1.0, "n_calibrated": 10, "n_new": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        transfer_chance(**args)
 
 
 def test_calibrate_refines_a_target_near_the_metrics_zero_by_its_own_size(monkeypatch):
@@ -139,6 +181,7 @@ def test_calibrate_cli_on_a_tiny_model(tiny, tmp_path):
     assert result["target"] == target and abs(result["value"] - target) <= 0.02 * max(
         1.0, result["reachable"][1] - result["reachable"][0])
     assert result["usable_range"][0] <= result["alpha"] <= result["usable_range"][1]
+    assert result["sd"] >= 0 and result["standard_error"] == pytest.approx(result["sd"] / 2)  # 4 prompts
     code, _, err = run("calibrate", "--model", tiny / "model", "--adapter", tiny / "adapter", "--metric", "words",
                        "--target", 10_000, "--prompts", tiny / "prompts.jsonl", "--alphas", "0,1",
                        "--max-new-tokens", 6)

@@ -15,11 +15,18 @@ measured alpha nearest the target is returned.
 What it assumes: the mean metric moves monotonically with alpha between adjacent grid alphas (so a bracket holds a
 crossing; greedy answers make it a step function, which interpolation handles), and the prompts given stand for the
 prompts it will be used on (`scripts/validate_calibration.py` checks that on prompts not used to calibrate).
+
+How far a calibrated alpha can carry: each measurement keeps the spread of the metric over the prompts (`sd`), and
+`transfer_chance` turns it into the chance that another set of prompts lands within a tolerance of the target at
+that alpha even if the knob acts on it exactly as on these (the two means then differ only by which prompts were
+drawn). A target whose tolerance is small against that spread (10% of a target near the metric's zero) cannot be
+met reliably by any knob; the chance says so before anything is measured on the other prompts.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -47,16 +54,23 @@ class Calibration:
     degenerate_rate: float
     usable_range: list[float]
     reachable: list[float]  # the metric's means at the usable grid alphas: [lowest, highest]
-    probes: list[dict] = field(default_factory=list)  # every alpha measured: alpha, value, degenerate_rate
+    sd: float = 0.0  # the metric's standard deviation over the prompts at `alpha`
+    probes: list[dict] = field(default_factory=list)  # every alpha measured: alpha, value, degenerate_rate, sd
     n_prompts: int = 0
 
+    @property
+    def standard_error(self) -> float:
+        """The standard error of `value` as a mean over `n_prompts` prompts."""
+        return self.sd / math.sqrt(self.n_prompts) if self.n_prompts else float("nan")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "standard_error": self.standard_error}
 
     def summary(self) -> str:
         return (
             f"alpha {self.alpha:.4g} gives {self.metric} {self.value:.4g} (target {self.target:g}; "
-            f"{self.n_prompts} prompts, degeneration {self.degenerate_rate:.0%})\n"
+            f"{self.n_prompts} prompts, standard error {self.standard_error:.2g}, degeneration "
+            f"{self.degenerate_rate:.0%})\n"
             f"usable range: alpha in [{self.usable_range[0]:g}, {self.usable_range[1]:g}], where {self.metric} "
             f"spans [{self.reachable[0]:.4g}, {self.reachable[1]:.4g}]"
         )
@@ -64,8 +78,9 @@ class Calibration:
 
 def measure(model, tokenizer, prompts: Sequence, alphas: Sequence[float], metric: str, max_new_tokens: int = 48,
             batch_size: int = 32, cache: Optional[dict] = None) -> dict:
-    """{alpha: {"value": the metric's mean, "degenerate_rate": ...}} at each alpha, generating only the alphas not
-    in `cache` (which is updated; share one cache across calls on the same prompts and settings).
+    """{alpha: {"value": the metric's mean, "degenerate_rate": ..., "sd": the metric's standard deviation over the
+    prompts (0 for one prompt)}} at each alpha, generating only the alphas not in `cache` (which is updated; share
+    one cache across calls on the same prompts and settings).
 
     Example:
         ```py
@@ -76,13 +91,56 @@ def measure(model, tokenizer, prompts: Sequence, alphas: Sequence[float], metric
     todo = [float(a) for a in dict.fromkeys(alphas) if float(a) not in cache]
     if todo:
         answers = generate_answers(model, tokenizer, prompts, todo, max_new_tokens, batch_size, progress=False)
-        score = METRICS[metric]
         for j, a in enumerate(todo):
-            cache[a] = {
-                "value": sum(score(x) for x in answers[j]) / len(answers[j]),
-                "degenerate_rate": sum(map(is_degenerate, answers[j])) / len(answers[j]),
-            }
+            cache[a] = summarize(answers[j], metric)
     return {float(a): cache[float(a)] for a in alphas}
+
+
+def summarize(answers: Sequence[str], metric: str) -> dict:
+    """One measurement of `answers` (one alpha's, one per prompt): the metric's mean and standard deviation over
+    them, and the fraction that degenerate; as `measure` keeps it.
+
+    Example:
+        ```py
+        >>> summarize(["one two", "one two three four"], "words")
+        {'value': 3.0, 'degenerate_rate': 0.0, 'sd': 1.4142135623730951}
+        ```
+    """
+    values = [METRICS[metric](x) for x in answers]
+    return {
+        "value": sum(values) / len(values),
+        "degenerate_rate": sum(map(is_degenerate, answers)) / len(answers),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def transfer_chance(target: float, sd: float, n_calibrated: int, n_new: int, tolerance: float = 0.10) -> float:
+    """The chance that the metric's mean over `n_new` other prompts lands within `tolerance` * |target| of `target`
+    at an alpha calibrated to it on `n_calibrated` prompts, if the knob acts on the new prompts exactly as on those:
+    the two means then differ only by which prompts were drawn, with standard deviation sd * sqrt(1/n_calibrated +
+    1/n_new) (`sd`: the metric's spread over prompts at that alpha; a normal approximation). Near 1, the check can
+    be met; well below 1, even an exact knob misses it by the draw of prompts alone.
+
+    Example:
+        ```py
+        >>> round(transfer_chance(25.0, 5.0, 54, 54), 3)   # words: 10% of 25 against a spread of 5
+        0.991
+        >>> round(transfer_chance(0.5, 3.0, 54, 54), 3)    # a target near the metric's zero
+        0.069
+        ```
+    """
+    for name, n in (("n_calibrated", n_calibrated), ("n_new", n_new)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive number of prompts, got {n!r}.")
+    if not (math.isfinite(sd) and sd >= 0):
+        raise ValueError(f"sd must be a finite standard deviation >= 0, got {sd!r}.")
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise ValueError(f"tolerance must be a fraction > 0 of the target, got {tolerance!r}.")
+    half_width = tolerance * abs(target)
+    spread = sd * math.sqrt(1 / n_calibrated + 1 / n_new)
+    if spread == 0:
+        return 1.0 if half_width > 0 else 0.0
+    return math.erf(half_width / (spread * math.sqrt(2)))
 
 
 def _check(metric: str, target: float, alphas: Sequence[float], tolerance: float, max_steps: int,
@@ -181,6 +239,6 @@ def calibrate(
     best = min(candidates, key=lambda p: (abs(p["value"] - target), abs(p["alpha"])))
     return Calibration(
         metric=metric, target=float(target), alpha=best["alpha"], value=best["value"],
-        degenerate_rate=best["degenerate_rate"], usable_range=[lo, hi], reachable=reach, probes=probes,
-        n_prompts=len(prompts),
+        degenerate_rate=best["degenerate_rate"], usable_range=[lo, hi], reachable=reach, sd=best.get("sd", 0.0),
+        probes=probes, n_prompts=len(prompts),
     )

@@ -229,9 +229,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     result = calibrate(model, tokenizer, prompts, args.metric, target, tolerance=args.tolerance,
                        max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        **kwargs)
-    print(f"{'alpha':>10}{args.metric:>14}{'degenerate':>12}")
+    print(f"{'alpha':>10}{args.metric:>14}{'sd':>10}{'degenerate':>12}")
     for p in result.probes:
-        print(f"{p['alpha']:>10.4g}{p['value']:>14.4g}{p['degenerate_rate']:>12.0%}")
+        print(f"{p['alpha']:>10.4g}{p['value']:>14.4g}{p['sd']:>10.3g}{p['degenerate_rate']:>12.0%}")
     print(result.summary())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
