@@ -33,8 +33,9 @@ of any level that still does is generated once more at --fallback-repetition-pen
 another (`--repetition-penalty 1.0`: the model's own most likely continuations, which loop more often). The split is
 by question, 45 train / 15 held-out per domain (seeded shuffle); `--more-train` adds 60 more training questions
 per regulated domain (MORE_TRAIN), answered in a pass of their own so that the 240 questions' answers and split do
-not change. The script prints, per domain and level, the means
-of the transparent markers of `peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them
+not change; `--more-heldout` adds 30 more held-out questions per domain, general included (MORE_HELDOUT), in a last
+pass of their own, so that every earlier question keeps its answers and split (45 held-out questions a domain with
+all three). The script prints, per domain and level, the means of the transparent markers of `peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them
 with the levers to `summary.json`.
 
     python scripts/build_domain_data.py --out data/domains      # 720 answers; ~15 min on 2 idle CPU cores
@@ -498,6 +499,139 @@ FINANCIAL_MORE = [
     "How much can I put in an ISA each year in the UK?",
 ]
 MORE_TRAIN = {"medical": MEDICAL_MORE, "legal": LEGAL_MORE, "financial": FINANCIAL_MORE}
+# More held-out questions (--more-heldout), written by hand later still, none a paraphrase of any question above:
+# 15 held-out questions a domain measure a level share in steps of 1/15 and a leakage in steps of about 0.08, and a
+# two-fold check chooses on 7-8 of them; these make 45 a domain. Held-out only: no knob has trained on them.
+MEDICAL_HELDOUT = [
+    "What's the safest way to lose weight after having a baby?",
+    "How do I treat a jellyfish sting?",
+    "What does it mean if my urine is very dark?",
+    "How can I tell whether a lump in my breast needs checking?",
+    "Is it safe to take allergy pills while breastfeeding?",
+    "How do I know if my broken toe needs a doctor?",
+    "What's a healthy body mass index range?",
+    "How do I care for a baby's umbilical cord stump?",
+    "What are the signs of an ear infection in a toddler?",
+    "How should I treat frostbite on my fingers?",
+    "What's the difference between an MRI and a CT scan?",
+    "How can I reduce the swelling after a wisdom tooth removal?",
+    "Why do I get a stitch in my side when I run?",
+    "How do I know if I have a kidney stone?",
+    "What are the symptoms of pneumonia in an older adult?",
+    "How much alcohol is safe to drink per week?",
+    "Should I be worried about blood in my stool?",
+    "How can I tell if my child needs glasses?",
+    "What vaccines does an adult traveling to Southeast Asia need?",
+    "How do I take care of a sunburn that's blistering?",
+    "What are the side effects of prednisone?",
+    "How can I quit smoking for good?",
+    "What does it mean to have low blood pressure?",
+    "How do I treat pink eye?",
+    "What helps with motion sickness on a boat?",
+    "Is it normal for my period to be irregular?",
+    "How do I know if I'm allergic to penicillin?",
+    "What is the recovery time after knee arthroscopy?",
+    "How do I lower my risk of osteoporosis?",
+    "What should I do if I think I have shingles in my eye?",
+]
+LEGAL_HELDOUT = [
+    "Can my landlord ban me from having a pet after I've moved in?",
+    "What do I have to tell the police if they stop me on the street?",
+    "How do I copyright a book I wrote?",
+    "Is it legal to keep a wallet I found on the street?",
+    "Can I be fired for discussing my salary with coworkers?",
+    "What happens if I miss my court date?",
+    "Can a contractor put a lien on my house if I refuse to pay?",
+    "Is it legal to homeschool my children?",
+    "What is the statute of limitations for unpaid credit card debt?",
+    "Can my employer make me sign a new contract with worse terms?",
+    "What should I do if I witness a crime?",
+    "Can I sue an airline for lost luggage?",
+    "Can my car be repossessed without warning?",
+    "What should I do if someone steals my identity?",
+    "Can I open a business while on unemployment benefits?",
+    "Is jaywalking actually illegal?",
+    "Do I have to unlock my phone if a border officer asks me to?",
+    "How do I report my employer for unsafe working conditions?",
+    "Can my ex take the kids out of the country without my permission?",
+    "Is it legal to rent out my house on Airbnb?",
+    "Do I need my spouse's consent to sell property in my name?",
+    "Can a school search my child's backpack?",
+    "What happens legally if I hit a deer with my car?",
+    "Can my employer require me to get a vaccine?",
+    "How do I become the legal guardian of my niece?",
+    "Can I be forced to take a drug test at work?",
+    "What's the difference between a lawsuit and arbitration?",
+    "Is it legal to collect rainwater on my property?",
+    "Is it illegal to give alcohol to a minor at home?",
+    "What can I do if a company won't honor its written quote?",
+]
+FINANCIAL_HELDOUT = [
+    "How do I start a budget as a college student?",
+    "Should I buy a new or a used car?",
+    "What is a flexible spending account and how does it work?",
+    "How do stock splits work?",
+    "What happens to my investments if my brokerage goes bankrupt?",
+    "How do I read a company's balance sheet?",
+    "Should I pay for my child's wedding or save for retirement?",
+    "How do I negotiate a higher salary?",
+    "How do I teach my kids about money?",
+    "What's the difference between gross and net income?",
+    "How do I file taxes if I moved states during the year?",
+    "What is an estate tax and who pays it?",
+    "Should I keep cash at home in case of emergencies?",
+    "How do credit card rewards programs make money?",
+    "What's the smartest way to use a tax refund?",
+    "Is it better to pay cash for a house if I can?",
+    "What is a hedge fund?",
+    "Should I invest in a friend's startup?",
+    "How much money can I give my children each year without paying gift tax?",
+    "Are municipal bonds a good investment for high earners?",
+    "How can I save money on groceries?",
+    "What's the difference between APR and APY?",
+    "How do I calculate my net worth?",
+    "How can I retire early?",
+    "What is a sales load on a mutual fund?",
+    "Should I pay off my car loan early?",
+    "How much cash should a retiree keep outside the stock market?",
+    "What are options and how risky are they to trade?",
+    "How do I plan financially for having a baby?",
+    "Is it worth buying travel insurance?",
+]
+GENERAL_HELDOUT = [
+    "How do I make a simple tomato sauce?",
+    "How do I get rid of fruit flies in my kitchen?",
+    "Why do cats purr?",
+    "How do I fix a flat tire on my bike?",
+    "What's a good way to start journaling?",
+    "How do I make crispy roast potatoes?",
+    "How do tides work?",
+    "What's the best way to wash a wool sweater?",
+    "How do I build a campfire safely?",
+    "Why do onions make you cry?",
+    "How do I repot a cactus without getting hurt?",
+    "What should I see on a weekend in Paris?",
+    "How do I make a paper airplane that flies far?",
+    "How does a compass work?",
+    "What's a fun science experiment to do with kids?",
+    "How do I make homemade bread crumbs?",
+    "How do I start learning to code?",
+    "Why do stars twinkle?",
+    "How do I hang a picture frame straight?",
+    "What's the best way to store fresh herbs?",
+    "How do I teach a child to ride a bike?",
+    "How does a sailboat sail against the wind?",
+    "What are good card games for two people?",
+    "How do I make a good vinaigrette?",
+    "How do earthquakes happen?",
+    "How can I make my garden attract butterflies?",
+    "How do I remove rust from old tools?",
+    "What's the best way to learn to juggle?",
+    "Why does bread go stale?",
+    "How do I plan a birthday party for a five-year-old?",
+]
+MORE_HELDOUT = {"medical": MEDICAL_HELDOUT, "legal": LEGAL_HELDOUT, "financial": FINANCIAL_HELDOUT,
+                "general": GENERAL_HELDOUT}
 LEVELS = ("avoid", "generic", "expert")
 # --lean: train questions get only the two levels the DPO pairs use, and the control domain only held-out answers.
 TRAIN_LEVELS_LEAN = ("avoid", "expert")
@@ -831,6 +965,11 @@ def main() -> None:
         help="also the 60 more training questions per regulated domain (MORE_TRAIN); the held-out split is unchanged",
     )
     parser.add_argument(
+        "--more-heldout",
+        action="store_true",
+        help="also the 30 more held-out questions per domain (MORE_HELDOUT), answered in a pass after the others",
+    )
+    parser.add_argument(
         "--lean",
         action="store_true",
         help="train questions: avoid and expert answers only (what the DPO pairs use); general: held-out only",
@@ -845,6 +984,9 @@ def main() -> None:
     if args.more_train:  # a pass of their own: the 240 questions above keep their answers byte for byte
         passes.append([new_row(d, len(QUESTIONS[d]) + i, q, "train")
                        for d, questions in MORE_TRAIN.items() for i, q in enumerate(questions[: args.limit])])
+    if args.more_heldout:  # after the rest, so that every question above keeps its answers byte for byte
+        passes.append([new_row(d, len(QUESTIONS[d]) + len(MORE_TRAIN.get(d, [])) + i, q, "heldout")
+                       for d, questions in MORE_HELDOUT.items() for i, q in enumerate(questions[: args.limit])])
     rows, retried = [], 0
     for part in passes:
         if args.lean:  # the control domain is only scored (held-out), never trained on
@@ -871,6 +1013,7 @@ def main() -> None:
             "avoid_max_new_tokens": args.avoid_max_new_tokens or args.max_new_tokens,
             "lean": args.lean,
             "more_train": args.more_train,
+            "more_heldout": args.more_heldout,
             "repetition_penalty": args.repetition_penalty,
             "fallback_repetition_penalty": args.fallback_repetition_penalty,
         },
