@@ -35,8 +35,9 @@ by question, 45 train / 15 held-out per domain (seeded shuffle); `--more-train` 
 per regulated domain (MORE_TRAIN), answered in a pass of their own so that the 240 questions' answers and split do
 not change; `--more-heldout` adds 30 more held-out questions per domain, general included (MORE_HELDOUT), in a last
 pass of their own, so that every earlier question keeps its answers and split (45 held-out questions a domain with
-all three). The script prints, per domain and level, the means of the transparent markers of `peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them
-with the levers to `summary.json`.
+all three). The script prints, per domain and level, the means of the transparent markers of
+`peft_clm.tools.domains` (refusal_score, specificity_score, words), and writes them with the levers to
+`summary.json`.
 
     python scripts/build_domain_data.py --out data/domains      # 720 answers; ~15 min on 2 idle CPU cores
 """

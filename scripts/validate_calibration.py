@@ -10,8 +10,11 @@ then the metric is measured on B at the alpha found, and called within tolerance
 |B - target| <= 10% of |target|. Beside each target: the metric's spread over the prompts at that alpha on A and B,
 and the chance that B lands within 10% if the knob acted on B exactly as on A, from A's spread alone
 (`peft_clm.tools.calibrate.transfer_chance`): how often the draw of prompts by itself lets an exact knob pass, so a
-miss where that chance is low says little about the knob. A knob whose usable reach lies within 10% of its middle value is reported as
-`"testable": false`: its targets lie closer together than the tolerance, so the check barely tests anything.
+miss where that chance is low says little about the knob. `within_draw_band` says whether B lies within 1.96 standard
+deviations of that draw (sd_a * sqrt(1/n_A + 1/n_B)) of the target: outside it, B is further off than the draw of
+prompts puts an exact knob more than one time in twenty, so the knob acts otherwise on B. A knob whose usable reach
+lies within 10% of its middle value is reported as `"testable": false`: its targets lie closer together than the
+tolerance, so the check barely tests anything.
 
 `--extra-prompts FILE` (repeatable; with `--extra-domain D` only rows whose "domain" is D) adds prompts the knob was
 never trained on, dealt alternately to half A and half B after the held-out ones, so that the two halves differ
@@ -120,10 +123,12 @@ def main() -> None:
         value_b = on_b[c.alpha]["value"]
         rel = abs(value_b - t) / abs(t) if t else float("inf")
         chance = transfer_chance(t, c.sd, len(half_a), len(half_b))
+        draw_sd = c.sd * (1 / len(half_a) + 1 / len(half_b)) ** 0.5
         rows.append({"target": t, "alpha": c.alpha, "value_a": c.value, "value_b": value_b,
                      "degenerate_rate_b": on_b[c.alpha]["degenerate_rate"], "relative_error_b": rel,
                      "within_10pct": rel <= 0.10, "sd_a": c.sd, "sd_b": on_b[c.alpha]["sd"],
-                     "chance_within_10pct_if_exact": chance})
+                     "chance_within_10pct_if_exact": chance, "draw_sd": draw_sd,
+                     "within_draw_band": abs(value_b - t) <= 1.96 * draw_sd})
     result = {
         "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
         "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),
@@ -141,12 +146,13 @@ def main() -> None:
     print(f"# {args.dimension} ({metric}), {args.interpolation} mode: usable alphas [{lo:g}, {hi:g}] on half A, "
           f"reaching {metric} [{reach[0]:.2f}, {reach[-1]:.2f}]")
     print(f"| target {metric} | alpha (calibrated on A) | {metric} on A (sd) | {metric} on B, held out (sd) "
-          f"| error on B | within 10% | chance within 10% for an exact knob |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"| error on B | within 10% | chance within 10% for an exact knob | within the draw's 95% band |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['target']:.2f} | {r['alpha']:.3g} | {r['value_a']:.2f} ({r['sd_a']:.2f}) | {r['value_b']:.2f} "
               f"({r['sd_b']:.2f}) | {r['relative_error_b']:.1%} | {'yes' if r['within_10pct'] else 'no'} "
-              f"| {r['chance_within_10pct_if_exact']:.0%} |")
+              f"| {r['chance_within_10pct_if_exact']:.0%} | {'yes' if r['within_draw_band'] else 'no'} "
+              f"(+-{1.96 * r['draw_sd']:.2f}) |")
     print(f"targets within 10%: {sum(r['within_10pct'] for r in rows)} of {len(rows)}; expected for a knob that "
           f"acts on B exactly as on A: {result['expected_within_if_exact']:.2f} of {len(rows)}")
     if not testable:

@@ -81,7 +81,8 @@ def test_transfer_chance_matches_drawing_prompts_at_random():
             shift = target - sum(a) / n  # calibrated: the alpha that puts half A's mean on the target
             hits += abs(sum(b) / n + shift - target) <= 0.10 * abs(target)
         assert hits / 2000 == pytest.approx(transfer_chance(target, sd, n, n), abs=0.04)
-    assert transfer_chance(2.0, 3.0, 30, 30) < transfer_chance(2.0, 3.0, 120, 120) < transfer_chance(8.0, 3.0, 120, 120)
+    more_prompts, larger_target = transfer_chance(2.0, 3.0, 120, 120), transfer_chance(8.0, 3.0, 120, 120)
+    assert transfer_chance(2.0, 3.0, 30, 30) < more_prompts < larger_target
     assert transfer_chance(5.0, 0.0, 3, 3) == 1.0 and transfer_chance(0.0, 0.0, 3, 3) == 0.0
 
 
