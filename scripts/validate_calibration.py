@@ -11,8 +11,9 @@ then the metric is measured on B at the alpha found, and called within tolerance
 and the chance that B lands within 10% if the knob acted on B exactly as on A, from A's spread alone
 (`peft_clm.tools.calibrate.transfer_chance`): how often the draw of prompts by itself lets an exact knob pass, so a
 miss where that chance is low says little about the knob. `within_draw_band` says whether B lies within 1.96 standard
-deviations of that draw (sd_a * sqrt(1/n_A + 1/n_B)) of the target: outside it, B is further off than the draw of
-prompts puts an exact knob more than one time in twenty, so the knob acts otherwise on B. A knob whose usable reach
+deviations of the draw (sqrt(sd_A^2/n_A + sd_B^2/n_B)) of A's value at that alpha (calibration stops near the target,
+not on it): outside it, B is further off than the draw of prompts puts an exact knob more than one time in twenty,
+so the knob acts otherwise on B. A knob whose usable reach
 lies within 10% of its middle value is reported as `"testable": false`: its targets lie closer together than the
 tolerance, so the check barely tests anything.
 
@@ -49,6 +50,28 @@ def deal(half_a: list, half_b: list, extra: list) -> tuple[list, list, int]:
     return half_a + kept[0::2], half_b + kept[1::2], len(extra) - len(kept)
 
 
+def transfer_check(target: float, value_a: float, sd_a: float, n_a: int, value_b: float, sd_b: float, n_b: int,
+                   tolerance: float = 0.10) -> dict:
+    """One target's check on half B: its relative error and whether it is within `tolerance`; the chance, known
+    before B is measured, that a knob acting on B exactly as on A lands within it (from A's value and spread:
+    `transfer_chance`); and whether B lies within the 95% band of the prompt draw around A's value
+    (1.96 * sqrt(sd_a^2/n_a + sd_b^2/n_b), both halves' spreads, as B is measured by then).
+
+    >>> r = transfer_check(4.0, 4.1, 3.0, 54, 3.0, 3.2, 54)
+    >>> round(r["relative_error_b"], 2), r["within_10pct"], round(r["chance_within_10pct_if_exact"], 3)
+    (0.25, False, 0.505)
+    >>> r["within_draw_band"]   # 1.1 from A's value, against a band of 1.96 * 0.597
+    True
+    """
+    from peft_clm.tools.calibrate import transfer_chance
+
+    rel = abs(value_b - target) / abs(target) if target else float("inf")
+    draw_sd = (sd_a**2 / n_a + sd_b**2 / n_b) ** 0.5
+    return {"relative_error_b": rel, "within_10pct": rel <= tolerance,
+            "chance_within_10pct_if_exact": transfer_chance(target, sd_a, n_a, n_b, tolerance, value=value_a),
+            "draw_sd": draw_sd, "within_draw_band": abs(value_b - value_a) <= 1.96 * draw_sd}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True)
@@ -69,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     from peft import PeftModel
 
-    from peft_clm.tools.calibrate import calibrate, measure, summarize, transfer_chance
+    from peft_clm.tools.calibrate import calibrate, measure, summarize
     from peft_clm.tools.data import DataError, read_prompts
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.sweep import usable_range
@@ -120,15 +143,10 @@ def main() -> None:
     on_b = measure(model, tokenizer, half_b, [c.alpha for c in found], metric, **kw)
     rows = []
     for t, c in zip(targets, found):
-        value_b = on_b[c.alpha]["value"]
-        rel = abs(value_b - t) / abs(t) if t else float("inf")
-        chance = transfer_chance(t, c.sd, len(half_a), len(half_b))
-        draw_sd = c.sd * (1 / len(half_a) + 1 / len(half_b)) ** 0.5
-        rows.append({"target": t, "alpha": c.alpha, "value_a": c.value, "value_b": value_b,
-                     "degenerate_rate_b": on_b[c.alpha]["degenerate_rate"], "relative_error_b": rel,
-                     "within_10pct": rel <= 0.10, "sd_a": c.sd, "sd_b": on_b[c.alpha]["sd"],
-                     "chance_within_10pct_if_exact": chance, "draw_sd": draw_sd,
-                     "within_draw_band": abs(value_b - t) <= 1.96 * draw_sd})
+        at_b = on_b[c.alpha]
+        rows.append({"target": t, "alpha": c.alpha, "value_a": c.value, "value_b": at_b["value"],
+                     "degenerate_rate_b": at_b["degenerate_rate"], "sd_a": c.sd, "sd_b": at_b["sd"],
+                     **transfer_check(t, c.value, c.sd, len(half_a), at_b["value"], at_b["sd"], len(half_b))})
     result = {
         "dimension": args.dimension, "metric": metric, "adapter": args.adapter, "interpolation": args.interpolation,
         "max_new_tokens": args.max_new_tokens, "half_a": len(half_a), "half_b": len(half_b),

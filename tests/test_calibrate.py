@@ -4,6 +4,7 @@ only where the answers degenerate), a real tiny model end to end, and the CLI's 
 import contextlib
 import io
 import json
+import math
 
 import pytest
 from peft import PeftModel, get_peft_model
@@ -21,8 +22,9 @@ PROMPTS = ["p0", "p1", "p2"]
 
 def known_knob(alpha: float, i: int) -> str:
     """A stand-in for a model with a known response: 30 - 10 * alpha words on average over the three prompts (one
-    word fewer, the same, one more), looping (degenerate) from alpha 1.5 on and below alpha -1.5."""
-    n = max(1, round(30 - 10 * alpha) + (i - 1))
+    word fewer, the same, one more; two from alpha 0.75 on, so that the spread depends on alpha), looping
+    (degenerate) from alpha 1.5 on and below alpha -1.5."""
+    n = max(1, round(30 - 10 * alpha) + (i - 1) * (2 if alpha >= 0.75 else 1))
     if alpha >= 1.5 or alpha < -1.5:
         return " ".join(["again"] * n)
     return " ".join("x" + chr(97 + k // 26) + chr(97 + k % 26) for k in range(n))  # distinct words
@@ -43,6 +45,7 @@ def fake_generation(monkeypatch):
 def test_calibrate_finds_the_known_alpha(fake_generation):
     c = calibrate(None, None, PROMPTS, "words", 22.0)
     assert c.alpha == pytest.approx(0.8) and c.value == pytest.approx(22.0)
+    assert c.sd == pytest.approx(2.0)  # the spread at the alpha found, not at a grid alpha beside it (1 at 0.5)
     assert c.usable_range == [-1.0, 1.0] and c.reachable == [20.0, 40.0] and c.degenerate_rate == 0.0
     assert len(fake_generation) == 2  # the coarse grid in one call, then one interpolated alpha
     c = calibrate(None, None, PROMPTS, "words", 33.0, max_steps=8)
@@ -55,7 +58,9 @@ def test_calibrate_finds_the_known_alpha(fake_generation):
     assert c.alpha == -0.5 and len(fake_generation) == n  # a grid alpha already measured: nothing generated
     # the spread over the prompts: one word fewer, the same, one more
     assert c.sd == pytest.approx(1.0) and c.standard_error == pytest.approx(1 / 3**0.5)
-    assert c.to_dict()["standard_error"] == pytest.approx(1 / 3**0.5) and all(p["sd"] == 1.0 for p in c.probes)
+    assert c.to_dict()["standard_error"] == pytest.approx(1 / 3**0.5)
+    assert {p["alpha"]: p["sd"] for p in c.probes} == {-1.0: 1.0, -0.5: 1.0, 0.0: 1.0, 0.5: 1.0, 1.0: 2.0, 1.5: 2.0,
+                                                      2.0: 2.0}
 
 
 def test_summarize_keeps_the_mean_spread_and_degeneration():
@@ -63,7 +68,12 @@ def test_summarize_keeps_the_mean_spread_and_degeneration():
     m = summarize(["one two", "one two three four", loop], "words")
     assert m["value"] == pytest.approx(6.0) and m["sd"] == pytest.approx(5.2915026, rel=1e-6)
     assert m["degenerate_rate"] == pytest.approx(1 / 3)
-    assert summarize(["one two"], "words") == {"value": 2.0, "degenerate_rate": 0.0, "sd": 0.0}
+    one = summarize(["one two"], "words")
+    assert one["value"] == 2.0 and math.isnan(one["sd"])  # one prompt: no spread to speak of
+    with pytest.raises(ValueError, match="metric='nope' is not one of"):
+        summarize(["a"], "nope")
+    with pytest.raises(ValueError, match="at least one answer"):
+        summarize([], "words")
 
 
 def test_transfer_chance_matches_drawing_prompts_at_random():
@@ -83,14 +93,25 @@ def test_transfer_chance_matches_drawing_prompts_at_random():
         assert hits / 2000 == pytest.approx(transfer_chance(target, sd, n, n), abs=0.04)
     more_prompts, larger_target = transfer_chance(2.0, 3.0, 120, 120), transfer_chance(8.0, 3.0, 120, 120)
     assert transfer_chance(2.0, 3.0, 30, 30) < more_prompts < larger_target
-    assert transfer_chance(5.0, 0.0, 3, 3) == 1.0 and transfer_chance(0.0, 0.0, 3, 3) == 0.0
+    assert transfer_chance(5.0, 0.0, 3, 3) == 1.0 and transfer_chance(0.0, 0.0, 3, 3) == 1.0
+    assert transfer_chance(5.0, 0.0, 3, 3, value=5.6) == 0.0  # no spread, but calibration stopped 12% off
+    # calibration stopped off the target: the chance is for a mean drawn around where it stopped
+    hits = 0
+    for _ in range(2000):
+        a, b = rng.sample(population, 30), rng.sample(population, 30)
+        shift = 2.3 - sum(a) / 30  # half A's mean lands at 2.3, not on the target 2.0
+        hits += abs(sum(b) / 30 + shift - 2.0) <= 0.2
+    assert hits / 2000 == pytest.approx(transfer_chance(2.0, sd, 30, 30, value=2.3), abs=0.04)
+    assert transfer_chance(2.0, sd, 30, 30, value=2.3) < transfer_chance(2.0, sd, 30, 30)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"n_new": 0}, "n_new must be a positive number"), ({"n_calibrated": 2.5}, "n_calibrated must be"),
-     ({"sd": float("nan")}, "sd must be a finite"), ({"sd": -1.0}, "sd must be"),
-     ({"tolerance": 0}, "tolerance must be a fraction")],
+    [({"n_new": 0}, "n_new must be a positive integer"), ({"n_calibrated": 2.5}, "n_calibrated must be"),
+     ({"sd": float("nan")}, "sd must be a finite"), ({"sd": -1.0}, "sd must be"), ({"sd": "1"}, "sd must be"),
+     ({"tolerance": 0}, "tolerance must be a finite fraction"), ({"tolerance": True}, "tolerance must be"),
+     ({"tolerance": float("inf")}, "tolerance must be"), ({"target": float("nan")}, "target must be a finite"),
+     ({"value": "x"}, "value must be a finite")],
 )
 def test_transfer_chance_refuses_bad_input(kwargs, message):
     args = {"target": 1.0, "sd": 1.0, "n_calibrated": 10, "n_new": 10, **kwargs}
@@ -211,19 +232,38 @@ def test_calibrate_cli_argument_errors_come_before_loading(tiny, change, message
     assert code == 2 and message in err and "no-such-model" not in err
 
 
-def test_validate_calibration_extra_prompts_are_kept_by_domain_dealt_once_and_refused_clearly(tmp_path):
-    """validate_calibration.py --extra-prompts: read_prompts keeps the rows of --extra-domain (file order), `deal`
-    gives them alternately to the halves and drops any prompt already in a half or dealt before; a file that keeps
-    nothing is one error naming it and the domain."""
+def _validate_script():
     import importlib.util
     from pathlib import Path
-
-    from peft_clm.tools.data import DataError, read_prompts
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "validate_calibration.py"
     spec = importlib.util.spec_from_file_location("validate_calibration", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_validate_calibration_transfer_check_reads_the_draw_around_where_calibration_stopped():
+    check = _validate_script().transfer_check
+    # 4.1 on A for the target 4: B at 3.0 is 25% off, yet 1.1 from A's value is within 1.96 * 0.597 of the draw
+    r = check(4.0, 4.1, 3.0, 54, 3.0, 3.2, 54)
+    assert r["relative_error_b"] == pytest.approx(0.25) and not r["within_10pct"] and r["within_draw_band"]
+    assert r["draw_sd"] == pytest.approx((9 / 54 + 10.24 / 54) ** 0.5)
+    assert r["chance_within_10pct_if_exact"] == pytest.approx(transfer_chance(4.0, 3.0, 54, 54, value=4.1))
+    # the same miss with little spread on either half: outside the band, the knob acts otherwise on B
+    r = check(4.0, 4.1, 0.5, 54, 3.0, 0.5, 54)
+    assert not r["within_draw_band"] and r["chance_within_10pct_if_exact"] > 0.99
+    r = check(4.0, 4.0, 1.0, 54, 4.2, 1.0, 54)
+    assert r["within_10pct"] and r["within_draw_band"] and r["relative_error_b"] == pytest.approx(0.05)
+
+
+def test_validate_calibration_extra_prompts_are_kept_by_domain_dealt_once_and_refused_clearly(tmp_path):
+    """validate_calibration.py --extra-prompts: read_prompts keeps the rows of --extra-domain (file order), `deal`
+    gives them alternately to the halves and drops any prompt already in a half or dealt before; a file that keeps
+    nothing is one error naming it and the domain."""
+    from peft_clm.tools.data import DataError, read_prompts
+
+    script = _validate_script()
     rows = [{"prompt": f"q{i}", "domain": "general" if i % 2 else "medical"} for i in range(6)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_prompts(tmp_path / "a.jsonl", domain="general")[0] == ["q1", "q3", "q5"]

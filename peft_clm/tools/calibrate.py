@@ -26,6 +26,7 @@ met reliably by any knob; the chance says so before anything is measured on the 
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,9 +55,9 @@ class Calibration:
     degenerate_rate: float
     usable_range: list[float]
     reachable: list[float]  # the metric's means at the usable grid alphas: [lowest, highest]
-    sd: float = 0.0  # the metric's standard deviation over the prompts at `alpha`
     probes: list[dict] = field(default_factory=list)  # every alpha measured: alpha, value, degenerate_rate, sd
     n_prompts: int = 0
+    sd: float = float("nan")  # the metric's standard deviation over the prompts at `alpha` (NaN: one prompt)
 
     @property
     def standard_error(self) -> float:
@@ -64,7 +65,10 @@ class Calibration:
         return self.sd / math.sqrt(self.n_prompts) if self.n_prompts else float("nan")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "standard_error": self.standard_error}
+        """The fields, and `standard_error` (a property, so not an argument of the constructor); a spread that one
+        prompt cannot give is None (JSON has no NaN)."""
+        out = {**asdict(self), "standard_error": self.standard_error}
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
     def summary(self) -> str:
         return (
@@ -79,7 +83,7 @@ class Calibration:
 def measure(model, tokenizer, prompts: Sequence, alphas: Sequence[float], metric: str, max_new_tokens: int = 48,
             batch_size: int = 32, cache: Optional[dict] = None) -> dict:
     """{alpha: {"value": the metric's mean, "degenerate_rate": ..., "sd": the metric's standard deviation over the
-    prompts (0 for one prompt)}} at each alpha, generating only the alphas not in `cache` (which is updated; share
+    prompts (NaN for one prompt)}} at each alpha, generating only the alphas not in `cache` (which is updated; share
     one cache across calls on the same prompts and settings).
 
     Example:
@@ -98,7 +102,8 @@ def measure(model, tokenizer, prompts: Sequence, alphas: Sequence[float], metric
 
 def summarize(answers: Sequence[str], metric: str) -> dict:
     """One measurement of `answers` (one alpha's, one per prompt): the metric's mean and standard deviation over
-    them, and the fraction that degenerate; as `measure` keeps it.
+    them (NaN for a single answer: one prompt says nothing of the spread), and the fraction that degenerate; as
+    `measure` keeps it.
 
     Example:
         ```py
@@ -106,20 +111,30 @@ def summarize(answers: Sequence[str], metric: str) -> dict:
         {'value': 3.0, 'degenerate_rate': 0.0, 'sd': 1.4142135623730951}
         ```
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {sorted(METRICS)}.")
+    if not answers:
+        raise ValueError("answers must hold at least one answer; got none.")
     values = [METRICS[metric](x) for x in answers]
     return {
         "value": sum(values) / len(values),
         "degenerate_rate": sum(map(is_degenerate, answers)) / len(answers),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "sd": statistics.stdev(values) if len(values) > 1 else float("nan"),
     }
 
 
-def transfer_chance(target: float, sd: float, n_calibrated: int, n_new: int, tolerance: float = 0.10) -> float:
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def transfer_chance(target: float, sd: float, n_calibrated: int, n_new: int, tolerance: float = 0.10,
+                    value: Optional[float] = None) -> float:
     """The chance that the metric's mean over `n_new` other prompts lands within `tolerance` * |target| of `target`
-    at an alpha calibrated to it on `n_calibrated` prompts, if the knob acts on the new prompts exactly as on those:
-    the two means then differ only by which prompts were drawn, with standard deviation sd * sqrt(1/n_calibrated +
-    1/n_new) (`sd`: the metric's spread over prompts at that alpha; a normal approximation). Near 1, the check can
-    be met; well below 1, even an exact knob misses it by the draw of prompts alone.
+    at an alpha calibrated on `n_calibrated` prompts, where it gave `value` (default: the target itself), if the knob
+    acts on the new prompts exactly as on those: the new mean then differs from `value` only by which prompts were
+    drawn, normally with standard deviation sd * sqrt(1/n_calibrated + 1/n_new) (`sd`: the metric's spread over the
+    calibrating prompts at that alpha). Near 1, the check can be met; well below 1, even an exact knob misses it by
+    the draw of prompts alone.
 
     Example:
         ```py
@@ -130,17 +145,26 @@ def transfer_chance(target: float, sd: float, n_calibrated: int, n_new: int, tol
         ```
     """
     for name, n in (("n_calibrated", n_calibrated), ("n_new", n_new)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive number of prompts, got {n!r}.")
-    if not (math.isfinite(sd) and sd >= 0):
-        raise ValueError(f"sd must be a finite standard deviation >= 0, got {sd!r}.")
-    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
-        raise ValueError(f"tolerance must be a fraction > 0 of the target, got {tolerance!r}.")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name} must be a positive integer (a number of prompts), got {n!r}.")
+    if not _real(target):
+        raise ValueError(f"target must be a finite number, got {target!r}.")
+    if not (_real(sd) and sd >= 0):
+        raise ValueError(f"sd must be a finite standard deviation >= 0, got {sd!r} (one prompt gives none).")
+    if not (_real(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a finite fraction > 0 of the target, got {tolerance!r}.")
+    value = target if value is None else value
+    if not _real(value):
+        raise ValueError(f"value must be a finite number, got {value!r}.")
     half_width = tolerance * abs(target)
     spread = sd * math.sqrt(1 / n_calibrated + 1 / n_new)
-    if spread == 0:
-        return 1.0 if half_width > 0 else 0.0
-    return math.erf(half_width / (spread * math.sqrt(2)))
+    if spread == 0:  # every prompt alike: the new mean is `value`
+        return 1.0 if abs(value - target) <= half_width else 0.0
+
+    def below(x: float) -> float:  # P(new mean <= x)
+        return 0.5 * (1 + math.erf((x - value) / (spread * math.sqrt(2))))
+
+    return below(target + half_width) - below(target - half_width)
 
 
 def _check(metric: str, target: float, alphas: Sequence[float], tolerance: float, max_steps: int,
@@ -239,6 +263,6 @@ def calibrate(
     best = min(candidates, key=lambda p: (abs(p["value"] - target), abs(p["alpha"])))
     return Calibration(
         metric=metric, target=float(target), alpha=best["alpha"], value=best["value"],
-        degenerate_rate=best["degenerate_rate"], usable_range=[lo, hi], reachable=reach, sd=best.get("sd", 0.0),
+        degenerate_rate=best["degenerate_rate"], usable_range=[lo, hi], reachable=reach, sd=best.get("sd", math.nan),
         probes=probes, n_prompts=len(prompts),
     )

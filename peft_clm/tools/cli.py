@@ -231,7 +231,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                        **kwargs)
     print(f"{'alpha':>10}{args.metric:>14}{'sd':>10}{'degenerate':>12}")
     for p in result.probes:
-        print(f"{p['alpha']:>10.4g}{p['value']:>14.4g}{p['sd']:>10.3g}{p['degenerate_rate']:>12.0%}")
+        print(f"{p['alpha']:>10.4g}{p['value']:>14.4g}{p.get('sd', float('nan')):>10.3g}{p['degenerate_rate']:>12.0%}")
     print(result.summary())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
