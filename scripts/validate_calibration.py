@@ -13,9 +13,8 @@ and the chance that B lands within 10% if the knob acted on B exactly as on A, f
 miss where that chance is low says little about the knob. `within_draw_band` says whether B lies within 1.96 standard
 deviations of the draw (sqrt(sd_A^2/n_A + sd_B^2/n_B)) of A's value at that alpha (calibration stops near the target,
 not on it): outside it, B is further off than the draw of prompts puts an exact knob more than one time in twenty,
-so the knob acts otherwise on B. A knob whose usable reach
-lies within 10% of its middle value is reported as `"testable": false`: its targets lie closer together than the
-tolerance, so the check barely tests anything.
+so the knob acts otherwise on B. A knob whose usable reach lies within 10% of its middle value is reported as
+`"testable": false`: its targets lie closer together than the tolerance, so the check barely tests anything.
 
 `--extra-prompts FILE` (repeatable; with `--extra-domain D` only rows whose "domain" is D) adds prompts the knob was
 never trained on, dealt alternately to half A and half B after the held-out ones, so that the two halves differ
@@ -99,6 +98,8 @@ def main() -> None:
 
     metric = METRIC[args.dimension]
     prompts = read_prompts(ROOT / "data" / args.dimension / "heldout.jsonl")[0]
+    if args.half < 2:  # a spread over prompts (what the chance and the band read) needs two of them
+        raise SystemExit(f"--half must be at least 2 prompts, got {args.half}.")
     half_a, half_b = prompts[: args.half], prompts[args.half : 2 * args.half]
     if len(half_b) < args.half:
         raise SystemExit(f"{len(prompts)} held-out prompts: too few for two halves of {args.half}.")

@@ -257,6 +257,16 @@ def test_validate_calibration_transfer_check_reads_the_draw_around_where_calibra
     assert r["within_10pct"] and r["within_draw_band"] and r["relative_error_b"] == pytest.approx(0.05)
 
 
+def test_validate_calibration_refuses_halves_too_small_to_have_a_spread(monkeypatch):
+    import sys
+
+    script = _validate_script()
+    monkeypatch.setattr(sys, "argv", ["x", "--adapter", "no-such-adapter", "--dimension", "concise", "--out", "o.json",
+                                      "--half", "1"])
+    with pytest.raises(SystemExit, match="--half must be at least 2 prompts, got 1"):
+        script.main()  # before any model is loaded
+
+
 def test_validate_calibration_extra_prompts_are_kept_by_domain_dealt_once_and_refused_clearly(tmp_path):
     """validate_calibration.py --extra-prompts: read_prompts keeps the rows of --extra-domain (file order), `deal`
     gives them alternately to the halves and drops any prompt already in a half or dealt before; a file that keeps
