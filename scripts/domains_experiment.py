@@ -12,6 +12,7 @@ Stages (each writes JSON under --results, default results/domains; `report` join
     python scripts/domains_experiment.py decompose             # references' likelihood: opening vs continuation
     python scripts/domains_experiment.py knob-search           # per-level: 27 combinations over six signed knobs
     python scripts/domains_experiment.py knob-search --kind vectors   # the same over six full-DPO vectors
+    python scripts/domains_experiment.py routed --scores-from R # the same, each question at its route's setting
     python scripts/domains_experiment.py report                # tables, CSV, plots
 
 The level of the model on a held-out question is the reference answer (avoid / generic / expert, stored in
@@ -350,24 +351,30 @@ def saved_scores(runs: Path, kind: str, row_domains: list[str]) -> dict:
     return {key_of(p): s for p, s in zip(labels["points"], scores)}
 
 
+def files_sha(*paths: Path) -> str:
+    """sha256 of the files' bytes, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    """A CLM knob's identity: sha256 of its adapter weights and config."""
+    return files_sha(folder / "adapter_model.safetensors", folder / "adapter_config.json")
+
+
 def knob_fingerprints(args, kind: str) -> dict[str, str]:
     """sha256 of each knob's weights and settings (its CLM adapter's weights and config, or its alignment vector,
     extracted first if need be): what saved scores belong to."""
-    import hashlib
-
-    def sha(*paths: Path) -> str:
-        digest = hashlib.sha256()
-        for path in paths:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
-
     if kind == "clm":
         folder = Path(args.runs) / "clm"
-        return {k: sha(folder / k / "adapter_model.safetensors", folder / k / "adapter_config.json")
-                for k in knob_names(args)}
-    return {k: sha(Path(path)) for k, path in knob_vectors(args).items()}
+        return {k: adapter_fingerprint(folder / k) for k in knob_names(args)}
+    return {k: files_sha(Path(path)) for k, path in knob_vectors(args).items()}
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
@@ -398,26 +405,33 @@ def save_search_scores(path: Path, exact: dict, meta: dict) -> None:
     tmp.replace(path)
 
 
+def read_search_scores(path: Path, rows_sha: str, n_rows: int, what: str = "--scores-from") -> tuple:
+    """(labels, points, [P, N, 3] scores) saved at `path` by a knob-search, refused unless scored on these
+    questions (`rows_fingerprint`) and whole."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise SystemExit(f"{what}: no saved scores at {path} (a knob-search run writes them)")
+    with safe_open(str(path), "pt") as f:
+        labels = json.loads((f.metadata() or {}).get("labels", "{}"))
+        scores = f.get_tensor("scores") if "scores" in f.keys() else None
+    if labels.get("rows") != rows_sha:
+        raise SystemExit(f"{what} {path}: scored on {len(labels.get('row_domains', []))} other questions, not "
+                         f"the {n_rows} of --data's heldout.jsonl")
+    points = labels.get("points", [])
+    if scores is None or tuple(scores.shape) != (len(points), n_rows, 3):
+        raise SystemExit(f"{what} {path}: damaged ({len(points)} points, scores "
+                         f"{None if scores is None else tuple(scores.shape)}); score again without it")
+    return labels, points, scores
+
+
 def load_search_scores(path: Path, knobs: dict, rows_sha: str, n_rows: int, names: list[str]) -> dict:
     """The points saved at `path` by an earlier knob-search ({key: [N, 3] scores}), refused unless scored on the same
     questions. Where a knob's weights or settings (`knob_fingerprints`) differ, only the points that leave that knob
     at 0 are read: a knob at 0 takes no part in a point's score (logits mode skips its pass's delta; a vector at 0
     is not applied), so those scores are the same bit for bit."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise SystemExit(f"--scores-from: no saved scores at {path} (a knob-search run writes them)")
-    with safe_open(str(path), "pt") as f:
-        labels = json.loads((f.metadata() or {}).get("labels", "{}"))
-        scores = f.get_tensor("scores") if "scores" in f.keys() else None
+    labels, points, scores = read_search_scores(path, rows_sha, n_rows)
     changed = sorted(k for k in knobs if labels.get("knobs", {}).get(k) != knobs[k])
-    if labels.get("rows") != rows_sha:
-        raise SystemExit(f"--scores-from {path}: scored on {len(labels.get('row_domains', []))} other questions, not "
-                         f"the {n_rows} of --data's heldout.jsonl")
-    points = labels.get("points", [])
-    if scores is None or tuple(scores.shape) != (len(points), n_rows, 3):
-        raise SystemExit(f"--scores-from {path}: damaged ({len(points)} points, scores "
-                         f"{None if scores is None else tuple(scores.shape)}); score again without it")
     kept = {key_of(p, names): s for p, s in zip(points, scores) if all(p.get(k, 0.0) == 0.0 for k in changed)}
     if changed:
         print(f"--scores-from {path}: other weights or settings for the knobs {changed} than under --runs; reading "
@@ -644,6 +658,11 @@ def cmd_knob(args) -> None:
         ) + f" | gaps {gaps[0]:+.2f} / {gaps[2]:+.2f} | avoid gaps " + " ".join(
             f"{d[:3]} {g:+.2f}" for d, g in by_domain.items()), flush=True)
     suffix = "" if args.split == "heldout" else f"_{args.split}"
+    if args.split == "heldout":  # in knob-search's format, for `routed --scores-from`
+        save_search_scores(Path(args.results) / f"knob_{domain}_scores.safetensors",
+                           {key_of({domain: a}, [domain]): s for a, s in zip(alphas, scores)},
+                           {"knobs": {domain: adapter_fingerprint(Path(args.runs) / "clm" / domain)},
+                            "rows": rows_fingerprint(rows), "row_domains": row_domains, "runs": args.runs})
     write_json(Path(args.results) / f"knob_{domain}{suffix}.json",
                {"domain": domain, "interpolation": args.interpolation, "runs": args.runs, "split": args.split,
                 "sweep": sweep})
@@ -1052,6 +1071,103 @@ def cmd_knob_search(args) -> None:
           f"{' (all ' + str(len(exact)) + ' searched in-sample)' if args.pool else ''}; ties: {args.prefer}")
 
 
+def merge_scored_points(sources: list[tuple]) -> tuple[list[dict], "torch.Tensor", dict]:
+    """Join the scored points of several files (`read_search_scores` results) into one pool: (points, [P, N, 3]
+    scores, {knob: fingerprint}). A knob is known by its fingerprint: where two files hold different weights under
+    one name, the later one is renamed `name@<first 8 hex digits>`; a point in two files (same knobs, same alphas)
+    is kept once."""
+    import torch
+
+    knobs: dict = {}  # name in the pool -> fingerprint
+    pool: dict = {}  # the point's identity -> (point, scores)
+    for labels, points, scores in sources:
+        rename = {}
+        for name, sha in labels.get("knobs", {}).items():
+            taken = knobs.get(name)
+            rename[name] = name if taken in (None, sha) else f"{name}@{sha[:8]}"
+            knobs[rename[name]] = sha
+        for point, s in zip(points, scores):
+            named = {rename[k]: float(a) for k, a in point.items() if float(a) != 0.0}
+            pool.setdefault(json.dumps(sorted(named.items())), (named, s))
+    names = list(knobs)
+    points = [{k: p.get(k, 0.0) for k in names} for p, _ in pool.values()]
+    return points, torch.stack([s for _, s in pool.values()]), knobs
+
+
+def cmd_routed(args) -> None:
+    """The 27 combinations with a router: each held-out question gets the knob setting of the domain a router
+    (`peft_clm.tools.router.PromptRouter`, fitted on --router-data's questions, never the held-out ones) sends it
+    to, instead of one setting for all. Reads scored points (--scores-from, repeatable: a knob-search's --results,
+    or the scores file of the knob stage; `merge_scored_points`): no knob is run here, only the base model to
+    route. Three searches (`peft_clm.tools.levels.routed_combinations`), each in-sample and two-fold: "own" (a domain's route sets only that domain's two knobs), "any" (any scored
+    point, all six knobs), and "own" with every question routed to its true domain (what a perfect router would
+    give). Writes routed.json and the router (router/) under --results."""
+    from peft_clm.tools.levels import routed_combinations
+    from peft_clm.tools.loading import load_model
+    from peft_clm.tools.router import PromptRouter
+
+    if not args.scores_from:
+        raise SystemExit("routed reads scored points: give --scores-from (a knob-search's --results, or a "
+                         "knob_<knob>_scores.safetensors the knob stage wrote) at least once")
+    rows = read_jsonl(Path(args.data) / "heldout.jsonl")
+    row_domains = [r["domain"] for r in rows]
+    sources = [Path(p) if p.endswith(".safetensors") else search_scores_path(Path(p), "clm") for p in args.scores_from]
+    points, scores, knobs = merge_scored_points(
+        [read_search_scores(path, rows_fingerprint(rows), len(rows)) for path in sources])
+    train = read_jsonl(Path(args.router_data))
+    overlap = {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in rows}
+    if overlap:
+        raise SystemExit(f"--router-data shares {len(overlap)} questions with the held-out ones; fit the router on "
+                         "other questions")
+    model, tokenizer = load_model("smollm2")
+    t0 = time.perf_counter()
+    router = PromptRouter.fit(model, tokenizer, [r["prompt"] for r in train], [r["domain"] for r in train])
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    routes = router.route(model, tokenizer, [r["prompt"] for r in rows])
+    route_seconds = time.perf_counter() - t0
+    router.save(Path(args.results) / "router")
+    confusion = {d: {lb: sum(1 for rd, r in zip(row_domains, routes) if rd == d and r == lb) for lb in router.labels}
+                 for d in router.labels}
+    routing_accuracy = sum(r == d for r, d in zip(routes, row_domains)) / len(rows)
+    knobs_of = {d: [k for k in knobs if k.split("@")[0].rsplit("_", 1)[0] == d] for d in REGULATED}
+    controls = {"general": "generic"}
+    selects = fold_selects(row_domains)
+
+    def count(route_of, own):
+        def search(select=None):
+            return routed_combinations(scores, row_domains, route_of, points, REGULATED, select=select,
+                                       controls=controls, knobs_of=knobs_of if own else None)
+        combos = search()
+        add_twofold(combos, [search(selects[fold]) for fold in (0, 1)])
+        return {"combinations": combos, "reached": sum(c["reached"] for c in combos),
+                "twofold_reached": sum(c["twofold_reached"] for c in combos)}
+
+    searches = {"own": count(routes, True), "any": count(routes, False), "own_true_routes": count(row_domains, True)}
+    result = {"scores_from": [str(p) for p in sources], "knobs": knobs, "n_points": len(points),
+              "router": {"labels": router.labels, "layers": router.layers, "fitted_on": args.router_data,
+                         "n_fitted": len(train), "accuracy": routing_accuracy, "confusion": confusion,
+                         "fit_seconds": fit_seconds, "route_seconds": route_seconds,
+                         "misrouted": [{"domain": d, "route": r, "question": row["prompt"][-1]["content"]}
+                                       for d, r, row in zip(row_domains, routes, rows) if d != r]},
+              **searches}
+    write_json(Path(args.results) / "routed.json", result)
+    print(f"router: {routing_accuracy:.3f} of {len(rows)} held-out questions to their domain (fitted on "
+          f"{len(train)} others in {fit_seconds:.1f} s; routing took {route_seconds:.1f} s); rows: true domain, "
+          f"columns: route {router.labels}")
+    for d, row in confusion.items():
+        print(f"  {d:10s} " + " ".join(f"{row[lb]:3d}" for lb in router.labels))
+    for name, found in searches.items():
+        print(f"{name}: {found['reached']}/27 reached in-sample, {found['twofold_reached']}/27 two-fold")
+    for c in searches["own"]["combinations"]:
+        print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
+              + " ".join(f"{d[:3]}: " + (",".join(f"{k}={a:g}" for k, a in p.items() if a) or "base")
+                         for d, p in c["points"].items()) + " | "
+              + " ".join(f"{d[:3]} {a:.2f}" for d, a in c["accuracy"].items())
+              + (" | reached" if c["reached"] else "") + (" (two-fold)" if c["twofold_reached"] else ""))
+    print(f"wrote {Path(args.results) / 'routed.json'}")
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def score_gaps(runs: Path, kind: str, results: Path) -> list[str]:
     """Along each knob alone (the scored points with the other knobs at 0), the mean over its own domain's held-out
@@ -1295,7 +1411,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "stage",
-        choices=["pairs", "handcheck", "train", "score", "knob-search", "knob", "markers", "decompose", "report"],
+        choices=["pairs", "handcheck", "train", "score", "knob-search", "knob", "routed", "markers", "decompose",
+                 "report"],
     )
     parser.add_argument("--data", default=str(ROOT / "data" / "domains"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "domains"))
@@ -1371,6 +1488,9 @@ def main() -> None:
     parser.add_argument("--scores-from", action="append", metavar="RESULTS",
                         help="knob-search stage: an earlier knob-search's --results (repeatable); its exactly scored "
                              "points are read, not scored again, where its knobs' weights and questions are these")
+    parser.add_argument("--router-data", default=str(ROOT / "data" / "domains_more" / "train.jsonl"),
+                        help="routed stage: the labelled questions (a jsonl with prompt and domain) the router is "
+                             "fitted on")
     parser.add_argument("--pool", action="store_true",
                         help="knob-search stage: search (in-sample) over every point of --scores-from too; the "
                              "two-fold check keeps to the points each fold chose on its own half")
@@ -1391,6 +1511,7 @@ def main() -> None:
         "markers": cmd_markers,
         "decompose": cmd_decompose,
         "knob-search": cmd_knob_search,
+        "routed": cmd_routed,
         "report": cmd_report,
     }[args.stage](args)
 

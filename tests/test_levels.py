@@ -698,3 +698,148 @@ def test_pairs_refuse_a_row_without_the_level():
         ordinal_pairs([{"prompt": "q", "avoid": "a", "expert": "e"}])
     with pytest.raises(ValueError, match="unknown level"):
         target_pairs(ROWS, "expertise")
+
+
+def _leaky_scores():
+    """Three domains and a control, two rows each; knob `<d>_up` at 1 puts domain d at expert and, leaking, the
+    next domain too (a at 1 moves b); `<d>_down` at 1 puts d at avoid and leaks the same way. Returns points, row
+    domains, scores."""
+    doms = ["a", "b", "c"]
+    row_domains = [d for d in [*doms, "g"] for _ in range(2)]
+    names = [f"{d}_{end}" for d in doms for end in ("down", "up")]
+    points = [{k: 0.0 for k in names}] + [{**{k: 0.0 for k in names}, k: 1.0} for k in names]
+    scores = torch.full((len(points), len(row_domains), 3), -5.0)
+    scores[:, :, 1] = -1.0  # generic everywhere at the base
+    for j, p in enumerate(points[1:], start=1):
+        knob = next(k for k, a in p.items() if a)
+        d, end = knob.split("_")
+        moved = [d, doms[(doms.index(d) + 1) % 3]]
+        for i, rd in enumerate(row_domains):
+            if rd in moved:
+                scores[j, i] = torch.tensor([-5.0, -5.0, -5.0])
+                scores[j, i, 0 if end == "down" else 2] = -0.5
+    return points, row_domains, scores, names
+
+
+def test_routed_search_answers_each_question_at_its_routes_point():
+    from peft_clm.tools.levels import routed_combinations
+
+    points, row_domains, scores, names = _leaky_scores()
+    doms = ["a", "b", "c"]
+    # one point for all: a leaky knob moves its neighbour too, so only all-generic and the six combinations with a
+    # domain and its neighbour at one end and the third generic are reached
+    one = search_combinations(scores, row_domains, points, doms, controls={"g": "generic"})
+    assert sum(c["reached"] for c in one) == 7
+    # routed on the true domains: every combination, with any point for a route (a's leaky knob serves b as well
+    # as b's own) or with each domain's own knobs only, then its own knob (or the base) for its route
+    routed = routed_combinations(scores, row_domains, row_domains, points, doms, controls={"g": "generic"})
+    assert len(routed) == 27 and all(c["reached"] and c["accuracy"]["g"] == 1.0 for c in routed)
+    own = {d: [f"{d}_down", f"{d}_up"] for d in doms}
+    routed = routed_combinations(scores, row_domains, row_domains, points, doms, knobs_of=own)
+    assert all(c["reached"] for c in routed)
+    for c in routed:
+        for d, lv in c["targets"].items():
+            expected = {k: 0.0 for k in names}
+            if lv != "generic":
+                expected[f"{d}_{'down' if lv == 'avoid' else 'up'}"] = 1.0
+            assert c["points"][d] == expected
+    # a misrouted question is answered at its route's point: an a-question sent to the control gets the base
+    routes = list(row_domains)
+    routes[0] = "g"
+    missed = routed_combinations(scores, row_domains, routes, points, doms, controls={"g": "generic"})
+    for c in missed:
+        assert c["accuracy"]["a"] == (1.0 if c["targets"]["a"] == "generic" else 0.5)
+    # knobs_of: a's route may only use a's knobs; with c's knobs only (which reach a by leaking from c), a still
+    # reaches its levels, but b's route cannot reach anything but generic
+    limited = routed_combinations(scores, row_domains, row_domains, points, doms,
+                                  knobs_of={"a": ["a_down", "a_up"], "b": [], "c": ["c_down", "c_up"]})
+    assert [c["reached"] for c in limited] == [c["targets"]["b"] == "generic" for c in limited]
+    # two-fold: chosen on rows 0, 2, 4 (and the control's 6), reported on the others; break row 1 (domain a) so that
+    # a's expert is never reached on the report half although the choosing half shows it
+    broken = scores.clone()
+    broken[:, 1] = torch.tensor([-1.0, -5.0, -5.0])
+    select = [i % 2 == 0 for i in range(len(row_domains))]
+    split = routed_combinations(broken, row_domains, row_domains, points, doms, select=select)
+    for c in split:
+        assert c["reached"] == (c["targets"]["a"] == "avoid")
+        assert c["selected_min_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="needs the base point"):
+        routed_combinations(scores[1:], row_domains, row_domains, points[1:], doms)
+    with pytest.raises(ValueError, match="domain 'a' has no rows routed to it"):
+        routed_combinations(scores, row_domains, ["g"] * 2 + row_domains[2:], points, doms)
+    with pytest.raises(ValueError, match=r"do not match 7 points x 8 rows \(7 routes\)"):
+        routed_combinations(scores, row_domains, row_domains[:7], points, doms)
+
+
+def test_routed_stage_end_to_end_merges_score_files_and_routes_with_the_base_model(tmp_path, monkeypatch):
+    """The routed stage on a tiny model: it fits a router on other questions, routes the held-out ones, merges a
+    knob-search's scores with a knob stage's (a retrained knob kept apart by its fingerprint) and writes the three
+    searches; questions it was fitted on may not be the held-out ones."""
+    from types import SimpleNamespace
+
+    import peft_clm.tools.loading as loading
+
+    script = _domains_script()
+    tokenizer = tiny_tokenizer()
+    model = _plain_model(tokenizer, seed=3)
+    monkeypatch.setattr(loading, "load_model", lambda name: (model, tokenizer))
+    topic = {"medical": "sea sky sun", "legal": "hello dear sir", "financial": "one two three",
+             "general": "cat dog bird"}
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{**ROWS[i % 3], "prompt": [{"role": "user", "content": f"{topic[d]} {w} ?"}], "domain": d}
+            for d in script.DOMAINS for i, w in enumerate(["tree", "river", "moon", "madam"])]
+    train = [{"prompt": [{"role": "user", "content": f"{w} {topic[d]} {w}"}], "domain": d}
+             for d in script.DOMAINS for w in ["tree", "river", "moon", "why", "what", "good"]]
+    (data / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    names = script.knob_names(SimpleNamespace(design="per-level"))
+    zero = {k: 0.0 for k in names}
+    row_domains = [r["domain"] for r in rows]
+    rows_sha = script.rows_fingerprint(rows)
+    generic = torch.tensor([[-5.0, -1.0, -5.0]] * len(rows))
+
+    def at(level, domain):  # scores with `domain`'s questions at `level`, the rest generic
+        s = generic.clone()
+        for i, d in enumerate(row_domains):
+            if d == domain:
+                s[i] = torch.tensor([-5.0, -5.0, -5.0])
+                s[i, ("avoid", "generic", "expert").index(level)] = -1.0
+        return s
+
+    points = {script.key_of(zero, names): generic}
+    for d in script.REGULATED:
+        points[script.key_of({**zero, f"{d}_avoid": 1.0}, names)] = at("avoid", d)
+        if d != "financial":
+            points[script.key_of({**zero, f"{d}_expert": 1.0}, names)] = at("expert", d)
+    points[script.key_of({**zero, "financial_expert": 1.0}, names)] = generic  # a weak financial expert knob
+    knobs = {k: f"{i:064x}" for i, k in enumerate(names)}
+    meta = {"knobs": knobs, "rows": rows_sha, "row_domains": row_domains}
+    script.save_search_scores(script.search_scores_path(tmp_path / "search", "clm"), points, meta)
+    # the knob stage's file of a retrained financial expert knob that works (another fingerprint, same name)
+    knob_file = tmp_path / "knob" / "knob_financial_expert_scores.safetensors"
+    script.save_search_scores(knob_file, {script.key_of({"financial_expert": a}, ["financial_expert"]): s
+                                          for a, s in [(0.0, generic), (2.0, at("expert", "financial"))]},
+                              {**meta, "knobs": {"financial_expert": "f" * 64}})
+
+    def run(results, *sources, router_data=data / "train.jsonl"):
+        args = SimpleNamespace(data=str(data), scores_from=[str(s) for s in sources], results=str(tmp_path / results),
+                               router_data=str(router_data))
+        script.cmd_routed(args)
+        return json.loads((tmp_path / results / "routed.json").read_text())
+
+    first = run("one", tmp_path / "search")
+    assert first["router"]["accuracy"] == 1.0 and first["n_points"] == len(points)
+    assert first["own"]["reached"] == first["own_true_routes"]["reached"] == 18  # no financial expert
+    assert (tmp_path / "one" / "router" / "router.safetensors").is_file()
+    both = run("both", tmp_path / "search", knob_file)
+    assert both["n_points"] == len(points) + 1  # the base point is in both files, kept once
+    assert both["knobs"]["financial_expert@ffffffff"] == "f" * 64 and both["knobs"]["financial_expert"] == knobs[
+        "financial_expert"]
+    assert both["own"]["reached"] == both["own"]["twofold_reached"] == 27
+    fin_expert = next(c for c in both["own"]["combinations"] if c["targets"]["financial"] == "expert")
+    assert fin_expert["points"]["financial"]["financial_expert@ffffffff"] == 2.0
+    with pytest.raises(SystemExit, match="shares 16 questions with the held-out ones"):
+        run("bad", tmp_path / "search", router_data=data / "heldout.jsonl")
+    with pytest.raises(SystemExit, match="give --scores-from"):
+        run("bad")

@@ -18,6 +18,7 @@ audit it: the references are stored text, the score is one forward pass per refe
   levels (3 domains x 3 levels = 27), the grid point whose worst regulated-domain accuracy is highest.
   `additive_scores` predicts a large grid from the 1-D sweeps alone, to choose which of its points to score.
   `dial_alphas` reads a point of signed dials as the alphas of two one-ended knobs per domain (avoid, expert).
+  `routed_combinations` is the same count when each question gets the point of its route (`tools.router`).
 - `level_pair`, `ordinal_pairs`, `target_pairs`, `anchor_pairs`: DPO pairs built from the three references of each
   row, for a knob that walks one domain's levels in order and leaves other rows where the base puts them;
   `end_pairs` and `held_pairs` do the same with each pair scored at the knob's end it is for (alpha +1 or -1,
@@ -415,6 +416,70 @@ def search_combinations(
                 "candidates": [dict(points[j]) for j in ranked],
             }
         )
+    return results
+
+
+def routed_combinations(
+    scores: torch.Tensor,
+    row_domains: Sequence[str],
+    routes: Sequence[str],
+    points: Sequence[Mapping[str, float]],
+    domains: Sequence[str],
+    threshold: float = 0.8,
+    select: Optional[Sequence[bool]] = None,
+    controls: Optional[Mapping[str, str]] = None,
+    knobs_of: Optional[Mapping[str, Sequence[str]]] = None,
+) -> list[dict]:
+    """The 27-combination search when each question is answered at the point of its route (`tools.router`), not at
+    one point for all: for each domain d and level, the point at which most of d's questions routed to d are at
+    that level (on the `select` rows; ties: nearest the base, smallest sum of |alpha|), chosen once per domain and
+    level since no other domain's questions see it; `knobs_of[d]` (optional) limits d's points to those that set
+    only d's knobs. A question routed outside `domains` (a control, or any other label) is answered by the base
+    model, every knob at 0, which must be among `points`. A misrouted question is scored at the point of the route
+    it got, so router errors count against its own domain.
+
+    `scores` is [len(points), len(rows), 3]; `routes` and `row_domains` name each row's route and true domain.
+    Results are as `search_combinations`' (`accuracy` per domain and control on the report rows, `min_accuracy`,
+    `reached`, `selected_min_accuracy`), with `points` ({route: point}) in place of `point`.
+    """
+    if scores.dim() != 3 or scores.shape[0] != len(points) or not scores.shape[1] == len(row_domains) == len(routes):
+        raise ValueError(f"scores {tuple(scores.shape)} do not match {len(points)} points x {len(row_domains)} rows "
+                         f"({len(routes)} routes) x 3 levels.")
+    size = [sum(abs(float(a)) for a in p.values()) for p in points]
+    base = [j for j, s in enumerate(size) if s == 0.0]
+    if not base:
+        raise ValueError("routed_combinations needs the base point (every knob at 0) among the points.")
+    mask_sel = torch.ones(len(routes), dtype=torch.bool) if select is None else torch.tensor(list(select))
+    mask_eval = torch.ones_like(mask_sel) if select is None else ~mask_sel
+    true = {d: torch.tensor([rd == d for rd in row_domains]) for d in [*domains, *(controls or {})]}
+    levels = levels_from_scores(scores)  # [P, N]
+    chosen: dict = {}  # (domain, level index) -> (point index, accuracy on the choosing rows)
+    for d in domains:
+        rows = true[d] & torch.tensor([r == d for r in routes]) & mask_sel
+        if not rows.any() or not (true[d] & mask_eval).any():
+            raise ValueError(f"domain {d!r} has no rows routed to it to choose on, or none to report on.")
+        own = set((knobs_of or {}).get(d, ()))
+        allowed = [j for j, p in enumerate(points)
+                   if knobs_of is None or all(float(a) == 0.0 or k in own for k, a in p.items())]
+        for lv in range(len(LEVELS)):
+            acc = (levels[allowed][:, rows] == lv).float().mean(-1).tolist()
+            best = max(range(len(allowed)), key=lambda i: (acc[i], -size[allowed[i]]))
+            chosen[d, lv] = (allowed[best], acc[best])
+    results = []
+    for combo in combinations(domains):
+        at = {d: chosen[d, level_index(lv)][0] for d, lv in combo.items()}
+        assign = torch.tensor([at.get(r, base[0]) for r in routes])
+        row_level = levels[assign, torch.arange(len(routes))]
+        report = {d: float((row_level[true[d] & mask_eval] == level_index(lv)).float().mean())
+                  for d, lv in {**combo, **(controls or {})}.items()}
+        results.append({
+            "targets": dict(combo),
+            "points": {d: dict(points[j]) for d, j in at.items()},
+            "accuracy": report,
+            "min_accuracy": min(report[d] for d in combo),
+            "reached": all(report[d] >= threshold for d in combo),
+            "selected_min_accuracy": min(chosen[d, level_index(lv)][1] for d, lv in combo.items()),
+        })
     return results
 
 

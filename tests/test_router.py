@@ -1,0 +1,147 @@
+"""The prompt router (peft_clm.tools.router) on tiny random models: it learns topics it was shown and routes new
+prompts of them, its features are the base model's whatever the adapters' alphas, a saved router routes to the bit
+as before, a policy becomes per-row alphas that generate as each row would alone, and bad input is one error."""
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+from test_levels import _plain_model
+from tiny_models import perturb, tiny_tokenizer
+
+from peft_clm import ClmConfig
+from peft_clm.tools.router import PromptRouter, default_layers, policy_alphas, prompt_features, prompt_text
+
+
+SEA = "sea sky sun moon river tree bird".split()
+TALK = "hello dear sir madam friend please thank".split()
+
+
+def _prompts(words, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(words[i] for i in torch.randint(len(words), (6,), generator=g).tolist()) for _ in range(n)]
+
+
+def _data(n, seed):
+    prompts = _prompts(SEA, n, seed) + _prompts(TALK, n, seed + 1)
+    return prompts, ["sea"] * n + ["talk"] * n
+
+
+def test_router_learns_topics_and_routes_new_prompts_of_them():
+    tokenizer, model = tiny_tokenizer(), _plain_model(tiny_tokenizer(), seed=1)
+    prompts, labels = _data(12, seed=0)
+    router = PromptRouter.fit(model, tokenizer, prompts, labels, layers=[1, 2])
+    assert router.labels == ["sea", "talk"] and router.layers == [1, 2]
+    new_prompts, new_labels = _data(10, seed=50)
+    assert router.route(model, tokenizer, new_prompts) == new_labels
+    probs = router.probabilities(model, tokenizer, new_prompts)
+    assert probs.shape == (20, 2) and torch.allclose(probs.sum(-1), torch.ones(20))
+    # a chat is routed on its last user message
+    chat = [{"role": "user", "content": "thank you"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": new_prompts[0]}]
+    assert router.route(model, tokenizer, [chat]) == ["sea"]
+    assert default_layers(30) == [6, 12, 18, 24, 30] and default_layers(2) == [1, 2]
+
+
+@pytest.mark.parametrize("mode", ["logits", "hidden"])
+def test_features_are_the_base_models_whatever_the_adapters_alpha(mode):
+    tokenizer = tiny_tokenizer()
+    base = _plain_model(tokenizer, seed=2)
+    prompts = ["the sea is blue", "hello dear friend , how are you ?", "cat"]
+    before = prompt_features(base, tokenizer, prompts, [0, 1, 2])
+    ids = tokenizer(prompts[:1], return_tensors="pt")["input_ids"]
+    off = base(input_ids=ids).logits
+    model = get_peft_model(base, ClmConfig(interpolation=mode))
+    perturb(model, seed=3, scale=0.3)
+    model.set_alpha(1.5)
+    after = prompt_features(model, tokenizer, prompts, [0, 1, 2])
+    assert torch.equal(before, after)
+    assert not torch.allclose(model(input_ids=ids).logits, off)  # the adapter is on again after routing
+
+
+def test_saved_router_routes_as_before_and_refuses_what_it_cannot_read(tmp_path):
+    tokenizer, model = tiny_tokenizer(), _plain_model(tiny_tokenizer(), seed=1)
+    prompts, labels = _data(8, seed=0)
+    router = PromptRouter.fit(model, tokenizer, prompts, labels, layers=[2])
+    router.save(tmp_path / "router")
+    assert sorted(p.name for p in (tmp_path / "router").iterdir()) == ["router.safetensors", "router_config.json"]
+    back = PromptRouter.load(tmp_path / "router")
+    assert torch.equal(back.probabilities(model, tokenizer, prompts), router.probabilities(model, tokenizer, prompts))
+    router.save(tmp_path / "router")  # a saved router is replaced whole
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a saved router"):
+        router.save(tmp_path / "other")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
+    with pytest.raises(FileNotFoundError, match="is not a saved router"):
+        PromptRouter.load(tmp_path / "other")
+    config = json.loads((tmp_path / "router" / "router_config.json").read_text())
+    assert config["labels"] == ["sea", "talk"] and config["model"]["hidden_size"] == 32
+    wider = _plain_model(tokenizer)
+    wider.config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="fitted on another model.*num_hidden_layers: fitted 2, given 3"):
+        router.route(wider, tokenizer, prompts)
+
+
+def test_bad_input_is_one_clear_error():
+    tokenizer, model = tiny_tokenizer(), _plain_model(tiny_tokenizer())
+    prompts, labels = _data(3, seed=0)
+    with pytest.raises(ValueError, match="one label per prompt; got 6 prompts and 5 labels"):
+        PromptRouter.fit(model, tokenizer, prompts, labels[:5])
+    with pytest.raises(ValueError, match="at least two labels with at least two prompts each"):
+        PromptRouter.fit(model, tokenizer, prompts, ["sea"] * 6)
+    with pytest.raises(ValueError, match="at least two labels with at least two prompts each"):
+        PromptRouter.fit(model, tokenizer, prompts, ["sea"] * 5 + ["talk"])
+    with pytest.raises(ValueError, match=r"layers must be hidden-state indices 0..2"):
+        PromptRouter.fit(model, tokenizer, prompts, labels, layers=[3])
+    with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
+        PromptRouter.fit(model, tokenizer, prompts, labels, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="prompts with no tokens cannot be routed"):
+        prompt_features(model, tokenizer, ["the sea", ""], [1])
+    with pytest.raises(ValueError, match="no prompts to route"):
+        prompt_features(model, tokenizer, [], [1])
+    with pytest.raises(ValueError, match="a string or a list of chat messages with a user message"):
+        prompt_text([{"role": "system", "content": "be kind"}])
+    with pytest.raises(ValueError, match="do not fit together"):
+        PromptRouter(["a", "b"], [1], torch.zeros(4), torch.ones(4), torch.zeros(4, 3), torch.zeros(3))
+
+
+def test_policy_alphas_give_each_row_its_routes_setting():
+    alpha = policy_alphas(["med", "general", "law", "med"], {"med": {"m": 1.0}, "law": {"l": -0.5, "m": 0.25}})
+    assert set(alpha) == {"m", "l"}
+    assert alpha["m"].tolist() == [1.0, 0.0, 0.25, 1.0] and alpha["l"].tolist() == [0.0, 0.0, -0.5, 0.0]
+    assert policy_alphas(["x"], {}, adapters=["m"])["m"].tolist() == [0.0]
+    with pytest.raises(ValueError, match=r"names adapter\(s\) \['z'\], which are not among \['m'\]"):
+        policy_alphas(["med"], {"med": {"z": 1.0}}, adapters=["m"])
+    with pytest.raises(ValueError, match=r"policy\['med'\]\['m'\] must be a finite number"):
+        policy_alphas(["med"], {"med": {"m": float("nan")}})
+
+
+@pytest.mark.parametrize("mode", ["logits", "hidden"])
+def test_routed_generation_equals_each_row_generated_alone_at_its_routes_alphas(mode):
+    tokenizer = tiny_tokenizer()
+    base = _plain_model(tokenizer, seed=4)
+    prompts, labels = _data(10, seed=0)
+    router = PromptRouter.fit(base, tokenizer, prompts, labels, layers=[1, 2])
+    model = get_peft_model(base, ClmConfig(interpolation=mode), adapter_name="sea_knob")
+    model.add_adapter("talk_knob", ClmConfig(interpolation=mode))
+    perturb(model, seed=5, scale=0.5, adapter="sea_knob")
+    perturb(model, seed=6, scale=0.5, adapter="talk_knob")
+    model.base_model.set_adapter(["sea_knob", "talk_knob"])
+    model.eval()
+    batch_prompts = [_prompts(SEA, 1, 70)[0], _prompts(TALK, 1, 71)[0], _prompts(SEA, 1, 72)[0]]
+    routes = router.route(model, tokenizer, batch_prompts)
+    assert routes == ["sea", "talk", "sea"]
+    policy = {"sea": {"sea_knob": 1.5}, "talk": {"talk_knob": -1.0, "sea_knob": 0.5}}
+    alpha = policy_alphas(routes, policy, adapters=["sea_knob", "talk_knob"])
+    ids = tokenizer(batch_prompts, return_tensors="pt")["input_ids"]  # six words each: no padding
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    together = model.generate(input_ids=ids, clm_alpha=alpha, **kwargs)
+    for i, route in enumerate(routes):
+        alone = model.generate(input_ids=ids[i : i + 1], clm_alpha={"sea_knob": 0.0, "talk_knob": 0.0,
+                                                                      **policy[route]}, **kwargs)
+        assert torch.equal(together[i : i + 1], alone)
+    unrouted = model.generate(input_ids=ids, clm_alpha={"sea_knob": 1.5, "talk_knob": 0.0}, **kwargs)
+    assert not torch.equal(unrouted, together)  # the talk row's own setting changed its answer
