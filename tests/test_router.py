@@ -52,7 +52,7 @@ def test_features_are_the_base_models_whatever_the_adapters_alpha(mode):
     before = prompt_features(base, tokenizer, prompts, [0, 1, 2])
     ids = tokenizer(prompts[:1], return_tensors="pt")["input_ids"]
     off = base(input_ids=ids).logits
-    model = get_peft_model(base, ClmConfig(interpolation=mode))
+    model = get_peft_model(base, ClmConfig(interpolation=mode)).eval()
     perturb(model, seed=3, scale=0.3)
     model.set_alpha(1.5)
     after = prompt_features(model, tokenizer, prompts, [0, 1, 2])
@@ -100,6 +100,9 @@ def test_bad_input_is_one_clear_error():
         PromptRouter.fit(model, tokenizer, prompts, labels, weight_decay=-1.0)
     with pytest.raises(ValueError, match="prompts with no tokens cannot be routed"):
         prompt_features(model, tokenizer, ["the sea", ""], [1])
+    with pytest.raises(ValueError, match="route with the model in eval mode"):
+        prompt_features(model.train(), tokenizer, ["the sea"], [1])
+    model.eval()
     with pytest.raises(ValueError, match="no prompts to route"):
         prompt_features(model, tokenizer, [], [1])
     with pytest.raises(ValueError, match="a string or a list of chat messages with a user message"):

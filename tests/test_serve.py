@@ -46,6 +46,9 @@ PROMPTS = [
     "please reply with a short sentence about the river .",
 ]
 EOS = 1
+TOPIC_WORDS = {"sea": "sea sky sun moon river tree bird".split(), "talk": "hello dear sir madam friend please thank".split()}
+POLICY = {"sea": {"concise": 1.5}, "talk": {"formal": -1.0, "concise": 0.5}}  # a route left out: the base model
+ROUTED = {"sea": {"concise": 1.5, "formal": 0.0}, "talk": {"concise": 0.5, "formal": -1.0}}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,16 @@ def tiny(tmp_path_factory):
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "model"), ClmConfig())
         perturb(model, seed=seed, scale=0.3)  # a trained layer stand-in that moves the outputs a lot
         model.save_pretrained(root / name)
+    # a router between two topics, fitted on the base model, and a policy for the routed server
+    from peft_clm.tools.router import PromptRouter
+
+    g = torch.Generator().manual_seed(0)
+    topics = {label: [" ".join(words[i] for i in torch.randint(len(words), (6,), generator=g).tolist())
+                      for _ in range(12)] for label, words in TOPIC_WORDS.items()}
+    base = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    PromptRouter.fit(base, tokenizer, [p for ps in topics.values() for p in ps],
+                     [label for label, ps in topics.items() for _ in ps]).save(root / "router")
+    (root / "policy.json").write_text(json.dumps(POLICY))
     return root
 
 
@@ -137,6 +150,8 @@ def servers(tiny):
         "weights": Server(tiny, "weights", "--interpolation", "weights"),
         "small": Server(tiny, "small", "--interpolation", "hidden", "--max-queue", "2",
                         "--max-new-tokens-limit", "1800"),
+        "routed": Server(tiny, "routed", "--interpolation", "logits", "--router", str(tiny / "router"),
+                         "--policy", str(tiny / "policy.json")),
     }
     yield started
     for server in started.values():
@@ -161,6 +176,11 @@ def weights(servers):
 @pytest.fixture()
 def small(servers):
     return servers["small"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def routed(servers):
+    return servers["routed"].wait_ready()
 
 
 class Reference:
@@ -314,6 +334,28 @@ def test_several_knobs_and_model_per_adapter(logits, ref_logits):
     assert r.model_extra["alpha"] == alone and r.model == "formal"
     distinct = {ref_logits.answer(PROMPTS[7], a, 10)[0] for a in (mix, both(0.0), both(1.0), alone)}
     assert len(distinct) >= 3  # the knobs really move the output, so the equalities above can fail
+
+
+def test_requests_without_alpha_are_routed_and_get_their_routes_alphas(routed, ref_logits):
+    client = routed.client()
+    sea, talk = "sea sky sun moon river tree", "hello dear sir madam friend please"
+    for prompt, route in ((sea, "sea"), (talk, "talk")):
+        r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=10, temperature=0)
+        assert r.model_extra["route"] == route and r.model_extra["alpha"] == ROUTED[route]
+        assert r.choices[0].message.content == ref_logits.answer(prompt, ROUTED[route], 10, chat=True)[0]
+    # one completion request with two prompts: each at its own route's alphas
+    r = client.completions.create(model="model", prompt=[sea, talk], max_tokens=10, temperature=0)
+    assert r.model_extra["route"] == ["sea", "talk"] and r.model_extra["alpha"] == [ROUTED["sea"], ROUTED["talk"]]
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+        ref_logits.answer(p, ROUTED[route], 10)[0] for p, route in ((sea, "sea"), (talk, "talk"))]
+    # an alpha sent, or a request to one adapter, is not routed
+    r = client.completions.create(model="model", prompt=sea, max_tokens=10, temperature=0, extra_body={"alpha": 0.0})
+    assert "route" not in r.model_extra and r.choices[0].text == ref_logits.answer(sea, both(0.0), 10)[0]
+    r = client.completions.create(model="formal", prompt=sea, max_tokens=10, temperature=0)
+    assert "route" not in r.model_extra and r.model_extra["alpha"] == {"concise": 0.0, "formal": 1.0}
+    assert ref_logits.answer(sea, ROUTED["sea"], 10)[0] != ref_logits.answer(sea, ROUTED["talk"], 10)[0]
+    assert "route=sea" in routed.log() and "routing requests that send no alpha" in routed.log()
 
 
 def test_stop_strings_cut_the_text_streamed_or_not(hidden, ref_hidden):
@@ -608,6 +650,17 @@ def test_serve_command_reports_bad_arguments(tiny, capsys):
     assert main(["serve", "--model", str(tiny / "model"), "--adapter", f"a={tiny / 'concise'}",
                  "--adapter", f"a={tiny / 'formal'}"]) == 2
     assert "given twice" in capsys.readouterr().err
+    adapters = ["--adapter", f"concise={tiny / 'concise'}", "--adapter", f"formal={tiny / 'formal'}"]
+    assert main(["serve", "--model", str(tiny / "model"), *adapters, "--router", str(tiny / "router")]) == 2
+    assert "--router and --policy go together" in capsys.readouterr().err
+    for policy, message in (({"sea": {"loud": 1.0}}, r"names adapter\(s\) \['loud'\]"),
+                            ({"law": {"formal": 1.0}}, r"route\(s\) \['law'\] that the router never gives"),
+                            ({"sea": 1.0}, "a policy is {label: {adapter: alpha}}"),
+                            ({"sea": {"formal": "high"}}, r"policy\['sea'\]\['formal'\] must be")):
+        (tiny / "bad_policy.json").write_text(json.dumps(policy))
+        assert main(["serve", "--model", str(tiny / "model"), *adapters, "--router", str(tiny / "router"),
+                     "--policy", str(tiny / "bad_policy.json")]) == 2
+        assert re.search(message, capsys.readouterr().err), policy
 
 
 def test_batcher_takes_waiting_requests_oldest_first_within_the_size_and_the_group():

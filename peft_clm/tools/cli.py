@@ -327,7 +327,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
         max_new_tokens_limit=args.max_new_tokens_limit, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
         device=args.device, served_model_name=args.served_model_name, context_length=args.context_length,
-        drain_timeout=args.drain_timeout, log_level=args.log_level, threads=args.threads,
+        drain_timeout=args.drain_timeout, log_level=args.log_level, threads=args.threads, router=args.router,
+        policy=args.policy,
     )
 
 
@@ -456,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="default: cuda if available, else cpu")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     s.add_argument("--served-model-name", help="the base model's id in the API (default: the --model name)")
+    s.add_argument("--router", help="a PromptRouter directory (router.safetensors + router_config.json): requests "
+                   "to the base model that send no alpha get their route's alphas from --policy")
+    s.add_argument("--policy", help='a JSON file {route: {adapter: alpha}}, e.g. {"medical": {"medical_avoid": 1}}; '
+                   "a route it leaves out is the base model (every knob at 0)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on Ctrl-C/SIGTERM, seconds to let requests in flight finish")
     s.add_argument("--log-level", choices=["debug", "info", "warning"], default="info",

@@ -7,8 +7,9 @@ server does per request), so a medical question gets the medical setting and not
 
 - `PromptRouter.fit(model, tokenizer, prompts, labels)`: a multinomial logistic regression on the base model's own
   hidden states: per prompt, the mean over its tokens (the first left out: it is the attention sink and carries no
-  topic) at a few layers, standardised. The features come with every CLM adapter off, so routing a prompt
-  never depends on the alphas it is about to get.
+  topic) at a few layers, standardised. The features come with every CLM adapter at alpha 0 for that call (the
+  base model, exactly), so routing a prompt never depends on the alphas it is about to get, and it is safe beside
+  generations on other threads (a server's).
 - `route` (labels), `probabilities`; `save(directory)` / `PromptRouter.load(directory)`: `router.safetensors` (the
   weights and the standardisation) and `router_config.json` (labels, layers, the model it was fitted on), written
   to a temporary directory and renamed.
@@ -26,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
@@ -61,9 +61,12 @@ def default_layers(num_hidden_layers: int) -> list[int]:
     return list(range(num_hidden_layers, 0, -step))[:5][::-1]
 
 
-def _adapters_off(model):
-    """A context in which every CLM (PEFT) adapter is off: the base model's own hidden states."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+def _base_call(model) -> dict:
+    """Forward keywords that make this call the base model's: every CLM adapter at alpha 0 (the identity, exactly),
+    set for this call only (`peft_clm.alpha.CallState`), so that routing on one thread never changes what a
+    generation on another sees, as switching the adapters off would."""
+    base = getattr(model, "base_model", None)
+    return {"clm_alpha": 0.0} if base is not None and hasattr(base, "clm_layer") else {}
 
 
 @torch.no_grad()
@@ -84,27 +87,23 @@ def prompt_features(
     if empty:
         raise ValueError(f"prompts with no tokens cannot be routed: {empty[:3]!r}.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if model.training:
+        raise ValueError("route with the model in eval mode (model.eval()): dropout would make routing random.")
     device = next(model.parameters()).device
     out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with _adapters_off(model):
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                width = max(map(len, chunk))
-                batch = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(batch)
-                for i, x in enumerate(chunk):
-                    batch[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
-                pool = mask.clone().float()
-                pool[:, 0] = (mask.sum(1) == 1).float()  # the first token only where it is the whole prompt
-                hidden = model(input_ids=batch.to(device), attention_mask=mask.to(device),
-                               output_hidden_states=True).hidden_states
-                pool = pool.to(device)[..., None]
-                out.append(torch.cat([(hidden[i].float() * pool).sum(1) / pool.sum(1) for i in layers], -1).cpu())
-    finally:
-        model.train(was_training)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        width = max(map(len, chunk))
+        batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, x in enumerate(chunk):
+            batch[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        pool = mask.clone().float()
+        pool[:, 0] = (mask.sum(1) == 1).float()  # the first token only where it is the whole prompt
+        hidden = model(input_ids=batch.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                       use_cache=False, **_base_call(model)).hidden_states
+        pool = pool.to(device)[..., None]
+        out.append(torch.cat([(hidden[i].float() * pool).sum(1) / pool.sum(1) for i in layers], -1).cpu())
     return torch.cat(out)
 
 
@@ -148,7 +147,7 @@ class PromptRouter:
 
     def probabilities(self, model, tokenizer, prompts: Sequence[Prompt], batch_size: int = 16) -> torch.Tensor:
         """[N, len(labels)]: each prompt's probability of each label."""
-        self._check_model(model)
+        self.check_model(model)
         x = prompt_features(model, tokenizer, prompts, self.layers, batch_size)
         return torch.softmax(((x - self.mean) / self.scale) @ self.weight + self.bias, -1)
 
@@ -192,7 +191,8 @@ class PromptRouter:
         return cls(config["labels"], config["layers"], t["mean"], t["scale"], t["weight"], t["bias"],
                    config.get("model"))
 
-    def _check_model(self, model) -> None:
+    def check_model(self, model) -> None:
+        """Refuse a model other than the one this router was fitted on (its type and sizes; the name may differ)."""
         have = _model_info(model)
         differ = {k: (v, have.get(k)) for k, v in self.model_info.items() if k != "name" and have.get(k) != v}
         if differ:
@@ -223,6 +223,23 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, weight_
     return weight.detach(), bias.detach()
 
 
+def check_policy(policy: Any, adapters: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
+    """A policy {label: {adapter: alpha}}, checked (every alpha by `peft_clm.alpha.check_alpha`; with `adapters`,
+    every adapter among them) and returned with float alphas; raises one ValueError naming what was wrong."""
+    if not isinstance(policy, Mapping) or not all(
+        isinstance(label, str) and isinstance(row, Mapping) and all(isinstance(a, str) for a in row)
+        for label, row in policy.items()
+    ):
+        raise ValueError(f'a policy is {{label: {{adapter: alpha}}}}, e.g. {{"medical": {{"medical_avoid": 1.0}}}}; '
+                         f"got {policy!r:.200}.")
+    named = sorted({a for row in policy.values() for a in row})
+    if adapters is not None and set(named) - set(adapters):
+        raise ValueError(f"the policy names adapter(s) {sorted(set(named) - set(adapters))}, which are not among "
+                         f"{list(adapters)}.")
+    return {label: {a: check_alpha(v, what=f"policy[{label!r}][{a!r}]", rows=False) for a, v in row.items()}
+            for label, row in policy.items()}
+
+
 def policy_alphas(routes: Sequence[str], policy: Mapping[str, Mapping[str, float]],
                   adapters: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
     """The `clm_alpha` of a batch: {adapter: one alpha per row}, each row at its route's alphas in `policy`, every
@@ -231,16 +248,7 @@ def policy_alphas(routes: Sequence[str], policy: Mapping[str, Mapping[str, float
     >>> policy_alphas(["medical", "general"], {"medical": {"med": 1.0}})
     {'med': tensor([1., 0.])}
     """
-    names = list(dict.fromkeys([*(adapters or []), *(a for setting in policy.values() for a in setting)]))
-    if adapters is not None:
-        unknown = sorted({a for setting in policy.values() for a in setting} - set(adapters))
-        if unknown:
-            raise ValueError(f"the policy names adapter(s) {unknown}, which are not among {list(adapters)}.")
-    out = {n: torch.zeros(len(routes)) for n in names}
-    for label, setting in policy.items():
-        for adapter, alpha in setting.items():
-            value = check_alpha(alpha, what=f"policy[{label!r}][{adapter!r}]", rows=False)
-            for i, route in enumerate(routes):
-                if route == label:
-                    out[adapter][i] = value
-    return out
+    policy = check_policy(policy, adapters)
+    names = list(dict.fromkeys([*(adapters or []), *(a for row in policy.values() for a in row)]))
+    return {n: torch.tensor([policy.get(route, {}).get(n, 0.0) for route in routes], dtype=torch.float32)
+            for n in names}

@@ -106,27 +106,38 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check(max_new_tokens_limit)
         target = target_of(body.model)
-        prompts = [engine.encode_prompt(p) for p in body.prompts()]
-        return await run(request, body, target, prompts, "cmpl", "prompt")
+        raw = body.prompts()
+        prompts = [engine.encode_prompt(p) for p in raw]
+        return await run(request, body, target, prompts, "cmpl", "prompt", raw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check(max_new_tokens_limit)
         target = target_of(body.model)
+        messages = [m.as_template_dict() for m in body.messages]
         try:
-            prompt = engine.encode_chat([m.as_template_dict() for m in body.messages])
+            prompt = engine.encode_chat(messages)
         except ApiError:
             raise
         except Exception as e:  # the chat template itself refused the messages (e.g. roles out of order)
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from e
-        return await run(request, body, target, [prompt], "chatcmpl", "messages")
+        return await run(request, body, target, [prompt], "chatcmpl", "messages", [messages])
 
     async def run(request: Request, body: _Sampling, target: str, prompts: list[list[int]], prefix: str,
-                  prompt_param: str) -> Response:
+                  prompt_param: str, raw: list[Any]) -> Response:
         chat = prefix == "chatcmpl"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
         rows = len(prompts) * body.n
-        alphas = knobs.resolve(target, body.alpha, rows)
+        routes = None
+        if knobs.routes(target, body.alpha):  # no alpha sent: each prompt at its route's alphas in the policy
+            try:
+                routes = await asyncio.get_running_loop().run_in_executor(engine.route_executor, engine.route, raw)
+            except ValueError as e:  # a prompt the router cannot read (e.g. a chat without a user message)
+                raise ApiError(400, f"this request could not be routed: {e}", param=prompt_param) from None
+            row_alphas = knobs.routed([r for r in routes for _ in range(body.n)])
+            alphas = knobs.resolve(target, row_alphas if len(set(map(str, row_alphas))) > 1 else row_alphas[0], rows)
+        else:
+            alphas = knobs.resolve(target, body.alpha, rows)
         temperature = 1.0 if body.temperature is None else float(body.temperature)  # OpenAI's default
         specs = []
         for p, ids in enumerate(prompts):
@@ -149,12 +160,15 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-        record = _Record(rid, target, knobs.echo(body.alpha, alphas), rows, sum(len(ids) for ids in prompts),
-                         request.url.path, body.stream)
+        echoed = knobs.echo(body.alpha, alphas) if routes is None else (alphas[0] if rows == 1 else list(alphas))
+        record = _Record(rid, target, echoed, rows, sum(len(ids) for ids in prompts), request.url.path, body.stream,
+                         routes)
         job = Job(rid, specs, emit, stream=body.stream)
         batcher.submit(job)
         header = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                   "created": int(time.time()), "model": body.model, "alpha": record.alpha}
+        if routes is not None:  # one route per prompt (a chat has one)
+            header["route"] = routes[0] if chat else routes
         if body.stream:
             def close() -> None:
                 if not record.complete:
@@ -255,8 +269,9 @@ class _Record:
     """What one request produced, and its one log line."""
 
     def __init__(self, rid: str, target: str, alpha: Any, rows: int, prompt_total: int, path: str,
-                 stream: bool) -> None:
+                 stream: bool, routes: Optional[list[str]] = None) -> None:
         self.rid, self.target, self.alpha, self.path, self.stream = rid, target, alpha, path, stream
+        self.routes = routes
         self.prompt_total = prompt_total  # each prompt counted once, whatever n is (as OpenAI counts)
         n = rows
         self.texts = [""] * n
@@ -292,8 +307,9 @@ class _Record:
         self.logged = True
         outcome = "error" if self.error else ("cancelled (client gone)" if not self.complete else
                                               ",".join(sorted({r for r in self.reasons if r})))
-        log.info("%s %s model=%s alpha=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs stream=%s finish=%s",
-                 self.rid, self.path, self.target, _fmt_alpha(self.alpha), self.prompt_total, sum(self.tokens),
+        log.info("%s %s model=%s%s alpha=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs stream=%s finish=%s",
+                 self.rid, self.path, self.target, "" if self.routes is None else f" route={','.join(self.routes)}",
+                 _fmt_alpha(self.alpha), self.prompt_total, sum(self.tokens),
                  time.perf_counter() - self.start, self.stream, outcome)
 
 

@@ -17,9 +17,11 @@ Everything that differs between rows is applied per row inside one `generate()` 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -153,8 +155,20 @@ class Engine:
         ```
     """
 
-    def __init__(self, peft_model, tokenizer, knobs: Knobs, context_length: Optional[int] = None) -> None:
+    def __init__(self, peft_model, tokenizer, knobs: Knobs, context_length: Optional[int] = None,
+                 router: Any = None) -> None:
         self.model = peft_model
+        self.router = router  # a `PromptRouter` when knobs has a policy: routes requests that send no alpha
+        if (router is None) != (knobs.policy is None):
+            raise ValueError("a router and a policy go together: give both (--router DIR --policy FILE) or neither.")
+        if router is not None:
+            unknown = sorted(set(knobs.policy) - set(router.labels))
+            if unknown:
+                raise ValueError(f"the policy names route(s) {unknown} that the router never gives; its labels are "
+                                 f"{router.labels}.")
+        # routing runs off the event loop, one request at a time, with its own tokenizer (see _decode_tokenizer)
+        self._route_tokenizer = copy.deepcopy(tokenizer) if router is not None else None
+        self.route_executor = ThreadPoolExecutor(1, thread_name_prefix="route") if router is not None else None
         self.tokenizer = tokenizer  # encodes prompts on the event loop thread
         # The worker decodes with its own copy: a fast tokenizer is not safe to share between threads.
         self._decode_tokenizer = copy.deepcopy(tokenizer)
@@ -176,8 +190,11 @@ class Engine:
     @classmethod
     def load(cls, model: str, adapters: dict[str, str], interpolation: Optional[str] = None, alpha: float = 1.0,
              dtype: str = "float32", device: Optional[str] = None, base_id: Optional[str] = None,
-             context_length: Optional[int] = None) -> Engine:
-        """Load MODEL (what `peft-clm train` accepts) and the named adapter directories, all active."""
+             context_length: Optional[int] = None, router: Optional[str] = None,
+             policy: Optional[str] = None) -> Engine:
+        """Load MODEL (what `peft-clm train` accepts) and the named adapter directories, all active; with `router`
+        (a `PromptRouter` directory) and `policy` (a JSON file {route: {adapter: alpha}}), requests to the base
+        model that send no alpha are routed."""
         from peft import PeftModel
 
         import peft_clm  # noqa: F401  registers CLM with PEFT
@@ -186,6 +203,17 @@ class Engine:
 
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+        if (router is None) != (policy is None):
+            raise ValueError("--router and --policy go together: give both or neither.")
+        routing, policy_table = None, None
+        if router is not None:
+            from ..router import PromptRouter
+
+            routing = PromptRouter.load(router)
+            try:
+                policy_table = json.loads(Path(policy).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--policy {policy}: not a readable JSON file ({e}).") from None
         for name, path in adapters.items():
             if not (Path(path) / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"adapter {name!r}: no adapter_config.json in {path}.")
@@ -203,8 +231,19 @@ class Engine:
         if base_id in names:
             raise ValueError(f"the base model's name {base_id!r} is also an adapter's name; rename the adapter "
                              "(--adapter NAME=DIR) or the model (--served-model-name).")
-        knobs = Knobs(names, default=alpha, mode=peft_model.base_model.interpolation, base_id=base_id)
-        return cls(peft_model, tokenizer, knobs, context_length=context_length)
+        knobs = Knobs(names, default=alpha, mode=peft_model.base_model.interpolation, base_id=base_id,
+                      policy=policy_table)
+        if routing is not None:
+            routing.check_model(peft_model)
+        return cls(peft_model, tokenizer, knobs, context_length=context_length, router=routing)
+
+    def route(self, prompts: Sequence[Any]) -> list[str]:
+        """Each prompt's route (text, token ids or chat messages), on the base model; runs on `route_executor`."""
+        from ..router import prompt_text
+
+        texts = [self._route_tokenizer.decode(p) if isinstance(p, list) and p and isinstance(p[0], int)
+                 else prompt_text(p) for p in prompts]
+        return self.router.route(self.model, self._route_tokenizer, texts)
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt: Any) -> list[int]:

@@ -9,14 +9,19 @@ What a request may send (the `openai` client sends it with `extra_body={"alpha":
   alpha, in `logits` and `hidden` modes only (`weights` mode mixes parameters, one alpha per batch).
 
 `model` names the base model (every knob, at the request's alpha) or one adapter (that knob alone, the others at 0).
+
+With a router and a policy (`serve --router DIR --policy FILE`), a request to the base model that sends no alpha is
+routed instead: each prompt gets the alphas its route has in the policy (`peft_clm.tools.router.policy_alphas`),
+every knob the policy leaves out of that route at 0; a route the policy does not name is the base model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ...alpha import check_alpha
+from ..router import check_policy
 from .errors import ApiError
 
 
@@ -36,7 +41,8 @@ class Knobs:
         ```
     """
 
-    def __init__(self, adapters: Sequence[str], default: float, mode: str, base_id: str) -> None:
+    def __init__(self, adapters: Sequence[str], default: float, mode: str, base_id: str,
+                 policy: Optional[dict[str, dict[str, float]]] = None) -> None:
         if not adapters:
             raise ValueError("the server needs at least one CLM adapter (--adapter DIR).")
         check_alpha(default, "--alpha", rows=False)
@@ -44,6 +50,16 @@ class Knobs:
         self.default = float(default)
         self.mode = mode
         self.base_id = base_id
+        # checked whole here, so that a bad policy stops the server before it serves
+        self.policy = None if policy is None else check_policy(policy, self.adapters)
+
+    def routes(self, target: str, alpha: Any) -> bool:
+        """Whether this request is routed: a policy is set, the request names the base model and sends no alpha."""
+        return self.policy is not None and alpha is None and target == self.base_id
+
+    def routed(self, routes: Sequence[str]) -> list[RowAlpha]:
+        """One {adapter: alpha} per sequence from each sequence's route and the policy."""
+        return [{name: self.policy.get(route, {}).get(name, 0.0) for name in self.adapters} for route in routes]
 
     def resolve(self, target: str, alpha: Any, rows: int) -> list[RowAlpha]:
         """One {adapter: alpha} per sequence, every adapter present; raises `ApiError` (400) naming what was wrong."""

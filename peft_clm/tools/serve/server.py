@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -27,7 +28,7 @@ def run_server(model: str, adapters: dict[str, str], *, interpolation: Optional[
                max_queue: int = 256, max_new_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20,
                dtype: str = "float32", device: Optional[str] = None, served_model_name: Optional[str] = None,
                context_length: Optional[int] = None, drain_timeout: float = 30.0, log_level: str = "info",
-               threads: Optional[int] = None) -> int:
+               threads: Optional[int] = None, router: Optional[str] = None, policy: Optional[str] = None) -> int:
     """Serve `model` with `adapters` ({name: directory}) on host:port; returns 0 after a clean shutdown.
 
     Example:
@@ -51,7 +52,7 @@ def run_server(model: str, adapters: dict[str, str], *, interpolation: Optional[
     if max_new_tokens_limit < 1 or max_body_bytes < 1:
         raise ValueError("--max-new-tokens-limit and --max-body-bytes must be >= 1.")
     engine = Engine.load(model, adapters, interpolation=interpolation, alpha=alpha, dtype=dtype, device=device,
-                         base_id=served_model_name, context_length=context_length)
+                         base_id=served_model_name, context_length=context_length, router=router, policy=policy)
     batcher = Batcher(engine, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
     app = create_app(engine, batcher, max_new_tokens_limit=max_new_tokens_limit, max_body_bytes=max_body_bytes,
                      drain_timeout=drain_timeout)
@@ -59,6 +60,9 @@ def run_server(model: str, adapters: dict[str, str], *, interpolation: Optional[
     log.info("model %s with adapters %s, %s mode, default alpha %g, context %d tokens, on %s; batches of up to %d "
              "rows, waiting up to %g ms; queue of %d", knobs.base_id, knobs.adapters, knobs.mode, knobs.default,
              engine.context_length, engine.device, max_batch_size, batch_wait_ms, max_queue)
+    if engine.router is not None:
+        log.info("routing requests that send no alpha: router %s (routes %s), policy %s", router,
+                 engine.router.labels, json.dumps(knobs.policy))
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=drain_timeout)
     server = uvicorn.Server(config)
