@@ -671,17 +671,18 @@ def cmd_knob(args) -> None:
 def level_alphas(args) -> tuple[dict, str]:
     """Each regulated domain's alpha per level ({domain: {"avoid": a, "generic": 0.0, "expert": e}}, a dial's
     signed alphas) and where they came from. For the per-level design with a knob-search run of the same --runs
-    and --interpolation under --results (knob_search.json with its sweeps): each knob at its alpha of highest own
+    and --interpolation under --results (knob_search.json with its sweeps, or knob_search_sweeps.json): each knob at its alpha of highest own
     accuracy by --pick (`pick_alpha`), the avoid knob's read as a negative dial. Otherwise the score stage's picks
     (levels_clm.json under --results), as the markers of every earlier design were made."""
     from peft_clm.tools.levels import pick_alpha
 
     results = Path(args.results)
-    search = json.loads((results / "knob_search.json").read_text()) if (results / "knob_search.json").exists() else {}
+    found = [results / n for n in ("knob_search.json", "knob_search_sweeps.json") if (results / n).exists()]
+    search = json.loads(found[0].read_text()) if found else {}  # a search, or its --sweeps-only run
     if args.design == "per-level" and "sweeps" in search:
         ran = (Path(search["runs"]).resolve(), search["interpolation"])
         if ran != (Path(args.runs).resolve(), args.interpolation):
-            raise SystemExit(f"{results / 'knob_search.json'} swept the knobs of {search['runs']} in "
+            raise SystemExit(f"{found[0]} swept the knobs of {search['runs']} in "
                              f"{search['interpolation']} mode; markers was given {args.runs} in {args.interpolation}.")
         picks = {}
         for d in REGULATED:
@@ -691,8 +692,8 @@ def level_alphas(args) -> tuple[dict, str]:
                     pick = pick_alpha(search["sweeps"][f"{d}_{level}"], d, level, 1, args.pick)
                     picks[d][level] = sign * pick["alpha"]
                 except ValueError as error:  # a sweep without positive alphas
-                    raise SystemExit(f"knob {d}_{level} in {results / 'knob_search.json'}: {error}") from None
-        return picks, f"knob_search.json sweeps, --pick {args.pick}"
+                    raise SystemExit(f"knob {d}_{level} in {found[0]}: {error}") from None
+        return picks, f"{found[0].name} sweeps, --pick {args.pick}"
     path = results / "levels_clm.json"
     if not path.exists():
         raise SystemExit(f"markers reads the alphas from {path} (score stage) or, for --design per-level, from "

@@ -843,3 +843,33 @@ def test_routed_stage_end_to_end_merges_score_files_and_routes_with_the_base_mod
         run("bad", tmp_path / "search", router_data=data / "heldout.jsonl")
     with pytest.raises(SystemExit, match="give --scores-from"):
         run("bad")
+
+
+def test_markers_read_each_knobs_alpha_from_a_search_or_its_sweeps_only_run(tmp_path):
+    from types import SimpleNamespace
+
+    script = _domains_script()
+    names = script.knob_names(SimpleNamespace(design="per-level"))
+
+    def sweep(own, best):  # a knob's 1-D sweep: its own domain at its level on every question from `best` on
+        domain, level = own.rsplit("_", 1)
+        rows = []
+        for a in (0.0, 1.0, 2.0):
+            levels = {d: {"avoid": 0.0, "generic": 1.0, "expert": 0.0, "mean_level": 0.0} for d in script.DOMAINS}
+            if a >= best:
+                levels[domain] = {**levels[domain], "generic": 0.0, level: 1.0}
+            rows.append({"alpha": a, "levels": levels})
+        return rows
+
+    sweeps = {k: sweep(k, 1.0 if "medical" in k else 2.0) for k in names}
+    (tmp_path / "knob_search_sweeps.json").write_text(json.dumps(
+        {"sweeps": sweeps, "runs": str(tmp_path / "runs"), "interpolation": "logits"}))
+    args = SimpleNamespace(design="per-level", results=str(tmp_path), runs=str(tmp_path / "runs"),
+                           interpolation="logits", pick="accuracy")
+    picks, source = script.level_alphas(args)
+    assert source == "knob_search_sweeps.json sweeps, --pick accuracy"
+    assert picks["medical"] == {"generic": 0.0, "avoid": -1.0, "expert": 1.0}
+    assert picks["legal"] == {"generic": 0.0, "avoid": -2.0, "expert": 2.0}
+    args.runs = str(tmp_path / "other")
+    with pytest.raises(SystemExit, match="knob_search_sweeps.json swept the knobs of"):
+        script.level_alphas(args)
