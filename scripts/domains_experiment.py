@@ -662,7 +662,8 @@ def cmd_knob(args) -> None:
         save_search_scores(Path(args.results) / f"knob_{domain}_scores.safetensors",
                            {key_of({domain: a}, [domain]): s for a, s in zip(alphas, scores)},
                            {"knobs": {domain: adapter_fingerprint(Path(args.runs) / "clm" / domain)},
-                            "rows": rows_fingerprint(rows), "row_domains": row_domains, "runs": args.runs})
+                            "rows": rows_fingerprint(rows), "row_domains": row_domains, "runs": args.runs,
+                            "interpolation": args.interpolation})
     write_json(Path(args.results) / f"knob_{domain}{suffix}.json",
                {"domain": domain, "interpolation": args.interpolation, "runs": args.runs, "split": args.split,
                 "sweep": sweep})
@@ -955,7 +956,8 @@ def cmd_knob_search(args) -> None:
         earlier_exact.update(load_search_scores(path, fingerprints, rows_sha, len(rows), names))
     model, tokenizer, vectors = load(kind, args)
     scores_path = search_scores_path(Path(args.results), kind)
-    scores_meta = {"knobs": fingerprints, "rows": rows_sha, "row_domains": row_domains, "runs": args.runs}
+    scores_meta = {"knobs": fingerprints, "rows": rows_sha, "row_domains": row_domains, "runs": args.runs,
+                   "interpolation": args.interpolation if kind == "clm" else None}
     exact: dict = {}  # {key: [N, 3]}: every point this search has exact scores of
     counts = {"scored": 0, "reused": 0}
 
@@ -1073,12 +1075,16 @@ def cmd_knob_search(args) -> None:
 
 
 def merge_scored_points(sources: list[tuple]) -> tuple[list[dict], "torch.Tensor", dict]:
-    """Join the scored points of several files (`read_search_scores` results) into one pool: (points, [P, N, 3]
-    scores, {knob: fingerprint}). A knob is known by its fingerprint: where two files hold different weights under
-    one name, the later one is renamed `name@<first 8 hex digits>`; a point in two files (same knobs, same alphas)
-    is kept once."""
+    """Join the scored points of several CLM score files (`read_search_scores` results, one mixing mode) into one
+    pool: (points, [P, N, 3] scores, {knob: fingerprint}). A knob is known by its fingerprint: where two files hold
+    different weights under one name, the later one is renamed `name@<first 8 hex digits>`; a point in two files
+    (same knobs, same alphas) is kept once (its scores are the same: the same weights on the same questions)."""
     import torch
 
+    modes = {labels.get("interpolation") or "logits" for labels, _, _ in sources}  # knob-search: logits only
+    if len(modes) > 1:
+        raise SystemExit(f"--scores-from: the files were scored in different mixing modes {sorted(modes)}; give "
+                         "files of one mode")
     knobs: dict = {}  # name in the pool -> fingerprint
     pool: dict = {}  # the point's identity -> (point, scores)
     for labels, points, scores in sources:
@@ -1086,8 +1092,15 @@ def merge_scored_points(sources: list[tuple]) -> tuple[list[dict], "torch.Tensor
         for name, sha in labels.get("knobs", {}).items():
             taken = knobs.get(name)
             rename[name] = name if taken in (None, sha) else f"{name}@{sha[:8]}"
+            if knobs.get(rename[name], sha) != sha:
+                raise SystemExit(f"--scores-from: two knobs named {name} whose fingerprints start alike; score them "
+                                 "into one file")
             knobs[rename[name]] = sha
         for point, s in zip(points, scores):
+            unknown = [k for k, a in point.items() if float(a) != 0.0 and k not in rename]
+            if unknown:
+                raise SystemExit(f"--scores-from: a point sets {unknown}, which its file does not fingerprint; "
+                                 "score it again")
             named = {rename[k]: float(a) for k, a in point.items() if float(a) != 0.0}
             pool.setdefault(json.dumps(sorted(named.items())), (named, s))
     names = list(knobs)

@@ -749,6 +749,13 @@ def test_routed_search_answers_each_question_at_its_routes_point():
     missed = routed_combinations(scores, row_domains, routes, points, doms, controls={"g": "generic"})
     for c in missed:
         assert c["accuracy"]["a"] == (1.0 if c["targets"]["a"] == "generic" else 0.5)
+    # an a-question sent to c gets c's point: right only where c's knob (or the base) puts an a-question at a's
+    # target (c's knobs leak into a); with c generic it stays generic
+    routes[0] = "c"
+    crossed = routed_combinations(scores, row_domains, routes, points, doms, knobs_of=own)
+    for c in crossed:
+        ta, tc = c["targets"]["a"], c["targets"]["c"]
+        assert c["accuracy"]["a"] == (1.0 if ta == tc else 0.5)
     # knobs_of: a's route may only use a's knobs; with c's knobs only (which reach a by leaking from c), a still
     # reaches its levels, but b's route cannot reach anything but generic
     limited = routed_combinations(scores, row_domains, row_domains, points, doms,
@@ -762,7 +769,13 @@ def test_routed_search_answers_each_question_at_its_routes_point():
     split = routed_combinations(broken, row_domains, row_domains, points, doms, select=select)
     for c in split:
         assert c["reached"] == (c["targets"]["a"] == "avoid")
+        assert c["accuracy"]["a"] == (1.0 if c["targets"]["a"] == "avoid" else 0.0)  # row 1 alone, not rows 0-1
         assert c["selected_min_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="select has 3 values for 8 rows"):
+        routed_combinations(scores, row_domains, row_domains, points, doms, select=[True] * 3)
+    with pytest.raises(ValueError, match=r"control\(s\) \['g'\] have no rows to report on"):
+        routed_combinations(scores, row_domains, row_domains, points, doms, controls={"g": "generic"},
+                            select=[i % 2 == 0 or rd == "g" for i, rd in enumerate(row_domains)])
     with pytest.raises(ValueError, match="needs the base point"):
         routed_combinations(scores[1:], row_domains, row_domains, points[1:], doms)
     with pytest.raises(ValueError, match="domain 'a' has no rows routed to it"):

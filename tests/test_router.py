@@ -11,7 +11,14 @@ from test_levels import _plain_model
 from tiny_models import perturb, tiny_tokenizer
 
 from peft_clm import ClmConfig
-from peft_clm.tools.router import PromptRouter, default_layers, policy_alphas, prompt_features, prompt_text
+from peft_clm.tools.router import (
+    PromptRouter,
+    UnroutablePrompt,
+    default_layers,
+    policy_alphas,
+    prompt_features,
+    prompt_text,
+)
 
 
 SEA = "sea sky sun moon river tree bird".split()
@@ -42,6 +49,7 @@ def test_router_learns_topics_and_routes_new_prompts_of_them():
             {"role": "user", "content": new_prompts[0]}]
     assert router.route(model, tokenizer, [chat]) == ["sea"]
     assert default_layers(30) == [6, 12, 18, 24, 30] and default_layers(2) == [1, 2]
+    assert default_layers(7) == [1, 3, 4, 6, 7]
 
 
 @pytest.mark.parametrize("mode", ["logits", "hidden"])
@@ -83,6 +91,11 @@ def test_saved_router_routes_as_before_and_refuses_what_it_cannot_read(tmp_path)
     wider.config.num_hidden_layers = 3
     with pytest.raises(ValueError, match="fitted on another model.*num_hidden_layers: fitted 2, given 3"):
         router.route(wider, tokenizer, prompts)
+    with pytest.raises(ValueError, match="fitted on another model.*embedding_norm"):  # same shape, other weights
+        router.route(_plain_model(tokenizer, seed=9), tokenizer, prompts)
+    (tmp_path / "router" / "router_config.json").write_text(json.dumps({"labels": ["sea", "talk"]}))
+    with pytest.raises(ValueError, match=r"damaged router: \['layers', 'model'\] missing"):
+        PromptRouter.load(tmp_path / "router")
 
 
 def test_bad_input_is_one_clear_error():
@@ -98,14 +111,14 @@ def test_bad_input_is_one_clear_error():
         PromptRouter.fit(model, tokenizer, prompts, labels, layers=[3])
     with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
         PromptRouter.fit(model, tokenizer, prompts, labels, weight_decay=-1.0)
-    with pytest.raises(ValueError, match="prompts with no tokens cannot be routed"):
+    with pytest.raises(UnroutablePrompt, match="prompts with no tokens cannot be routed"):
         prompt_features(model, tokenizer, ["the sea", ""], [1])
     with pytest.raises(ValueError, match="route with the model in eval mode"):
         prompt_features(model.train(), tokenizer, ["the sea"], [1])
     model.eval()
     with pytest.raises(ValueError, match="no prompts to route"):
         prompt_features(model, tokenizer, [], [1])
-    with pytest.raises(ValueError, match="a string or a list of chat messages with a user message"):
+    with pytest.raises(UnroutablePrompt, match="a string or a list of chat messages with a user message"):
         prompt_text([{"role": "system", "content": "be kind"}])
     with pytest.raises(ValueError, match="do not fit together"):
         PromptRouter(["a", "b"], [1], torch.zeros(4), torch.ones(4), torch.zeros(4, 3), torch.zeros(3))

@@ -356,6 +356,39 @@ def test_requests_without_alpha_are_routed_and_get_their_routes_alphas(routed, r
     assert "route" not in r.model_extra and r.model_extra["alpha"] == {"concise": 0.0, "formal": 1.0}
     assert ref_logits.answer(sea, ROUTED["sea"], 10)[0] != ref_logits.answer(sea, ROUTED["talk"], 10)[0]
     assert "route=sea" in routed.log() and "routing requests that send no alpha" in routed.log()
+    # n choices of one routed prompt share its route
+    r = client.completions.create(model="model", prompt=talk, max_tokens=6, temperature=0, n=2)
+    assert r.model_extra["route"] == ["talk"] and r.model_extra["alpha"] == [ROUTED["talk"]] * 2
+    # a chat without a user message cannot be routed: 400, and the server keeps serving
+    with pytest.raises(openai.BadRequestError, match="could not be routed"):
+        client.chat.completions.create(model="model", messages=[{"role": "system", "content": sea}], max_tokens=4)
+
+
+def test_routed_and_unrouted_requests_at_once_each_equal_their_solo_generate(routed, ref_logits):
+    """Routing runs on its own thread while the worker generates: concurrent requests, routed or sent an alpha,
+    each get what they would alone."""
+    client = routed.client()
+    words = TOPIC_WORDS["sea"] + TOPIC_WORDS["talk"]
+    jobs = []
+    for k in range(12):
+        prompt = " ".join(words[(k * 5 + i) % 7 + (7 if k % 2 else 0)] for i in range(6))
+        jobs.append((prompt, None if k % 3 else {"concise": 0.25 * k, "formal": 0.0}))
+
+    def ask(job):
+        prompt, alpha = job
+        extra = {} if alpha is None else {"extra_body": {"alpha": alpha}}
+        r = client.completions.create(model="model", prompt=prompt, max_tokens=8, temperature=0, **extra)
+        return r.choices[0].text, r.model_extra.get("route"), r.model_extra["alpha"]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (prompt, alpha), (text, route, applied) in zip(jobs, answers):
+        if alpha is None:
+            assert route == [("talk" if prompt.split()[0] in TOPIC_WORDS["talk"] else "sea")]
+            assert applied == ROUTED[route[0]]
+        else:
+            assert route is None and applied == alpha
+        assert text == ref_logits.answer(prompt, applied, 8)[0]
 
 
 def test_stop_strings_cut_the_text_streamed_or_not(hidden, ref_hidden):
@@ -661,6 +694,9 @@ def test_serve_command_reports_bad_arguments(tiny, capsys):
         assert main(["serve", "--model", str(tiny / "model"), *adapters, "--router", str(tiny / "router"),
                      "--policy", str(tiny / "bad_policy.json")]) == 2
         assert re.search(message, capsys.readouterr().err), policy
+    assert main(["serve", "--model", str(tiny / "model"), *adapters, "--interpolation", "weights",
+                 "--router", str(tiny / "router"), "--policy", str(tiny / "policy.json")]) == 2
+    assert "weights mode" in capsys.readouterr().err
 
 
 def test_batcher_takes_waiting_requests_oldest_first_within_the_size_and_the_group():

@@ -433,10 +433,11 @@ def routed_combinations(
     """The 27-combination search when each question is answered at the point of its route (`tools.router`), not at
     one point for all: for each domain d and level, the point at which most of d's questions routed to d are at
     that level (on the `select` rows; ties: nearest the base, smallest sum of |alpha|), chosen once per domain and
-    level since no other domain's questions see it; `knobs_of[d]` (optional) limits d's points to those that set
-    only d's knobs. A question routed outside `domains` (a control, or any other label) is answered by the base
-    model, every knob at 0, which must be among `points`. A misrouted question is scored at the point of the route
-    it got, so router errors count against its own domain.
+    level from d's own questions (the router's errors are not known when a setting is chosen); `knobs_of[d]`
+    (optional) limits d's points to those that set only d's knobs (a domain it leaves out gets the base only). A
+    question routed outside `domains` (a control, or any other label) is answered by the base model, every knob at
+    0, which must be among `points`. A misrouted question is scored at the point of the route it got, so router
+    errors count against its own domain.
 
     `scores` is [len(points), len(rows), 3]; `routes` and `row_domains` name each row's route and true domain.
     Results are as `search_combinations`' (`accuracy` per domain and control on the report rows, `min_accuracy`,
@@ -449,9 +450,14 @@ def routed_combinations(
     base = [j for j, s in enumerate(size) if s == 0.0]
     if not base:
         raise ValueError("routed_combinations needs the base point (every knob at 0) among the points.")
+    if select is not None and len(select) != len(routes):
+        raise ValueError(f"select has {len(select)} values for {len(routes)} rows; give one per row.")
     mask_sel = torch.ones(len(routes), dtype=torch.bool) if select is None else torch.tensor(list(select))
     mask_eval = torch.ones_like(mask_sel) if select is None else ~mask_sel
     true = {d: torch.tensor([rd == d for rd in row_domains]) for d in [*domains, *(controls or {})]}
+    unreported = [c for c in controls or {} if not (true[c] & mask_eval).any()]
+    if unreported:
+        raise ValueError(f"control(s) {unreported} have no rows to report on.")
     levels = levels_from_scores(scores)  # [P, N]
     chosen: dict = {}  # (domain, level index) -> (point index, accuracy on the choosing rows)
     for d in domains:

@@ -43,6 +43,10 @@ Prompt = Union[str, Sequence[Mapping[str, str]]]
 CONFIG_NAME, WEIGHTS_NAME = "router_config.json", "router.safetensors"
 
 
+class UnroutablePrompt(ValueError):
+    """A prompt the router cannot read (no text, no user message): the request's fault, not the server's."""
+
+
 def prompt_text(prompt: Prompt) -> str:
     """The text a prompt is routed on: a string as it is, a chat (list of messages) by its last user message."""
     if isinstance(prompt, str):
@@ -51,14 +55,15 @@ def prompt_text(prompt: Prompt) -> str:
         users = [m.get("content") for m in prompt if m.get("role") == "user"]
         if users and isinstance(users[-1], str):
             return users[-1]
-    raise ValueError(f"a prompt is a string or a list of chat messages with a user message; got {prompt!r:.120}.")
+    raise UnroutablePrompt(f"a prompt is a string or a list of chat messages with a user message; got "
+                           f"{prompt!r:.120}.")
 
 
 def default_layers(num_hidden_layers: int) -> list[int]:
-    """Five evenly spaced hidden states, the last included (index 0 is the embeddings): topic shows at every depth,
-    and several layers route more reliably than any one (measured on SmolLM2, README)."""
-    step = max(1, num_hidden_layers // 5)
-    return list(range(num_hidden_layers, 0, -step))[:5][::-1]
+    """Five evenly spaced hidden states, the last included (index 0 is the embeddings; fewer where the model has
+    fewer layers): topic shows at every depth, and several layers route more reliably than any one (measured on
+    SmolLM2, README)."""
+    return sorted({max(1, round(num_hidden_layers * (k + 1) / 5)) for k in range(5)})
 
 
 def _base_call(model) -> dict:
@@ -74,7 +79,7 @@ def prompt_features(
     model, tokenizer, prompts: Sequence[Prompt], layers: Sequence[int], batch_size: int = 16, max_length: int = 512
 ) -> torch.Tensor:
     """[N, len(layers) * hidden] float32: per prompt, the mean hidden state over its tokens after the first, at each
-    of `layers` (indices into `output_hidden_states`, 0 the embeddings), with the model's adapters off."""
+    of `layers` (indices into `output_hidden_states`, 0 the embeddings), every CLM adapter at alpha 0 for the call."""
     if not prompts:
         raise ValueError("no prompts to route; give at least one.")
     texts = [prompt_text(p) for p in prompts]
@@ -85,7 +90,7 @@ def prompt_features(
     ids = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     empty = [texts[i] for i, x in enumerate(ids) if not x]
     if empty:
-        raise ValueError(f"prompts with no tokens cannot be routed: {empty[:3]!r}.")
+        raise UnroutablePrompt(f"prompts with no tokens cannot be routed: {empty[:3]!r}.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.training:
         raise ValueError("route with the model in eval mode (model.eval()): dropout would make routing random.")
@@ -188,22 +193,33 @@ class PromptRouter:
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}).")
         config = json.loads((directory / CONFIG_NAME).read_text())
         t = load_file(str(directory / WEIGHTS_NAME))
+        missing = [k for k in ("labels", "layers", "model") if k not in config] + [
+            k for k in ("mean", "scale", "weight", "bias") if k not in t]
+        if missing:
+            raise ValueError(f"{directory} is a damaged router: {missing} missing; fit and save it again.")
         return cls(config["labels"], config["layers"], t["mean"], t["scale"], t["weight"], t["bias"],
-                   config.get("model"))
+                   config["model"])
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one this router was fitted on (its type and sizes; the name may differ)."""
         have = _model_info(model)
-        differ = {k: (v, have.get(k)) for k, v in self.model_info.items() if k != "name" and have.get(k) != v}
+        differ = {k: (v, have.get(k)) for k, v in self.model_info.items()
+                  if k not in ("name", "embedding_norm") and have.get(k) != v}
+        fitted, given = self.model_info.get("embedding_norm"), have["embedding_norm"]
+        if fitted is not None and abs(given - fitted) > 1e-3 * abs(fitted):  # other weights; dtypes differ less
+            differ["embedding_norm"] = (fitted, given)
         if differ:
             raise ValueError(f"this router was fitted on another model ({self.model_info.get('name')}); "
                              f"differs in {', '.join(f'{k}: fitted {a}, given {b}' for k, (a, b) in differ.items())}.")
 
 
 def _model_info(model) -> dict:
+    """What a router's features depend on: the model's type and sizes, and the norm of its input embeddings (another
+    checkpoint of the same shape has another norm)."""
     config = model.config
     return {"name": getattr(config, "name_or_path", None), "model_type": getattr(config, "model_type", None),
-            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers}
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "embedding_norm": float(model.get_input_embeddings().weight.detach().float().norm())}
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float):
@@ -250,5 +266,15 @@ def policy_alphas(routes: Sequence[str], policy: Mapping[str, Mapping[str, float
     """
     policy = check_policy(policy, adapters)
     names = list(dict.fromkeys([*(adapters or []), *(a for row in policy.values() for a in row)]))
-    return {n: torch.tensor([policy.get(route, {}).get(n, 0.0) for route in routes], dtype=torch.float32)
-            for n in names}
+    rows = [route_alphas(route, policy, names) for route in routes]
+    return {n: torch.tensor([row[n] for row in rows], dtype=torch.float32) for n in names}
+
+
+def route_alphas(route: str, policy: Mapping[str, Mapping[str, float]], adapters: Sequence[str]) -> dict[str, float]:
+    """One route's {adapter: alpha} under a checked policy: the policy's alpha where it sets one, else 0 (a route
+    the policy leaves out is the base model).
+
+    >>> route_alphas("general", {"medical": {"med": 1.0}}, ["med"])
+    {'med': 0.0}
+    """
+    return {n: float(policy.get(route, {}).get(n, 0.0)) for n in adapters}

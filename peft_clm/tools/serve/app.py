@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..router import UnroutablePrompt
 from .batcher import Batcher, Job
 from .engine import Engine, RowSpec
 from .errors import ApiError
@@ -56,6 +57,8 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         # Reached once uvicorn has drained the in-flight requests (or given up after its graceful timeout).
         stats = batcher.stats()
         batcher.close(timeout=drain_timeout)
+        if engine.route_executor is not None:
+            engine.route_executor.shutdown(wait=False)
         log.info("stopped: %d batches, %d sequences generated", stats["batches"], stats["rows_done"])
 
     app = FastAPI(title="peft-clm", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -128,12 +131,19 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         chat = prefix == "chatcmpl"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
         rows = len(prompts) * body.n
+        # Without max_tokens a completion gets 16 tokens (OpenAI's default), a chat answer what the context leaves,
+        # up to --max-new-tokens-limit. Checked before any routing, which costs a forward pass.
+        budgets = [engine.check_length(ids, body.max_tokens, max_new_tokens_limit, prompt_param,
+                                       default=None if chat else 16) for ids in prompts]
         routes = None
         if knobs.routes(target, body.alpha):  # no alpha sent: each prompt at its route's alphas in the policy
             try:
                 routes = await asyncio.get_running_loop().run_in_executor(engine.route_executor, engine.route, raw)
-            except ValueError as e:  # a prompt the router cannot read (e.g. a chat without a user message)
+            except UnroutablePrompt as e:  # e.g. a chat without a user message
                 raise ApiError(400, f"this request could not be routed: {e}", param=prompt_param) from None
+            except Exception as e:  # noqa: BLE001  the server's fault: an OpenAI-style 500, logged
+                log.exception("routing failed")
+                raise ApiError(500, f"routing failed: {type(e).__name__}: {e}") from None
             row_alphas = knobs.routed([r for r in routes for _ in range(body.n)])
             alphas = knobs.resolve(target, row_alphas if len(set(map(str, row_alphas))) > 1 else row_alphas[0], rows)
         else:
@@ -141,10 +151,7 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         temperature = 1.0 if body.temperature is None else float(body.temperature)  # OpenAI's default
         specs = []
         for p, ids in enumerate(prompts):
-            # Without max_tokens a completion gets 16 tokens (OpenAI's default), a chat answer what the context
-            # leaves, up to --max-new-tokens-limit.
-            budget = engine.check_length(ids, body.max_tokens, max_new_tokens_limit, prompt_param,
-                                         default=None if chat else 16)
+            budget = budgets[p]
             for j in range(body.n):
                 k = p * body.n + j
                 seed = None if body.seed is None else (body.seed + k) % 2**64  # choice k draws from seed + k

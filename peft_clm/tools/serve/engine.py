@@ -231,6 +231,9 @@ class Engine:
         if base_id in names:
             raise ValueError(f"the base model's name {base_id!r} is also an adapter's name; rename the adapter "
                              "(--adapter NAME=DIR) or the model (--served-model-name).")
+        if routing is not None and peft_model.base_model.interpolation == "weights":
+            raise ValueError("--router gives each prompt its own alphas, which weights mode (one mix of the layer's "
+                             "parameters per batch) cannot apply; serve with --interpolation logits or hidden.")
         knobs = Knobs(names, default=alpha, mode=peft_model.base_model.interpolation, base_id=base_id,
                       policy=policy_table)
         if routing is not None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from ...alpha import check_alpha
-from ..router import check_policy
+from ..router import check_policy, route_alphas
 from .errors import ApiError
 
 
@@ -59,7 +59,7 @@ class Knobs:
 
     def routed(self, routes: Sequence[str]) -> list[RowAlpha]:
         """One {adapter: alpha} per sequence from each sequence's route and the policy."""
-        return [{name: self.policy.get(route, {}).get(name, 0.0) for name in self.adapters} for route in routes]
+        return [route_alphas(route, self.policy, self.adapters) for route in routes]
 
     def resolve(self, target: str, alpha: Any, rows: int) -> list[RowAlpha]:
         """One {adapter: alpha} per sequence, every adapter present; raises `ApiError` (400) naming what was wrong."""
