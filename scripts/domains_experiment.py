@@ -1108,6 +1108,41 @@ def merge_scored_points(sources: list[tuple]) -> tuple[list[dict], "torch.Tensor
     return points, torch.stack([s for _, s in pool.values()]), knobs
 
 
+def routed_leakage(combos: list[dict], points: list[dict], scores, row_domains: list[str],
+                   routes: list[str]) -> dict:
+    """Leakage under routing, per domain and level: in the combination that sets that domain alone (the others
+    generic), every question answered at its route's point, the largest change of another domain's mean level (-1
+    avoid, 0 generic, +1 expert) from the base model, as a fraction of the domain's own change; only misrouted
+    questions can move another domain."""
+    import torch
+
+    from peft_clm.tools.levels import levels_from_scores
+
+    levels = levels_from_scores(scores)  # [P, N]
+    index = {json.dumps(p, sort_keys=True): j for j, p in enumerate(points)}
+    base = index[json.dumps({k: 0.0 for k in points[0]}, sort_keys=True)]
+
+    def mean_levels(assign) -> dict:
+        row_level = levels[torch.tensor(assign), torch.arange(len(routes))].float() - 1.0
+        return {d: float(row_level[torch.tensor([rd == d for rd in row_domains])].mean()) for d in DOMAINS}
+
+    at_base = mean_levels([base] * len(routes))
+    out = {}
+    for c in combos:
+        set_ = [d for d, lv in c["targets"].items() if lv != "generic"]
+        if len(set_) != 1:
+            continue
+        d = set_[0]
+        route_point = {r: index[json.dumps(p, sort_keys=True)] for r, p in c["points"].items()}
+        moved = mean_levels([route_point.get(r, base) for r in routes])
+        own = moved[d] - at_base[d]
+        others = {o: moved[o] - at_base[o] for o in DOMAINS if o != d}
+        out[f"{d}_{c['targets'][d]}"] = {
+            "own_change": own, "others_change": others,
+            "leakage": max(abs(v) for v in others.values()) / abs(own) if own else None}
+    return out
+
+
 def cmd_routed(args) -> None:
     """The 27 combinations with a router: each held-out question gets the knob setting of the domain a router
     (`peft_clm.tools.router.PromptRouter`, fitted on --router-data's questions, never the held-out ones) sends it
@@ -1158,7 +1193,8 @@ def cmd_routed(args) -> None:
                 "twofold_reached": sum(c["twofold_reached"] for c in combos)}
 
     searches = {"own": count(routes, True), "any": count(routes, False), "own_true_routes": count(row_domains, True)}
-    result = {"scores_from": [str(p) for p in sources], "knobs": knobs, "n_points": len(points),
+    leakage = routed_leakage(searches["own"]["combinations"], points, scores, row_domains, routes)
+    result = {"scores_from": [str(p) for p in sources], "knobs": knobs, "n_points": len(points), "leakage": leakage,
               "router": {"labels": router.labels, "layers": router.layers, "fitted_on": args.router_data,
                          "n_fitted": len(train), "accuracy": routing_accuracy, "confusion": confusion,
                          "fit_seconds": fit_seconds, "route_seconds": route_seconds,
@@ -1173,6 +1209,8 @@ def cmd_routed(args) -> None:
         print(f"  {d:10s} " + " ".join(f"{row[lb]:3d}" for lb in router.labels))
     for name, found in searches.items():
         print(f"{name}: {found['reached']}/27 reached in-sample, {found['twofold_reached']}/27 two-fold")
+    print("leakage under routing (one domain set, the others generic; all questions routed): " + "; ".join(
+        f"{k} {v['leakage']:.2f}" if v["leakage"] is not None else f"{k} -" for k, v in leakage.items()))
     for c in searches["own"]["combinations"]:
         print(" ".join(f"{d[:3]} {lv:7s}" for d, lv in c["targets"].items()) + " | "
               + " ".join(f"{d[:3]}: " + (",".join(f"{k}={a:g}" for k, a in p.items() if a) or "base")

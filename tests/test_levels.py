@@ -850,6 +850,10 @@ def test_routed_stage_end_to_end_merges_score_files_and_routes_with_the_base_mod
     assert both["knobs"]["financial_expert@ffffffff"] == "f" * 64 and both["knobs"]["financial_expert"] == knobs[
         "financial_expert"]
     assert both["own"]["reached"] == both["own"]["twofold_reached"] == 27
+    # leakage under routing: each domain set alone moves only its own questions (the router makes no error here)
+    assert sorted(both["leakage"]) == sorted(f"{d}_{lv}" for d in script.REGULATED for lv in ("avoid", "expert"))
+    assert all(v["leakage"] == 0.0 and abs(v["own_change"]) == 1.0 for v in both["leakage"].values())
+    assert first["leakage"]["financial_expert"]["leakage"] is None  # the weak knob never moved its own domain
     fin_expert = next(c for c in both["own"]["combinations"] if c["targets"]["financial"] == "expert")
     assert fin_expert["points"]["financial"]["financial_expert@ffffffff"] == 2.0
     with pytest.raises(SystemExit, match="shares 16 questions with the held-out ones"):
