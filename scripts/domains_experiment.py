@@ -1150,7 +1150,8 @@ def cmd_routed(args) -> None:
     or the scores file of the knob stage; `merge_scored_points`): no knob is run here, only the base model to
     route. Three searches (`peft_clm.tools.levels.routed_combinations`), each in-sample and two-fold: "own" (a domain's route sets only that domain's two knobs), "any" (any scored
     point, all six knobs), and "own" with every question routed to its true domain (what a perfect router would
-    give). Writes routed.json and the router (router/) under --results."""
+    give). Writes routed.json, routed_combinations.csv (the 27 rows of "own") and the router (router/) under
+    --results."""
     from peft_clm.tools.levels import routed_combinations
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.router import PromptRouter
@@ -1202,6 +1203,16 @@ def cmd_routed(args) -> None:
                                        for d, r, row in zip(row_domains, routes, rows) if d != r]},
               **searches}
     write_json(Path(args.results) / "routed.json", result)
+    with open(Path(args.results) / "routed_combinations.csv", "w", newline="") as f:  # the 27 rows, "own" search
+        writer = csv.writer(f)
+        writer.writerow([*(f"{d}_target" for d in REGULATED), *(f"{d}_accuracy" for d in DOMAINS),
+                         *(f"{d}_twofold" for d in DOMAINS), "reached", "twofold_reached",
+                         *(f"{d}_route_point" for d in REGULATED)])
+        for c in searches["own"]["combinations"]:
+            writer.writerow([*(c["targets"][d] for d in REGULATED), *(f"{c['accuracy'][d]:.4f}" for d in DOMAINS),
+                             *(f"{c['twofold_accuracy'][d]:.4f}" for d in DOMAINS), c["reached"], c["twofold_reached"],
+                             *(" ".join(f"{k}={a:g}" for k, a in c["points"][d].items() if a) or "base"
+                               for d in REGULATED)])
     print(f"router: {routing_accuracy:.3f} of {len(rows)} held-out questions to their domain (fitted on "
           f"{len(train)} others in {fit_seconds:.1f} s; routing took {route_seconds:.1f} s); rows: true domain, "
           f"columns: route {router.labels}")

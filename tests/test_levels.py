@@ -845,6 +845,8 @@ def test_routed_stage_end_to_end_merges_score_files_and_routes_with_the_base_mod
     assert first["router"]["accuracy"] == 1.0 and first["n_points"] == len(points)
     assert first["own"]["reached"] == first["own_true_routes"]["reached"] == 18  # no financial expert
     assert (tmp_path / "one" / "router" / "router.safetensors").is_file()
+    table = (tmp_path / "one" / "routed_combinations.csv").read_text().splitlines()
+    assert len(table) == 28 and table[0].startswith("medical_target,legal_target,financial_target,medical_accuracy")
     both = run("both", tmp_path / "search", knob_file)
     assert both["n_points"] == len(points) + 1  # the base point is in both files, kept once
     assert both["knobs"]["financial_expert@ffffffff"] == "f" * 64 and both["knobs"]["financial_expert"] == knobs[
