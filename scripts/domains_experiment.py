@@ -1154,7 +1154,7 @@ def cmd_routed(args) -> None:
     --results."""
     from peft_clm.tools.levels import routed_combinations
     from peft_clm.tools.loading import load_model
-    from peft_clm.tools.router import PromptRouter
+    from peft_clm.tools.router import PromptRouter, routing_report
 
     if not args.scores_from:
         raise SystemExit("routed reads scored points: give --scores-from (a knob-search's --results, or a "
@@ -1177,9 +1177,8 @@ def cmd_routed(args) -> None:
     routes = router.route(model, tokenizer, [r["prompt"] for r in rows])
     route_seconds = time.perf_counter() - t0
     router.save(Path(args.results) / "router")
-    confusion = {d: {lb: sum(1 for rd, r in zip(row_domains, routes) if rd == d and r == lb) for lb in router.labels}
-                 for d in router.labels}
-    routing_accuracy = sum(r == d for r, d in zip(routes, row_domains)) / len(rows)
+    report = routing_report(routes, row_domains)
+    confusion, routing_accuracy = report["confusion"], report["accuracy"]
     knobs_of = {d: [k for k in knobs if k.split("@")[0].rsplit("_", 1)[0] == d] for d in REGULATED}
     controls = {"general": "generic"}
     selects = fold_selects(row_domains)

@@ -161,3 +161,39 @@ def test_routed_generation_equals_each_row_generated_alone_at_its_routes_alphas(
         assert torch.equal(together[i : i + 1], alone)
     unrouted = model.generate(input_ids=ids, clm_alpha={"sea_knob": 1.5, "talk_knob": 0.0}, **kwargs)
     assert not torch.equal(unrouted, together)  # the talk row's own setting changed its answer
+
+
+def test_router_fit_command_fits_reports_and_saves(tmp_path, capsys):
+    from tiny_models import save_tiny_model_dir
+
+    from peft_clm.tools.cli import main
+
+    save_tiny_model_dir(tmp_path / "model")
+    prompts, labels = _data(10, seed=0)
+    rows = [{"prompt": p if i % 2 else [{"role": "user", "content": p}], "topic": lb}
+            for i, (p, lb) in enumerate(zip(prompts, labels))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    new_prompts, new_labels = _data(5, seed=50)
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"prompt": p, "topic": lb}) + "\n"
+                                                 for p, lb in zip(new_prompts, new_labels)))
+    args = ["router", "fit", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
+            "--label-field", "topic", "--heldout", str(tmp_path / "held.jsonl"), "--out", str(tmp_path / "router")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fitted on 20 prompts (sea 10, talk 10)" in out and "held-out" in out and "wrote" in out
+    held = float(out.split("held-out")[1].split("accuracy ")[1].split(";")[0])
+    assert held == 1.0  # two topics of disjoint words: new prompts of them are routed right
+    assert PromptRouter.load(tmp_path / "router").labels == ["sea", "talk"]
+    # bad input: one message each, nothing written
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "sea", "topic": "sea"}) + "\n{not json\n")
+    bad = [*args[:4], "--data", str(tmp_path / "bad.jsonl"), *args[6:-1], str(tmp_path / "r2")]
+    assert main(bad) == 2 and "bad.jsonl:2: not a JSON object" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "sea", "label": "sea"}) + "\n")
+    assert main(bad) == 2 and "bad.jsonl:1: a row needs 'prompt'" in capsys.readouterr().err
+    assert main([*args, "--layers", "one,2"]) == 2
+    assert "--layers must be hidden-state indices" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert main([*args[:-1], str(tmp_path / "taken")]) == 2
+    assert "is not a saved router" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()

@@ -303,6 +303,41 @@ def _vectors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_fit(args: argparse.Namespace) -> int:
+    import time
+
+    from .loading import load_model
+    from .router import PromptRouter, check_router_dir, read_labelled, routing_report
+
+    try:  # everything is checked before the model loads
+        check_router_dir(args.out)
+    except FileExistsError as e:
+        raise ValueError(f"--out: {e}") from None
+    prompts, labels = read_labelled(args.data, args.label_field)
+    heldout = read_labelled(args.heldout, args.label_field) if args.heldout else None
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise ValueError(f"--layers must be hidden-state indices separated by commas; got {args.layers!r}.") from None
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    router = PromptRouter.fit(model.eval(), tokenizer, prompts, labels, layers=layers, weight_decay=args.weight_decay)
+    seconds = time.perf_counter() - start
+    fitted = routing_report(router.route(model, tokenizer, prompts), labels)
+    print(f"fitted on {len(prompts)} prompts ({', '.join(f'{n} {labels.count(n)}' for n in router.labels)}) at "
+          f"layers {router.layers} in {seconds:.1f} s; accuracy on them {fitted['accuracy']:.3f}")
+    if heldout:
+        report = routing_report(router.route(model, tokenizer, heldout[0]), heldout[1])
+        print(f"held-out ({args.heldout}): accuracy {report['accuracy']:.3f}; rows: true label, columns: route")
+        names = list(report["confusion"])
+        print(" " * 12 + " ".join(f"{n[:8]:>8s}" for n in names))
+        for true, row in report["confusion"].items():
+            print(f"{true[:12]:12s}" + " ".join(f"{row[n]:8d}" for n in names))
+    router.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from .serve.server import run_server
@@ -438,6 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("path")
     vi.add_argument("--top", type=int, default=10)
     v.set_defaults(func=_vectors)
+
+    r = sub.add_parser("router", help="a prompt router for serve --router: fit one on labelled prompts")
+    rsub = r.add_subparsers(dest="router_command", required=True)
+    rf = rsub.add_parser("fit", help="fit a PromptRouter on the base model's hidden states and save it")
+    rf.add_argument("--model", required=True, help="local HF directory, a .gguf file, or 'smollm2'")
+    rf.add_argument("--data", required=True, help='JSONL rows {"prompt": text or chat, "label": ...}')
+    rf.add_argument("--label-field", default="label", help="the field that holds each row's label (default: label)")
+    rf.add_argument("--heldout", help="JSONL rows of the same form to report accuracy and confusion on")
+    rf.add_argument("--layers", help="hidden-state indices, comma-separated (default: five evenly spaced)")
+    rf.add_argument("--weight-decay", type=float, default=1e-2)
+    rf.add_argument("--out", required=True, help="the router's directory (router.safetensors, router_config.json)")
+    r.set_defaults(func=_router_fit)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server: every request carries its own alpha, batched together")
     s.add_argument("--model", required=True, help="local HF directory, a .gguf file, or 'smollm2'")

@@ -15,6 +15,8 @@ server does per request), so a medical question gets the medical setting and not
   to a temporary directory and renamed.
 - `policy_alphas(routes, policy)`: the per-row `clm_alpha` dict from a policy {label: {adapter: alpha}}; a label
   the policy leaves out gets every knob at 0 (the base model).
+- `read_labelled` (a JSONL file of prompts and labels) and `routing_report` (accuracy and confusion), for
+  `peft-clm router fit`.
 
 Example:
     ```py
@@ -172,9 +174,8 @@ class PromptRouter:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
             config = {"labels": self.labels, "layers": self.layers, "model": self.model_info}
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            if directory.exists():  # replaced only when it holds a saved router and nothing else
-                if not directory.is_dir() or {p.name for p in directory.iterdir()} - {CONFIG_NAME, WEIGHTS_NAME}:
-                    raise FileExistsError(f"{directory} exists and is not a saved router; give a new directory.")
+            check_router_dir(directory)
+            if directory.exists():
                 shutil.rmtree(directory)
             tmp.replace(directory)
         except BaseException:
@@ -211,6 +212,52 @@ class PromptRouter:
         if differ:
             raise ValueError(f"this router was fitted on another model ({self.model_info.get('name')}); "
                              f"differs in {', '.join(f'{k}: fitted {a}, given {b}' for k, (a, b) in differ.items())}.")
+
+
+def read_labelled(path: Union[str, Path], label_field: str = "label") -> tuple[list[Prompt], list[str]]:
+    """Prompts and labels from a JSONL file of rows {"prompt": text or chat messages, <label_field>: label}; a bad
+    row is one ValueError naming its line."""
+    prompts, labels = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e}).") from None
+            if not isinstance(row, dict) or not isinstance(row.get(label_field), str) or "prompt" not in row:
+                raise ValueError(f"{path}:{n}: a row needs 'prompt' (text or chat messages) and a string "
+                                 f"{label_field!r}; got keys {sorted(row) if isinstance(row, dict) else row!r}.")
+            try:
+                prompt_text(row["prompt"])
+            except UnroutablePrompt as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            prompts.append(row["prompt"])
+            labels.append(row[label_field])
+    if not prompts:
+        raise ValueError(f"{path}: no rows.")
+    return prompts, labels
+
+
+def routing_report(routes: Sequence[str], labels: Sequence[str]) -> dict:
+    """How routes match true labels: {"accuracy", "confusion": {true: {route: count}}}.
+
+    >>> routing_report(["a", "b", "b"], ["a", "b", "a"])["accuracy"]
+    0.6666666666666666
+    """
+    names = sorted(set(labels) | set(routes))
+    confusion = {t: {r: sum(1 for x, y in zip(labels, routes) if x == t and y == r) for r in names} for t in names}
+    return {"accuracy": sum(x == y for x, y in zip(labels, routes)) / len(labels), "confusion": confusion}
+
+
+def check_router_dir(directory: Union[str, Path]) -> None:
+    """A router is saved to a new directory, or over a saved router (replaced whole), never over anything else."""
+    directory = Path(directory)
+    if directory.exists() and (
+        not directory.is_dir() or {p.name for p in directory.iterdir()} - {CONFIG_NAME, WEIGHTS_NAME}
+    ):
+        raise FileExistsError(f"{directory} exists and is not a saved router; give a new directory.")
 
 
 def _model_info(model) -> dict:
