@@ -5,7 +5,9 @@ one is answered), against the real server in a subprocess over HTTP:
 
 - `alpha0`: every request at alpha 0 (the base path: the CLM layer is skipped), batching on;
 - `mixed`: requests cycling through alphas -0.5, 0, 0.25, 0.5, 1, 1.5, batching on (each row its own alpha);
-- `mixed_unbatched`: the same mixed load with `--max-batch-size 1` (one request per `generate()` call).
+- `mixed_unbatched`: the same mixed load with `--max-batch-size 1` (one request per `generate()` call);
+- `routed`: requests that send no alpha, each routed by the server (`--router`, `--policy`: a router fitted on the
+  prompts with two labels, at alpha 1 and 0.5), batching on: the mixed load plus one base-model pass per prompt.
 
 Answers are greedy with EOS ignored by default, so every request generates exactly `--max-tokens` tokens and the
 three loads do the same work (`--natural-stop` lets EOS end answers instead). Reported per row: requests/s,
@@ -41,7 +43,9 @@ LOADS = {
     "alpha0": ("all requests at alpha 0 (base path), batched", [0.0], None),
     "mixed": ("alphas -0.5..1.5 mixed in each batch", MIXED_ALPHAS, None),
     "mixed_unbatched": ("the same mixed load, --max-batch-size 1", MIXED_ALPHAS, 1),
+    "routed": ("no alpha sent: the server routes each prompt (alpha 1 or 0.5), batched", None, None),
 }
+POLICY = {"a": {"knob": 1.0}, "b": {"knob": 0.5}}
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} . {% endfor %}"
                       "{% if add_generation_prompt %}answer :{% endif %}")
 
@@ -75,6 +79,20 @@ def _prepare(model: str, workdir: Path, adapter: str | None) -> tuple[str, str, 
         base = None if adapter else load_model(model)[0]
         rows = [json.loads(line) for line in (ROOT / "data" / "concise" / "heldout.jsonl").read_text().splitlines()]
         prompts = [r["prompt"] for r in rows]
+    # the routed load's router: two labels in turn (what it routes to does not change its cost)
+    from peft_clm.tools.router import PromptRouter
+
+    if base is None:
+        from peft_clm.tools.loading import load_model
+
+        base, tokenizer = load_model(model_arg)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_arg)
+    PromptRouter.fit(base.eval(), tokenizer, prompts, ["a", "b"] * (len(prompts) // 2) + ["a"] * (len(prompts) % 2)
+                     ).save(workdir / "router")
+    (workdir / "policy.json").write_text(json.dumps(POLICY))
     if adapter:
         return model_arg, adapter, prompts
     # Cost does not depend on what the layer learned: a seeded perturbation stands in for training.
@@ -99,6 +117,8 @@ class ServerProcess:
                "--log-level", "debug", "--max-queue", "1024"]
         if threads:
             cmd += ["--threads", str(threads)]
+        if (workdir / "router").is_dir():  # only requests to the base model that send no alpha are routed
+            cmd += ["--router", str(workdir / "router"), "--policy", str(workdir / "policy.json")]
         self._log = open(self.log_path, "w")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -110,7 +130,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the server exited:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=2)
+                if health.status_code == 200:
+                    self.base_id = health.json()["model"]
                     break
             except httpx.HTTPError:
                 pass
@@ -148,8 +170,9 @@ def _percentile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def _run_load(server: ServerProcess, prompts: list, alphas: list[float], clients: int, per_client: int,
+def _run_load(server: ServerProcess, prompts: list, alphas: list[float] | None, clients: int, per_client: int,
               max_tokens: int, ignore_eos: bool) -> dict:
+    """One load; `alphas` None: requests to the base model without alpha, which the server routes."""
     import httpx
 
     latencies: list[float] = []
@@ -164,7 +187,11 @@ def _run_load(server: ServerProcess, prompts: list, alphas: list[float], clients
             for i in range(per_client):
                 k = c * per_client + i
                 body = {"model": "knob", "messages": prompts[k % len(prompts)], "max_tokens": max_tokens,
-                        "temperature": 0, "alpha": alphas[k % len(alphas)], "ignore_eos": ignore_eos}
+                        "temperature": 0, "ignore_eos": ignore_eos}
+                if alphas is None:
+                    body["model"] = server.base_id
+                else:
+                    body["alpha"] = alphas[k % len(alphas)]
                 t = time.perf_counter()
                 r = http.post(server.url + "/v1/chat/completions", json=body)
                 elapsed = time.perf_counter() - t
@@ -227,11 +254,11 @@ def main() -> None:
             server = ServerProcess(model, adapter, workdir, args.interpolation, size, args.threads,
                                    "batched" if batched else "unbatched")
             try:
-                loads = ["alpha0", "mixed"] if batched else ["mixed_unbatched"]
+                loads = ["alpha0", "mixed", "routed"] if batched else ["mixed_unbatched"]
                 for name in loads:  # warm-up: first calls pay one-off costs
                     _run_load(server, prompts, LOADS[name][1], 1, 2, min(4, args.max_tokens), True)
                 for c in clients:
-                    for name in loads:  # the two batched loads alternate, so drift lands on both
+                    for name in loads:  # the batched loads alternate, so drift lands on each
                         row = _run_load(server, prompts, LOADS[name][1], c, args.per_client, args.max_tokens,
                                         not args.natural_stop)
                         rows.append(dict(load=name, description=LOADS[name][0], max_batch_size=size, **row))
@@ -247,6 +274,8 @@ def main() -> None:
         unbatched = by.get(("mixed_unbatched", r["clients"]))
         r["vs_alpha0"] = r["gen_tok_s"] / base["gen_tok_s"] if base else None
         r["vs_unbatched"] = r["gen_tok_s"] / unbatched["gen_tok_s"] if unbatched else None
+        mixed = by.get(("mixed", r["clients"]))
+        r["vs_mixed"] = r["gen_tok_s"] / mixed["gen_tok_s"] if mixed else None
     machine = f"{platform.machine()} {os.cpu_count()} CPU threads, server torch threads={args.threads or 'default'}"
     meta = {"model": args.model, "interpolation": args.interpolation, "max_tokens": args.max_tokens,
                 "per_client": args.per_client, "ignore_eos": not args.natural_stop, "machine": machine,
@@ -269,6 +298,10 @@ def main() -> None:
         print(f"targets at {top} clients: mixed / alpha0 = {mixed['vs_alpha0']:.2f} (>= 0.6: "
               f"{'met' if mixed['vs_alpha0'] >= 0.6 else 'MISSED'}); mixed / unbatched = {mixed['vs_unbatched']:.2f} "
               f"(>= 1.8: {'met' if mixed['vs_unbatched'] >= 1.8 else 'MISSED'})")
+    routed = by.get(("routed", top))
+    if routed and routed["vs_mixed"]:
+        print(f"routing at {top} clients: routed / mixed = {routed['vs_mixed']:.2f} (the cost of a base-model pass "
+              "per prompt to route it)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

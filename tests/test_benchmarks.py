@@ -76,8 +76,8 @@ def test_bench_modes_inprocess_quick(tmp_path):
 def test_bench_serve_quick_schema(tmp_path):
     out = tmp_path / "serve.json"
     proc, rows = run_bench("bench_serve.py", out, "--quick")
-    assert {(r["load"], r["clients"]) for r in rows} == {(load, c) for load in ("alpha0", "mixed", "mixed_unbatched")
-                                                         for c in (1, 4, 8)}
+    assert {(r["load"], r["clients"]) for r in rows} == {
+        (load, c) for load in ("alpha0", "mixed", "mixed_unbatched", "routed") for c in (1, 4, 8)}
     for r in rows:
         for key in ("requests_per_s", "gen_tok_s", "p50_latency_s", "p99_latency_s", "peak_mem_mb", "vs_alpha0",
                     "vs_unbatched", "mean_batch_rows", "load_avg_1m_start"):
@@ -87,6 +87,8 @@ def test_bench_serve_quick_schema(tmp_path):
         assert r["max_batch_rows"] <= (1 if r["load"] == "mixed_unbatched" else 8)
     assert next(r for r in rows if r["load"] == "alpha0" and r["clients"] == 8)["vs_alpha0"] == 1.0
     assert "targets at 8 clients" in proc.stdout and "gen tok/s" in proc.stdout
+    assert "routing at 8 clients: routed / mixed" in proc.stdout
+    assert all(r["vs_mixed"] > 0 for r in rows if r["load"] == "routed")
 
 
 def test_bench_kernels_quick_schema(tmp_path):
