@@ -197,3 +197,45 @@ def test_router_fit_command_fits_reports_and_saves(tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / "taken")]) == 2
     assert "is not a saved router" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+def test_serve_routed_check_script_on_a_tiny_model(tmp_path):
+    """scripts/serve_routed_check.py against a real server on a tiny model: every question is asked routed and at
+    alpha 0, and what it writes names each answer's route and the alphas applied."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_models import save_tiny_model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    save_tiny_model_dir(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} . {% endfor %}"
+                               "{% if add_generation_prompt %}answer :{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "model")
+    knobs = [f"{d}_{lv}" for d in ("medical", "legal", "financial") for lv in ("avoid", "expert")]
+    for i, knob in enumerate(knobs):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), ClmConfig())
+        perturb(model, seed=i, scale=0.3)
+        model.save_pretrained(tmp_path / "runs" / "clm" / knob)
+    prompts, labels = _data(8, seed=0)
+    labels = ["medical" if lb == "sea" else "general" for lb in labels]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    PromptRouter.fit(base, tokenizer, prompts, labels).save(tmp_path / "router")
+    held, held_labels = _data(2, seed=60)
+    rows = [{"prompt": [{"role": "user", "content": p}], "domain": "medical" if lb == "sea" else "general"}
+            for p, lb in zip(held, held_labels)]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "serve_routed_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "model"), "--runs",
+                           str(tmp_path / "runs"), "--router", str(tmp_path / "router"), "--policy",
+                           '{"medical": {"medical_avoid": 1.5}}', "--data", str(tmp_path / "held.jsonl"),
+                           "--per-domain", "2", "--max-tokens", "4", "--out", str(tmp_path / "out" / "served.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads((tmp_path / "out" / "served.json").read_text())
+    assert [a["route"] for a in served["routed"]] == ["medical", "medical", "general", "general"]
+    assert all(a["alpha"]["medical_avoid"] == (1.5 if a["route"] == "medical" else 0.0) for a in served["routed"])
+    assert all(a["route"] is None and set(a["alpha"].values()) == {0.0} for a in served["base"])
+    assert served["summary"]["medical"]["routed_to_own"] == 1.0 and "medical" in proc.stdout
