@@ -1153,6 +1153,11 @@ def cmd_routed(args) -> None:
     give). Writes routed.json, routed_combinations.csv (the 27 rows of "own") and the router (router/) under
     --results."""
     from peft_clm.tools.levels import routed_combinations
+
+    if args.pick == "specific":
+        raise SystemExit("routed: --pick accuracy (the most accurate point) or weakest (the point nearest the base "
+                         "that reaches 0.8); specific reads leakage, which routing takes away")
+    prefer = args.pick
     from peft_clm.tools.loading import load_model
     from peft_clm.tools.router import PromptRouter, routing_report
 
@@ -1186,7 +1191,7 @@ def cmd_routed(args) -> None:
     def count(route_of, own):
         def search(select=None):
             return routed_combinations(scores, row_domains, route_of, points, REGULATED, select=select,
-                                       controls=controls, knobs_of=knobs_of if own else None)
+                                       controls=controls, knobs_of=knobs_of if own else None, prefer=prefer)
         combos = search()
         add_twofold(combos, [search(selects[fold]) for fold in (0, 1)])
         return {"combinations": combos, "reached": sum(c["reached"] for c in combos),
@@ -1195,6 +1200,7 @@ def cmd_routed(args) -> None:
     searches = {"own": count(routes, True), "any": count(routes, False), "own_true_routes": count(row_domains, True)}
     leakage = routed_leakage(searches["own"]["combinations"], points, scores, row_domains, routes)
     result = {"scores_from": [str(p) for p in sources], "knobs": knobs, "n_points": len(points), "leakage": leakage,
+              "pick": prefer,
               "router": {"labels": router.labels, "layers": router.layers, "fitted_on": args.router_data,
                          "n_fitted": len(train), "accuracy": routing_accuracy, "confusion": confusion,
                          "fit_seconds": fit_seconds, "route_seconds": route_seconds,
@@ -1526,10 +1532,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--pick",
-        choices=["accuracy", "specific"],
+        choices=["accuracy", "specific", "weakest"],
         default="accuracy",
-        help="score and markers stages: a knob's avoid/expert alpha is the one of highest own accuracy, or "
-        "(specific) of the alphas reaching 0.8, the one of lowest leakage (peft_clm.tools.levels.pick_alpha)",
+        help="score, markers and routed stages: a knob's avoid/expert alpha is the one of highest own accuracy, or "
+        "of the alphas reaching 0.8 the one of lowest leakage (specific) or the smallest (weakest) "
+        "(peft_clm.tools.levels.pick_alpha; routed: routed_combinations' prefer, accuracy or weakest)",
     )
     parser.add_argument(
         "--reuse-scores",

@@ -267,6 +267,15 @@ def _sweep(rows):
     ]
 
 
+def test_the_weakest_pick_is_the_smallest_alpha_that_reaches_the_level():
+    sweep = [{"alpha": a, "levels": {"med": {"expert": e, "mean_level": e}, "law": {"expert": 0, "mean_level": l}}}
+             for a, e, l in [(0, 0, 0), (1, 0.8, 0.5), (2, 1.0, 0.0), (3, 1.0, 0.9)]]
+    assert pick_alpha(sweep, "med", "expert", 1, "weakest") == {"alpha": 1, "accuracy": 0.8}
+    assert pick_alpha(sweep, "med", "expert", 1, "accuracy")["alpha"] == 2
+    assert pick_alpha(sweep, "med", "expert", 1, "weakest", reached=0.9)["alpha"] == 2
+    assert pick_alpha(sweep, "med", "expert", 1, "weakest", reached=1.1)["alpha"] == 2  # none reaches: accuracy
+
+
 def test_knob_leakage_and_the_two_pick_rules():
     sweep = _sweep([(-1, 0.0, 0.0), (0, 0.0, 0.1), (1, 0.8, 0.3), (2, 1.0, 0.6), (3, 1.0, 0.6)])
     leak = knob_leakage(sweep, "a", 2)
@@ -288,7 +297,7 @@ def test_knob_leakage_and_pick_alpha_refuse_bad_input():
         knob_leakage(sweep, "a", 2)
     with pytest.raises(ValueError, match="needs alpha 0"):
         knob_leakage(sweep[1:], "a", 1)
-    with pytest.raises(ValueError, match="rule must be 'accuracy' or 'specific'; got 'best'"):
+    with pytest.raises(ValueError, match="rule must be 'accuracy', 'specific' or 'weakest'; got 'best'"):
         pick_alpha(sweep, "a", "expert", 1, "best")
     with pytest.raises(ValueError, match="no alpha on the side of sign -1"):
         pick_alpha(sweep, "a", "avoid", -1)
@@ -778,6 +787,20 @@ def test_routed_search_answers_each_question_at_its_routes_point():
                             select=[i % 2 == 0 or rd == "g" for i, rd in enumerate(row_domains)])
     with pytest.raises(ValueError, match="needs the base point"):
         routed_combinations(scores[1:], row_domains, row_domains, points[1:], doms)
+    with pytest.raises(ValueError, match="prefer must be 'accuracy'"):
+        routed_combinations(scores, row_domains, row_domains, points, doms, prefer="strongest")
+    # weakest: of two points that reach a's expert, the one nearer the base, even when the other is more accurate
+    strong = {**points[0], "a_up": 2.0}
+    more = torch.cat([scores, scores[names.index("a_up") + 1 : names.index("a_up") + 2]])
+    more[-1, :2] = torch.tensor([-5.0, -5.0, -0.5])
+    weak = scores.clone()
+    weak[names.index("a_up") + 1, 1] = torch.tensor([-5.0, -0.5, -5.0])  # a_up at 1: one of a's two rows at expert
+    weak = torch.cat([weak, more[-1:]])
+    for prefer, want, threshold in (("accuracy", 2.0, 0.5), ("weakest", 1.0, 0.5), ("weakest", 2.0, 0.8)):
+        picked = routed_combinations(weak, row_domains, row_domains, [*points, strong], doms, knobs_of=own,
+                                     prefer=prefer, threshold=threshold)
+        c = next(c for c in picked if c["targets"] == {"a": "expert", "b": "generic", "c": "generic"})
+        assert c["points"]["a"]["a_up"] == want, (prefer, threshold)
     with pytest.raises(ValueError, match="domain 'a' has no rows routed to it"):
         routed_combinations(scores, row_domains, ["g"] * 2 + row_domains[2:], points, doms)
     with pytest.raises(ValueError, match=r"do not match 7 points x 8 rows \(7 routes\)"):
@@ -835,9 +858,9 @@ def test_routed_stage_end_to_end_merges_score_files_and_routes_with_the_base_mod
                                           for a, s in [(0.0, generic), (2.0, at("expert", "financial"))]},
                               {**meta, "knobs": {"financial_expert": "f" * 64}})
 
-    def run(results, *sources, router_data=data / "train.jsonl"):
+    def run(results, *sources, router_data=data / "train.jsonl", pick="accuracy"):
         args = SimpleNamespace(data=str(data), scores_from=[str(s) for s in sources], results=str(tmp_path / results),
-                               router_data=str(router_data))
+                               router_data=str(router_data), pick=pick)
         script.cmd_routed(args)
         return json.loads((tmp_path / results / "routed.json").read_text())
 
@@ -862,6 +885,9 @@ def test_routed_stage_end_to_end_merges_score_files_and_routes_with_the_base_mod
         run("bad", tmp_path / "search", router_data=data / "heldout.jsonl")
     with pytest.raises(SystemExit, match="give --scores-from"):
         run("bad")
+    with pytest.raises(SystemExit, match="specific reads leakage, which routing takes away"):
+        run("bad", tmp_path / "search", pick="specific")
+    assert run("weakest", tmp_path / "search", knob_file, pick="weakest")["pick"] == "weakest"
 
 
 def test_markers_read_each_knobs_alpha_from_a_search_or_its_sweeps_only_run(tmp_path):

@@ -249,7 +249,9 @@ def pick_alpha(
     - "accuracy": the highest accuracy at the level (ties: the smallest |alpha|);
     - "specific": of the alphas where the accuracy is at least `reached`, the one of lowest `knob_leakage` (ties:
       the smallest |alpha|), so that the knob moves the other domains least where it does its job; where no alpha
-      reaches the level, as "accuracy".
+      reaches the level, as "accuracy";
+    - "weakest": of those alphas, the smallest |alpha| (what a routed knob needs: it leaks nowhere, and generation
+      degrades at strong alphas); where none reaches the level, as "accuracy".
 
     Returns {"alpha": a, "accuracy": accuracy at a}.
 
@@ -258,13 +260,15 @@ def pick_alpha(
     >>> pick_alpha(sweep, "med", "expert", 1)["alpha"], pick_alpha(sweep, "med", "expert", 1, "specific")["alpha"]
     (2, 1)
     """
-    if rule not in ("accuracy", "specific"):
-        raise ValueError(f"rule must be 'accuracy' or 'specific'; got {rule!r}.")
+    if rule not in ("accuracy", "specific", "weakest"):
+        raise ValueError(f"rule must be 'accuracy', 'specific' or 'weakest'; got {rule!r}.")
     side = [r for r in sweep if r["alpha"] * sign > 0]
     if not side:
         raise ValueError(f"the sweep has no alpha on the side of sign {sign}.")
     best = max(side, key=lambda r: (r["levels"][domain][level], -abs(r["alpha"])))
     candidates = [r for r in side if r["levels"][domain][level] >= reached]
+    if rule == "weakest" and candidates:
+        best = min(candidates, key=lambda r: (abs(r["alpha"]), -r["levels"][domain][level]))
     if rule == "specific" and candidates:
 
         def leak(r):
@@ -429,11 +433,14 @@ def routed_combinations(
     select: Optional[Sequence[bool]] = None,
     controls: Optional[Mapping[str, str]] = None,
     knobs_of: Optional[Mapping[str, Sequence[str]]] = None,
+    prefer: str = "accuracy",
 ) -> list[dict]:
     """The 27-combination search when each question is answered at the point of its route (`tools.router`), not at
     one point for all: for each domain d and level, the point at which most of d's questions routed to d are at
-    that level (on the `select` rows; ties: nearest the base, smallest sum of |alpha|), chosen once per domain and
-    level from d's own questions (the router's errors are not known when a setting is chosen); `knobs_of[d]`
+    that level (on the `select` rows; ties: nearest the base, smallest sum of |alpha|), or with `prefer="weakest"`
+    the point nearest the base among those at which at least `threshold` of them are (the gentlest setting that
+    does the job, since generation degrades at strong alphas; where none reaches it, the most accurate), chosen
+    once per domain and level from d's own questions (the router's errors are not known when a setting is chosen); `knobs_of[d]`
     (optional) limits d's points to those that set only d's knobs (a domain it leaves out gets the base only). A
     question routed outside `domains` (a control, or any other label) is answered by the base model, every knob at
     0, which must be among `points`. A misrouted question is scored at the point of the route it got, so router
@@ -450,6 +457,9 @@ def routed_combinations(
     base = [j for j, s in enumerate(size) if s == 0.0]
     if not base:
         raise ValueError("routed_combinations needs the base point (every knob at 0) among the points.")
+    if prefer not in ("accuracy", "weakest"):
+        raise ValueError(f"prefer must be 'accuracy' (the most accurate point) or 'weakest' (the point nearest the "
+                         f"base that reaches the threshold); got {prefer!r}.")
     if select is not None and len(select) != len(routes):
         raise ValueError(f"select has {len(select)} values for {len(routes)} rows; give one per row.")
     mask_sel = torch.ones(len(routes), dtype=torch.bool) if select is None else torch.tensor(list(select))
@@ -470,6 +480,9 @@ def routed_combinations(
         for lv in range(len(LEVELS)):
             acc = (levels[allowed][:, rows] == lv).float().mean(-1).tolist()
             best = max(range(len(allowed)), key=lambda i: (acc[i], -size[allowed[i]]))
+            if prefer == "weakest" and acc[best] >= threshold:
+                best = max((i for i in range(len(allowed)) if acc[i] >= threshold),
+                           key=lambda i: (-size[allowed[i]], acc[i]))
             chosen[d, lv] = (allowed[best], acc[best])
     results = []
     for combo in combinations(domains):
