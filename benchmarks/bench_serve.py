@@ -76,20 +76,12 @@ def _prepare(model: str, workdir: Path, adapter: str | None) -> tuple[str, str, 
         from peft_clm.tools.loading import load_model
 
         model_arg = model
-        base = None if adapter else load_model(model)[0]
+        base, tokenizer = load_model(model)  # also for the routed load's router
         rows = [json.loads(line) for line in (ROOT / "data" / "concise" / "heldout.jsonl").read_text().splitlines()]
         prompts = [r["prompt"] for r in rows]
     # the routed load's router: two labels in turn (what it routes to does not change its cost)
     from peft_clm.tools.router import PromptRouter
 
-    if base is None:
-        from peft_clm.tools.loading import load_model
-
-        base, tokenizer = load_model(model_arg)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_arg)
     PromptRouter.fit(base.eval(), tokenizer, prompts, ["a", "b"] * (len(prompts) // 2) + ["a"] * (len(prompts) % 2)
                      ).save(workdir / "router")
     (workdir / "policy.json").write_text(json.dumps(POLICY))
