@@ -380,8 +380,11 @@ def test_routed_and_unrouted_requests_at_once_each_equal_their_solo_generate(rou
         r = client.completions.create(model="model", prompt=prompt, max_tokens=8, temperature=0, **extra)
         return r.choices[0].text, r.model_extra.get("route"), r.model_extra["alpha"]
 
+    since = len(routed.log())
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
+    passes = [int(m) for m in re.findall(r"routing pass: \d+ prompt\(s\) from (\d+) request", routed.log()[since:])]
+    assert sum(passes) == 8 and max(passes) > 1  # the 8 routed requests, some of them routed together
     for (prompt, alpha), (text, route, applied) in zip(jobs, answers):
         if alpha is None:
             assert route == [("talk" if prompt.split()[0] in TOPIC_WORDS["talk"] else "sea")]

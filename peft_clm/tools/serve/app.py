@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from ..router import UnroutablePrompt
 from .batcher import Batcher, Job
+from .routing import RouteBatcher
 from .engine import Engine, RowSpec
 from .errors import ApiError
 from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling
@@ -49,6 +50,7 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
     """
     knobs = engine.knobs
     created = int(time.time())
+    route_batcher = RouteBatcher(engine) if engine.router is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,8 +59,8 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         # Reached once uvicorn has drained the in-flight requests (or given up after its graceful timeout).
         stats = batcher.stats()
         batcher.close(timeout=drain_timeout)
-        if engine.route_executor is not None:
-            engine.route_executor.shutdown(wait=False)
+        if route_batcher is not None:
+            route_batcher.close()
         log.info("stopped: %d batches, %d sequences generated", stats["batches"], stats["rows_done"])
 
     app = FastAPI(title="peft-clm", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -138,7 +140,7 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
         routes = None
         if knobs.routes(target, body.alpha):  # no alpha sent: each prompt at its route's alphas in the policy
             try:
-                routes = await asyncio.get_running_loop().run_in_executor(engine.route_executor, engine.route, raw)
+                routes = await route_batcher.route(raw)
             except UnroutablePrompt as e:  # e.g. a chat without a user message
                 raise ApiError(400, f"this request could not be routed: {e}", param=prompt_param) from None
             except Exception as e:  # noqa: BLE001  the server's fault: an OpenAI-style 500, logged

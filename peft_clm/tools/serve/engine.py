@@ -166,7 +166,8 @@ class Engine:
             if unknown:
                 raise ValueError(f"the policy names route(s) {unknown} that the router never gives; its labels are "
                                  f"{router.labels}.")
-        # routing runs off the event loop, one request at a time, with its own tokenizer (see _decode_tokenizer)
+        # routing runs off the event loop, one pass at a time (`serve.routing`), with its own tokenizer (see
+        # _decode_tokenizer)
         self._route_tokenizer = copy.deepcopy(tokenizer) if router is not None else None
         self.route_executor = ThreadPoolExecutor(1, thread_name_prefix="route") if router is not None else None
         self.tokenizer = tokenizer  # encodes prompts on the event loop thread
@@ -240,13 +241,20 @@ class Engine:
             routing.check_model(peft_model)
         return cls(peft_model, tokenizer, knobs, context_length=context_length, router=routing)
 
-    def route(self, prompts: Sequence[Any]) -> list[str]:
-        """Each prompt's route (text, token ids or chat messages), on the base model; runs on `route_executor`."""
-        from ..router import prompt_text
+    def routable_texts(self, prompts: Sequence[Any]) -> list[str]:
+        """The text each prompt (text, token ids or chat messages) is routed on; `UnroutablePrompt` for one that has
+        none. On the event loop thread, with the loop's tokenizer."""
+        from ..router import UnroutablePrompt, prompt_text
 
-        texts = [self._route_tokenizer.decode(p) if isinstance(p, list) and p and isinstance(p[0], int)
-                 else prompt_text(p) for p in prompts]
-        return self.router.route(self.model, self._route_tokenizer, texts)
+        texts = [self.tokenizer.decode(p) if isinstance(p, list) and p and isinstance(p[0], int) else prompt_text(p)
+                 for p in prompts]
+        if any(not self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts):
+            raise UnroutablePrompt("a prompt with no tokens cannot be routed.")
+        return texts
+
+    def route_texts(self, texts: Sequence[str]) -> list[str]:
+        """Each text's route, on the base model, in one pass; runs on `route_executor` (`serve.routing`)."""
+        return self.router.route(self.model, self._route_tokenizer, list(texts))
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt: Any) -> list[int]:
