@@ -670,11 +670,11 @@ def cmd_knob(args) -> None:
 
 
 def level_alphas(args) -> tuple[dict, str]:
-    """Each regulated domain's alpha per level ({domain: {"avoid": a, "generic": 0.0, "expert": e}}, a dial's
-    signed alphas) and where they came from. For the per-level design with a knob-search run of the same --runs
-    and --interpolation under --results (knob_search.json with its sweeps, or knob_search_sweeps.json): each knob at its alpha of highest own
-    accuracy by --pick (`pick_alpha`), the avoid knob's read as a negative dial. Otherwise the score stage's picks
-    (levels_clm.json under --results), as the markers of every earlier design were made."""
+    """Each regulated domain's alpha per level ({domain: {"avoid": a, "generic": 0.0, "expert": e}}, a dial's signed
+    alphas) and where they came from. For the per-level design with a knob-search run of the same --runs and
+    --interpolation under --results (knob_search.json with its sweeps, or knob_search_sweeps.json): each knob at
+    its alpha of highest own accuracy by --pick (`pick_alpha`), the avoid knob's read as a negative dial. Otherwise
+    the score stage's picks (levels_clm.json under --results), as the markers of every earlier design were made."""
     from peft_clm.tools.levels import pick_alpha
 
     results = Path(args.results)
@@ -1148,10 +1148,10 @@ def cmd_routed(args) -> None:
     (`peft_clm.tools.router.PromptRouter`, fitted on --router-data's questions, never the held-out ones) sends it
     to, instead of one setting for all. Reads scored points (--scores-from, repeatable: a knob-search's --results,
     or the scores file of the knob stage; `merge_scored_points`): no knob is run here, only the base model to
-    route. Three searches (`peft_clm.tools.levels.routed_combinations`), each in-sample and two-fold: "own" (a domain's route sets only that domain's two knobs), "any" (any scored
-    point, all six knobs), and "own" with every question routed to its true domain (what a perfect router would
-    give). Writes routed.json, routed_combinations.csv (the 27 rows of "own") and the router (router/) under
-    --results."""
+    route. Three searches (`peft_clm.tools.levels.routed_combinations`), each in-sample and two-fold: "own" (a
+    domain's route sets only that domain's two knobs), "any" (any scored point, all six knobs), and "own" with
+    every question routed to its true domain (what a perfect router would give). Writes routed.json,
+    routed_combinations.csv (the 27 rows of "own") and the router (router/) under --results."""
     from peft_clm.tools.levels import routed_combinations
 
     if args.pick == "specific":

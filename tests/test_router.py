@@ -187,9 +187,16 @@ def test_router_fit_command_fits_reports_and_saves(tmp_path, capsys):
     # bad input: one message each, nothing written
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "sea", "topic": "sea"}) + "\n{not json\n")
     bad = [*args[:4], "--data", str(tmp_path / "bad.jsonl"), *args[6:-1], str(tmp_path / "r2")]
-    assert main(bad) == 2 and "bad.jsonl:2: not a JSON object" in capsys.readouterr().err
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "sea", "label": "sea"}) + "\n")
-    assert main(bad) == 2 and "bad.jsonl:1: a row needs 'prompt'" in capsys.readouterr().err
+    assert main(bad) == 2
+    assert "bad.jsonl: 1 bad row(s), nothing was read:\n  line 2: not JSON" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "sea", "label": "sea"}) + "\n"
+                                        + json.dumps({"prompt": [{"role": "system", "content": "sea"}], "topic": "a"})
+                                        + "\n" + json.dumps({"prompt": "sea", "topic": ""}) + "\n")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "3 bad row(s)" in err and "line 1: missing field(s) ['topic']" in err
+    assert "line 2: field 'prompt' has no user message" in err
+    assert "line 3: field 'topic' must be a non-empty string, got ''" in err
     assert main([*args, "--layers", "one,2"]) == 2
     assert "--layers must be hidden-state indices" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()

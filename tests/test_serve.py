@@ -46,7 +46,8 @@ PROMPTS = [
     "please reply with a short sentence about the river .",
 ]
 EOS = 1
-TOPIC_WORDS = {"sea": "sea sky sun moon river tree bird".split(), "talk": "hello dear sir madam friend please thank".split()}
+TOPIC_WORDS = {"sea": "sea sky sun moon river tree bird".split(),
+               "talk": "hello dear sir madam friend please thank".split()}
 POLICY = {"sea": {"concise": 1.5}, "talk": {"formal": -1.0, "concise": 0.5}}  # a route left out: the base model
 ROUTED = {"sea": {"concise": 1.5, "formal": 0.0}, "talk": {"concise": 0.5, "formal": -1.0}}
 

@@ -306,8 +306,9 @@ def _vectors(args: argparse.Namespace) -> int:
 def _router_fit(args: argparse.Namespace) -> int:
     import time
 
+    from .data import read_labelled
     from .loading import load_model
-    from .router import PromptRouter, check_router_dir, read_labelled, routing_report
+    from .router import PromptRouter, check_router_dir, routing_report
 
     try:  # everything is checked before the model loads
         check_router_dir(args.out)

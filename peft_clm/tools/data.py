@@ -164,3 +164,40 @@ def read_prompts(path: Union[str, Path], domain: Optional[str] = None) -> tuple[
     if not prompts:
         raise DataError(f"{path} holds no prompts" + (f" of domain {domain!r}." if domain is not None else "."))
     return prompts, pairs
+
+
+def read_labelled(path: Union[str, Path], label_field: str = "label") -> tuple[list, list[str]]:
+    """Prompts and their labels from JSONL rows {"prompt": a string or chat messages, <label_field>: a string}, as
+    `peft-clm router fit` reads them. Raises one `DataError` listing every bad row.
+
+    Example:
+        ```py
+        >>> prompts, domains = read_labelled("data/domains_more/train.jsonl", "domain")
+        ```
+    """
+    path = Path(path)
+    prompts, labels, problems = [], [], []
+    for lineno, line in _lines(path, "labelled prompts"):
+        row = _json_object(line, lineno, problems)
+        if row is None:
+            continue
+        missing = [k for k in ("prompt", label_field) if k not in row]
+        if missing:
+            bad = f"missing field(s) {missing}"
+        elif not isinstance(row[label_field], str) or not row[label_field]:
+            bad = f"field {label_field!r} must be a non-empty string, got {row[label_field]!r}"
+        elif isinstance(row["prompt"], list) and not any(
+            isinstance(m, dict) and m.get("role") == "user" for m in row["prompt"]
+        ):
+            bad = "field 'prompt' has no user message (a chat is routed on its last one)"
+        else:
+            bad = _check_field(row["prompt"], "prompt")
+        if bad:
+            problems.append(f"line {lineno}: {bad}")
+            continue
+        prompts.append(row["prompt"])
+        labels.append(row[label_field])
+    _report(path, problems, "read")
+    if not prompts:
+        raise DataError(f"{path} holds no rows.")
+    return prompts, labels

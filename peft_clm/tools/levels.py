@@ -436,15 +436,15 @@ def routed_combinations(
     prefer: str = "accuracy",
 ) -> list[dict]:
     """The 27-combination search when each question is answered at the point of its route (`tools.router`), not at
-    one point for all: for each domain d and level, the point at which most of d's questions routed to d are at
-    that level (on the `select` rows; ties: nearest the base, smallest sum of |alpha|), or with `prefer="weakest"`
-    the point nearest the base among those at which at least `threshold` of them are (the gentlest setting that
-    does the job, since generation degrades at strong alphas; where none reaches it, the most accurate), chosen
-    once per domain and level from d's own questions (the router's errors are not known when a setting is chosen); `knobs_of[d]`
+    one point for all: for each domain d and level, the point at which most of d's questions routed to d are at that
+    level (on the `select` rows; ties: nearest the base, smallest sum of |alpha|), or with `prefer="weakest"` the
+    point nearest the base among those at which at least `threshold` of them are (the gentlest setting that does the
+    job, since generation degrades at strong alphas; where none reaches it, the most accurate), chosen once per domain
+    and level from d's own questions (the router's errors are not known when a setting is chosen); `knobs_of[d]`
     (optional) limits d's points to those that set only d's knobs (a domain it leaves out gets the base only). A
-    question routed outside `domains` (a control, or any other label) is answered by the base model, every knob at
-    0, which must be among `points`. A misrouted question is scored at the point of the route it got, so router
-    errors count against its own domain.
+    question routed outside `domains` (a control, or any other label) is answered by the base model, every knob at 0,
+    which must be among `points`. A misrouted question is scored at the point of the route it got, so router errors
+    count against its own domain.
 
     `scores` is [len(points), len(rows), 3]; `routes` and `row_domains` name each row's route and true domain.
     Results are as `search_combinations`' (`accuracy` per domain and control on the report rows, `min_accuracy`,

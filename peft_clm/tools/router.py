@@ -15,8 +15,8 @@ server does per request), so a medical question gets the medical setting and not
   to a temporary directory and renamed.
 - `policy_alphas(routes, policy)`: the per-row `clm_alpha` dict from a policy {label: {adapter: alpha}}; a label
   the policy leaves out gets every knob at 0 (the base model).
-- `read_labelled` (a JSONL file of prompts and labels) and `routing_report` (accuracy and confusion), for
-  `peft-clm router fit`.
+- `routing_report` (accuracy and confusion), for `peft-clm router fit` (which reads its prompts with
+  `tools.data.read_labelled`).
 
 Example:
     ```py
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -88,7 +89,8 @@ def prompt_features(
     n_states = model.config.num_hidden_layers + 1
     bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_states]
     if not layers or bad:
-        raise ValueError(f"layers must be hidden-state indices 0..{n_states - 1} (0: the embeddings); got {list(layers)}.")
+        raise ValueError(f"layers must be hidden-state indices 0..{n_states - 1} (0: the embeddings); got "
+                         f"{list(layers)}.")
     ids = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     empty = [texts[i] for i, x in enumerate(ids) if not x]
     if empty:
@@ -126,15 +128,18 @@ class PromptRouter:
         self.labels, self.layers = list(labels), [int(i) for i in layers]
         self.mean, self.scale, self.weight, self.bias = mean, scale, weight, bias
         self.model_info = dict(model_info or {})
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # models `check_model` has passed
         features, classes = weight.shape
-        if classes != len(self.labels) or bias.shape != (classes,) or mean.shape != (features,) or scale.shape != (features,):
+        if (classes != len(self.labels) or bias.shape != (classes,) or mean.shape != (features,)
+                or scale.shape != (features,)):
             raise ValueError(f"router tensors do not fit together: weight {tuple(weight.shape)}, bias "
                              f"{tuple(bias.shape)}, mean {tuple(mean.shape)}, scale {tuple(scale.shape)} for "
                              f"{len(self.labels)} labels.")
 
     @classmethod
     def fit(cls, model, tokenizer, prompts: Sequence[Prompt], labels: Sequence[str],
-            layers: Optional[Sequence[int]] = None, weight_decay: float = 1e-2, batch_size: int = 16) -> "PromptRouter":
+            layers: Optional[Sequence[int]] = None, weight_decay: float = 1e-2,
+            batch_size: int = 16) -> "PromptRouter":
         """Fit on labelled prompts (at least two labels, each with at least two prompts)."""
         if len(prompts) != len(labels):
             raise ValueError(f"give one label per prompt; got {len(prompts)} prompts and {len(labels)} labels.")
@@ -153,8 +158,10 @@ class PromptRouter:
         return cls(names, layers, mean, scale, weight, bias, _model_info(model))
 
     def probabilities(self, model, tokenizer, prompts: Sequence[Prompt], batch_size: int = 16) -> torch.Tensor:
-        """[N, len(labels)]: each prompt's probability of each label."""
-        self.check_model(model)
+        """[N, len(labels)]: each prompt's probability of each label (`check_model` the first time a model is seen)."""
+        if model not in self._checked:  # the embedding norm reads every embedding: once, not on every pass
+            self.check_model(model)
+            self._checked.add(model)
         x = prompt_features(model, tokenizer, prompts, self.layers, batch_size)
         return torch.softmax(((x - self.mean) / self.scale) @ self.weight + self.bias, -1)
 
@@ -212,32 +219,6 @@ class PromptRouter:
         if differ:
             raise ValueError(f"this router was fitted on another model ({self.model_info.get('name')}); "
                              f"differs in {', '.join(f'{k}: fitted {a}, given {b}' for k, (a, b) in differ.items())}.")
-
-
-def read_labelled(path: Union[str, Path], label_field: str = "label") -> tuple[list[Prompt], list[str]]:
-    """Prompts and labels from a JSONL file of rows {"prompt": text or chat messages, <label_field>: label}; a bad
-    row is one ValueError naming its line."""
-    prompts, labels = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e}).") from None
-            if not isinstance(row, dict) or not isinstance(row.get(label_field), str) or "prompt" not in row:
-                raise ValueError(f"{path}:{n}: a row needs 'prompt' (text or chat messages) and a string "
-                                 f"{label_field!r}; got keys {sorted(row) if isinstance(row, dict) else row!r}.")
-            try:
-                prompt_text(row["prompt"])
-            except UnroutablePrompt as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            prompts.append(row["prompt"])
-            labels.append(row[label_field])
-    if not prompts:
-        raise ValueError(f"{path}: no rows.")
-    return prompts, labels
 
 
 def routing_report(routes: Sequence[str], labels: Sequence[str]) -> dict:

@@ -28,9 +28,9 @@ from starlette.exceptions import HTTPException
 
 from ..router import UnroutablePrompt
 from .batcher import Batcher, Job
-from .routing import RouteBatcher
 from .engine import Engine, RowSpec
 from .errors import ApiError
+from .routing import RouteBatcher
 from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 
 
@@ -146,8 +146,7 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
             except Exception as e:  # noqa: BLE001  the server's fault: an OpenAI-style 500, logged
                 log.exception("routing failed")
                 raise ApiError(500, f"routing failed: {type(e).__name__}: {e}") from None
-            row_alphas = knobs.routed([r for r in routes for _ in range(body.n)])
-            alphas = knobs.resolve(target, row_alphas if len(set(map(str, row_alphas))) > 1 else row_alphas[0], rows)
+            alphas = knobs.resolve(target, knobs.routed([r for r in routes for _ in range(body.n)]), rows)
         else:
             alphas = knobs.resolve(target, body.alpha, rows)
         temperature = 1.0 if body.temperature is None else float(body.temperature)  # OpenAI's default
@@ -169,7 +168,7 @@ def create_app(engine: Engine, batcher: Batcher, *, max_new_tokens_limit: int = 
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-        echoed = knobs.echo(body.alpha, alphas) if routes is None else (alphas[0] if rows == 1 else list(alphas))
+        echoed = knobs.echo(body.alpha, alphas) if routes is None else (alphas[0] if rows == 1 else alphas)
         record = _Record(rid, target, echoed, rows, sum(len(ids) for ids in prompts), request.url.path, body.stream,
                          routes)
         job = Job(rid, specs, emit, stream=body.stream)

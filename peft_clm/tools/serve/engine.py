@@ -21,7 +21,6 @@ import json
 import logging
 import secrets
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -166,10 +165,9 @@ class Engine:
             if unknown:
                 raise ValueError(f"the policy names route(s) {unknown} that the router never gives; its labels are "
                                  f"{router.labels}.")
-        # routing runs off the event loop, one pass at a time (`serve.routing`), with its own tokenizer (see
+        # routing runs off the event loop on one thread (`serve.routing`), with its own tokenizer (see
         # _decode_tokenizer)
         self._route_tokenizer = copy.deepcopy(tokenizer) if router is not None else None
-        self.route_executor = ThreadPoolExecutor(1, thread_name_prefix="route") if router is not None else None
         self.tokenizer = tokenizer  # encodes prompts on the event loop thread
         # The worker decodes with its own copy: a fast tokenizer is not safe to share between threads.
         self._decode_tokenizer = copy.deepcopy(tokenizer)
@@ -253,7 +251,7 @@ class Engine:
         return texts
 
     def route_texts(self, texts: Sequence[str]) -> list[str]:
-        """Each text's route, on the base model, in one pass; runs on `route_executor` (`serve.routing`)."""
+        """Each text's route, on the base model, in one pass; runs on the routing thread (`serve.routing`)."""
         return self.router.route(self.model, self._route_tokenizer, list(texts))
 
     # ------------------------------------------------------------------ prompts
